@@ -1,0 +1,263 @@
+"""Configuration: frozen pydantic models loaded from YAML.
+
+Unknown keys are errors (with their key path), cross-field rules live in validators,
+and the resolved config is logged to MLflow with every search.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    factory: str = "builtin:digits_cnn"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class IngredientsConfig(_Strict):
+    path: str  # directory, glob, or manifest.json
+    glob: str | None = None  # pattern inside a directory
+    base: str | None = None  # the pre-trained model the fine-tunes started from (optional)
+    allow_cast: bool = False  # cast float dtypes that differ from the model skeleton
+    nonfinite: Literal["error", "exclude"] = "error"
+    group_depth: int = 1  # module depth of layer groups for per-layer recipes
+
+
+class DatasetConfig(_Strict):
+    """One evaluation set.
+
+    * ``digits``: a split of the bundled scikit-learn digits (``split`` in ``split_file``).
+    * ``npz``: a user-provided ``.npz`` with ``x`` float32 ``[N, C, H, W]`` and ``y`` int labels.
+    """
+
+    type: Literal["digits", "npz"]
+    name: str | None = None  # required for user-provided shifted sets
+    split: str | None = None
+    split_file: str | None = None
+    path: str | None = None
+    limit: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.type == "digits" and (not self.split or not self.split_file):
+            raise ValueError("type 'digits' needs 'split' and 'split_file'")
+        if self.type == "npz" and not self.path:
+            raise ValueError("type 'npz' needs 'path'")
+        return self
+
+
+class CorruptionsConfig(_Strict):
+    base: Literal["val", "test"] = "test"
+    names: list[str] = Field(default_factory=lambda: ["gaussian_noise", "blur", "rotation", "contrast", "pixelate"])
+    severities: list[int] = Field(default_factory=lambda: [3])
+    seed: int = 0
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, v):
+        from .data.corruptions import list_corruptions
+
+        bad = [n for n in v if n not in list_corruptions()]
+        if bad:
+            raise ValueError(f"unknown corruption {bad[0]!r}; valid: {', '.join(list_corruptions())}")
+        return v
+
+    @field_validator("severities")
+    @classmethod
+    def _sev(cls, v):
+        if not v or any(s not in (1, 2, 3, 4, 5) for s in v):
+            raise ValueError(f"severities must be a non-empty list of integers in 1..5, got {v}")
+        return v
+
+
+class DataConfig(_Strict):
+    val: DatasetConfig  # held-out in-distribution split: the only one used for selection
+    test: DatasetConfig  # in-distribution test split
+    fisher: DatasetConfig | None = None  # disjoint split for Fisher estimation
+    corruptions: CorruptionsConfig | None = Field(default_factory=CorruptionsConfig)
+    shifts: list[DatasetConfig] = Field(default_factory=list)  # user-provided shifted sets
+    num_classes: int | None = None
+
+    @model_validator(mode="after")
+    def _names(self):
+        seen = set()
+        for i, s in enumerate(self.shifts):
+            if not s.name:
+                raise ValueError(f"shifts[{i}] needs a 'name'")
+            if s.name in seen:
+                raise ValueError(f"shifts[{i}]: duplicate name {s.name!r}")
+            seen.add(s.name)
+        return self
+
+
+class EvalConfig(_Strict):
+    num_evaluators: Union[int, Literal["auto"]] = "auto"  # auto: one per GPU, else one per CPU
+    shard_size: int = Field(default=128, gt=0)  # fixed: results do not depend on #evaluators
+    batch_size: int = Field(default=256, gt=0)
+    max_in_flight_per_evaluator: int = Field(default=2, gt=0)
+    max_attempts: int = Field(default=3, gt=0)  # per shard, across evaluators
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    selection_metric: Literal["accuracy", "nll", "macro_f1"] = "accuracy"
+    backend: Literal["ray", "local"] = "ray"  # local: in-process, no Ray (debugging)
+
+    @field_validator("num_evaluators")
+    @classmethod
+    def _ne(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"num_evaluators must be >= 1 or 'auto', got {v}")
+        return v
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray on 127.0.0.1
+    num_cpus: int | None = None  # for a local Ray only
+    include_dashboard: bool = False
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "soupsearch"
+    log_soup_weights: bool = True
+
+    def resolved_uri(self) -> str:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class StrategySpec(_Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchConfig(_Strict):
+    strategies: list[StrategySpec] = Field(
+        default_factory=lambda: [StrategySpec(name=n) for n in ("best_individual", "uniform", "greedy")]
+    )
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _coerce(cls, v):
+        out = []
+        for item in v or []:
+            if isinstance(item, str):
+                out.append({"name": item})
+            elif isinstance(item, dict) and "name" in item:
+                opts = {k: val for k, val in item.items() if k != "name"}
+                opts = opts.pop("options", opts)
+                out.append({"name": item["name"], "options": opts})
+            else:
+                out.append(item)
+        return out
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v):
+        from .strategies import get_strategy_class, list_strategies
+
+        if not v:
+            raise ValueError("at least one strategy is needed")
+        for s in v:
+            if s.name not in list_strategies():
+                raise ValueError(f"unknown strategy {s.name!r}; valid: {', '.join(list_strategies())}")
+            get_strategy_class(s.name).validate_options(s.options)
+        return v
+
+
+class Config(_Strict):
+    name: str = "soupsearch"
+    run_dir: str | None = None  # default: runs/<name>
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    ingredients: IngredientsConfig
+    data: DataConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(e: ValidationError, source: str) -> str:
+    errs = e.errors()
+    first = errs[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    more = f" (and {len(errs) - 1} more errors)" if len(errs) > 1 else ""
+    return f"config {source}: {loc}: {msg}{more}"
+
+
+def set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[k] = nxt
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. eval.num_evaluators=2")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Config:
+    raw = dict(raw or {})
+    for key, value in parse_overrides(overrides):
+        set_dotted(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config {p}: file does not exist") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config {p}: malformed YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {p}: expected a mapping at the top level, found {type(raw).__name__}")
+    return config_from_dict(raw, str(p), overrides)

@@ -1,0 +1,123 @@
+"""Evaluation suites: the held-out val split, the ID test split and shifted sets.
+
+Every split is tensorized once into contiguous arrays (``x`` float32 ``[N, C, H, W]``,
+``y`` int64 ``[N]``); evaluators receive them through Ray's object store and never
+decode data per candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .corruptions import corrupt, list_corruptions
+
+__all__ = ["TensorSplit", "EvalSuite", "build_suite", "load_dataset", "list_corruptions"]
+
+VAL, TEST = "val", "test"
+
+
+@dataclass
+class TensorSplit:
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    kind: str  # "val" | "test" | "shift" | "fisher"
+    source: str = ""
+
+    def __post_init__(self):
+        if len(self.x) != len(self.y):
+            raise DataError(f"split {self.name}: {len(self.x)} inputs but {len(self.y)} labels")
+        if len(self.y) == 0:
+            raise DataError(f"split {self.name} ({self.source}): has 0 examples, expected at least 1")
+        self.x = np.ascontiguousarray(self.x, dtype=np.float32)
+        self.y = np.ascontiguousarray(self.y, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class EvalSuite:
+    splits: dict[str, TensorSplit] = field(default_factory=dict)
+    num_classes: int = 0
+
+    @property
+    def eval_names(self) -> list[str]:
+        """val, test, then shifted sets: every split a candidate is scored on."""
+        return [n for n, s in self.splits.items() if s.kind in ("val", "test", "shift")]
+
+    @property
+    def shift_names(self) -> list[str]:
+        return [n for n, s in self.splits.items() if s.kind == "shift"]
+
+    def sizes(self) -> dict[str, int]:
+        return {n: len(s) for n, s in self.splits.items()}
+
+    def arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {n: (s.x, s.y) for n, s in self.splits.items()}
+
+
+def load_dataset(cfg) -> tuple[np.ndarray, np.ndarray, str]:
+    """Arrays of one configured dataset (:class:`soupsearch.config.DatasetConfig`)."""
+    if cfg.type == "digits":
+        from .digits import digits_split
+
+        x, y = digits_split(cfg.split, cfg.split_file)
+        src = f"digits:{cfg.split}@{cfg.split_file}"
+    elif cfg.type == "npz":
+        p = Path(cfg.path)
+        if not p.exists():
+            raise DataError(f"dataset {p}: file does not exist")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                missing = [k for k in ("x", "y") if k not in z]
+                if missing:
+                    raise DataError(f"dataset {p}: missing array {missing[0]!r}, expected 'x' [N,C,H,W] and 'y' [N]")
+                x, y = z["x"], z["y"]
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"dataset {p}: not a readable .npz file ({e})") from None
+        if x.ndim != 4:
+            raise DataError(f"dataset {p}: 'x' has shape {x.shape}, expected [N, C, H, W]")
+        src = str(p)
+    else:  # pragma: no cover - config validation prevents this
+        raise DataError(f"unknown dataset type {cfg.type!r}")
+    if cfg.limit:
+        x, y = x[: cfg.limit], y[: cfg.limit]
+    return x, y, src
+
+
+def build_suite(data_cfg) -> EvalSuite:
+    """Build the eval suite from a :class:`soupsearch.config.DataConfig`."""
+    suite = EvalSuite()
+    for kind, dcfg in ((VAL, data_cfg.val), (TEST, data_cfg.test)):
+        x, y, src = load_dataset(dcfg)
+        suite.splits[kind] = TensorSplit(kind, x, y, kind, src)
+    if data_cfg.fisher is not None:
+        x, y, src = load_dataset(data_cfg.fisher)
+        suite.splits["fisher"] = TensorSplit("fisher", x, y, "fisher", src)
+    if data_cfg.corruptions is not None:
+        c = data_cfg.corruptions
+        base = suite.splits[c.base]
+        for name in c.names:
+            for sev in c.severities:
+                sname = f"{name}@{sev}"
+                suite.splits[sname] = TensorSplit(
+                    sname, corrupt(base.x, name, sev, c.seed), base.y, "shift", f"{c.base}+{sname}"
+                )
+    for s in data_cfg.shifts:
+        x, y, src = load_dataset(s)
+        if s.name in suite.splits:
+            raise DataError(f"shifted set {s.name!r}: name already used by another split")
+        suite.splits[s.name] = TensorSplit(s.name, x, y, "shift", src)
+    ys = np.concatenate([s.y for s in suite.splits.values()])
+    inferred = int(ys.max()) + 1
+    suite.num_classes = int(data_cfg.num_classes or inferred)
+    if ys.min() < 0 or inferred > suite.num_classes:
+        raise DataError(f"labels range over [{ys.min()}, {ys.max()}], expected 0..{suite.num_classes - 1}")
+    return suite

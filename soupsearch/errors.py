@@ -1,0 +1,38 @@
+"""Exception hierarchy: one root, specific subclasses.
+
+Every error a user can cause derives from :class:`SoupSearchError`; the CLI turns
+them into a one-line message and exit code 2. Messages name the file / key / tensor
+and say what was expected against what was found.
+"""
+
+
+class SoupSearchError(Exception):
+    """Root of all soupsearch errors caused by input, configuration or environment."""
+
+
+class ConfigError(SoupSearchError, ValueError):
+    """The YAML config or a ``--set`` override is invalid."""
+
+
+class CheckpointError(SoupSearchError):
+    """A checkpoint is missing, unreadable, unsafe, or does not match the model."""
+
+
+class DataError(SoupSearchError):
+    """An evaluation split or dataset is missing, empty or malformed."""
+
+
+class ModelFactoryError(SoupSearchError):
+    """The configured model factory cannot be imported or called."""
+
+
+class RecipeError(SoupSearchError, ValueError):
+    """Mixing coefficients are of the wrong length, negative, NaN, or do not sum to 1."""
+
+
+class EvaluationError(SoupSearchError):
+    """Evaluating a candidate failed repeatedly (on every evaluator)."""
+
+
+class TrackingError(SoupSearchError):
+    """MLflow could not be reached or written."""

@@ -1,0 +1,141 @@
+"""Evaluation of one shard of one split for one recipe.
+
+:class:`Evaluator` is plain torch: it holds the model skeleton whose parameters and
+float buffers are *views into one flat vector* ``theta``, the stack ``W`` and the eval
+splits. Scoring a recipe mixes straight into ``theta`` (no state-dict copies) and runs
+the forward pass over one shard. :class:`EvaluatorActor` is the thin Ray wrapper:
+everything it holds is rebuilt from its constructor arguments, so Ray can restart it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ingredients import ParamLayout
+from .metrics import Counts, counts_from_logits
+from .mixing import Recipe, mix
+from .models import create_model
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    recipe: Recipe
+    split: str
+    shard: int
+    start: int
+    stop: int
+
+
+def bind_flat(model: nn.Module, layout: ParamLayout, theta: torch.Tensor, fixed: dict[str, torch.Tensor]) -> None:
+    """Make every mixed tensor of ``model`` a view into ``theta`` (and copy fixed tensors in)."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    for s in layout.specs:
+        view = theta[s.offset : s.offset + s.numel].view(s.shape)
+        if s.name in params:
+            params[s.name].data = view
+        elif s.name in buffers:
+            mod_name, _, leaf = s.name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            mod._buffers[leaf] = view
+        else:  # pragma: no cover - checked at stack build time
+            raise KeyError(s.name)
+    for name, t in fixed.items():
+        buffers[name].copy_(t)
+
+
+def _as_tensor(a) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    with warnings.catch_warnings():
+        # arrays from Ray's object store are read-only views of shared memory; we never write them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+class Evaluator:
+    """Scores recipes on shards of the eval splits. Not thread-safe (one per process)."""
+
+    def __init__(
+        self,
+        model_factory: str,
+        model_kwargs: dict,
+        W,
+        layout: ParamLayout,
+        fixed: dict[str, torch.Tensor],
+        splits: dict[str, tuple],
+        num_classes: int,
+        batch_size: int = 256,
+        device: str = "cpu",
+        fisher=None,
+    ):
+        self.device = torch.device(device)
+        self.layout = layout
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        W = _as_tensor(W)
+        self.W = W.to(self.device) if self.device.type != "cpu" else W
+        self.F = None
+        if fisher is not None:
+            F = _as_tensor(fisher)
+            self.F = F.to(self.device) if self.device.type != "cpu" else F
+        self.model = create_model(model_factory, **(model_kwargs or {})).to(self.device).eval()
+        self.theta = torch.empty(layout.num_params, dtype=torch.float32, device=self.device)
+        fixed = {k: v.to(self.device) for k, v in fixed.items()}
+        bind_flat(self.model, layout, self.theta, fixed)
+        self.splits = {name: (_as_tensor(x), _as_tensor(y)) for name, (x, y) in splits.items()}
+        self._mixed_key: str | None = None
+        self.mix_count = 0
+
+    def load_recipe(self, recipe: Recipe) -> None:
+        if recipe.key != self._mixed_key:
+            mix(self.W, recipe, self.layout, out=self.theta, fisher=self.F)
+            self._mixed_key = recipe.key
+            self.mix_count += 1
+
+    @torch.inference_mode()
+    def logits(self, recipe: Recipe, split: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.load_recipe(recipe)
+        x, y = self.splits[split]
+        out = []
+        for a in range(start, stop, self.batch_size):
+            b = min(stop, a + self.batch_size)
+            xb = x[a:b].to(self.device, non_blocking=True)
+            out.append(self.model(xb).float().cpu())
+        return torch.cat(out), y[start:stop]
+
+    def evaluate(self, task: ShardTask) -> Counts:
+        logits, y = self.logits(task.recipe, task.split, task.start, task.stop)
+        return counts_from_logits(logits, y, self.num_classes)
+
+
+def _node_info() -> tuple[str, int]:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+    except Exception:
+        return "local", os.getpid()
+
+
+class EvaluatorActor:
+    """Ray actor around :class:`Evaluator`. Methods are idempotent: a retried shard gives
+    the same counts. Created via ``ray.remote(...)(EvaluatorActor)`` in :mod:`pool`."""
+
+    def __init__(self, *args, torch_threads: int = 1, **kwargs):
+        torch.set_num_threads(max(1, torch_threads))
+        self.ev = Evaluator(*args, **kwargs)
+        self.node_id, self.pid = _node_info()
+
+    def evaluate(self, task: ShardTask) -> tuple[dict, str, int]:
+        c = self.ev.evaluate(task)
+        return c.to_dict(), self.node_id, self.pid
+
+    def info(self) -> dict:
+        return {"node_id": self.node_id, "pid": self.pid, "device": str(self.ev.device), "mix_count": self.ev.mix_count}

@@ -1,0 +1,403 @@
+"""Ingredients: discover, validate and load checkpoints into one flat stack.
+
+The stack ``W`` is a contiguous ``[n, P]`` float32 tensor; row ``i`` is ingredient
+``i`` flattened by a :class:`ParamLayout` (name, shape, offset, group per tensor).
+Every float tensor of the state dict (parameters and float buffers such as BatchNorm
+running statistics) lives in ``W`` and is mixed; integer/bool buffers (e.g.
+``num_batches_tracked``) are taken from the first ingredient.
+
+Checkpoints are data, never code: ``.safetensors`` are memory-mapped, ``.pt/.pth/.bin``
+are read with ``torch.load(weights_only=True)`` which refuses arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name, e.g. "float32"
+    offset: int  # column offset into W (only for mixed tensors)
+    numel: int
+    group: str  # layer group (module path prefix)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where each mixed tensor lives in a flat row, and which tensors are held fixed."""
+
+    specs: tuple[TensorSpec, ...]
+    fixed: tuple[tuple[str, tuple[int, ...], str], ...] = ()  # (name, shape, dtype) of non-float tensors
+    order: tuple[str, ...] = ()  # state-dict key order (mixed and fixed interleaved)
+
+    @property
+    def num_params(self) -> int:
+        return sum(s.numel for s in self.specs)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    @staticmethod
+    def from_state_dict(sd: Mapping[str, torch.Tensor], group_depth: int = 1) -> "ParamLayout":
+        specs, fixed, off = [], [], 0
+        for name, t in sd.items():
+            if t.is_floating_point():
+                n = t.numel()
+                specs.append(
+                    TensorSpec(name, tuple(t.shape), _dtype_name(t.dtype), off, n, group_of(name, group_depth))
+                )
+                off += n
+            else:
+                fixed.append((name, tuple(t.shape), _dtype_name(t.dtype)))
+        return ParamLayout(tuple(specs), tuple(fixed), tuple(sd.keys()))
+
+    def groups(self) -> list[tuple[str, list[tuple[int, int]]]]:
+        """Layer groups in order of first appearance, each with its column ranges."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for s in self.specs:
+            ranges = out.setdefault(s.group, [])
+            if ranges and ranges[-1][1] == s.offset:
+                ranges[-1] = (ranges[-1][0], s.offset + s.numel)
+            else:
+                ranges.append((s.offset, s.offset + s.numel))
+        return list(out.items())
+
+    def regroup(self, group_depth: int) -> "ParamLayout":
+        specs = tuple(
+            TensorSpec(s.name, s.shape, s.dtype, s.offset, s.numel, group_of(s.name, group_depth))
+            for s in self.specs
+        )
+        return ParamLayout(specs, self.fixed, self.order)
+
+    def flatten(self, sd: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flatten the float tensors of ``sd`` into a 1-D float32 row (written into ``out``)."""
+        if out is None:
+            out = torch.empty(self.num_params, dtype=torch.float32)
+        for s in self.specs:
+            out[s.offset : s.offset + s.numel].copy_(sd[s.name].reshape(-1))
+        return out
+
+    def unflatten(
+        self, row: torch.Tensor, fixed: Mapping[str, torch.Tensor] | None = None, cast: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`flatten`: a state dict (views into ``row`` unless cast changes dtype)."""
+        sd: dict[str, torch.Tensor] = {}
+        by_name = {s.name: s for s in self.specs}
+        for name in self.order or [s.name for s in self.specs]:
+            s = by_name.get(name)
+            if s is not None:
+                t = row[s.offset : s.offset + s.numel].view(s.shape)
+                if cast and _dtype_name(t.dtype) != s.dtype:
+                    t = t.to(getattr(torch, s.dtype))
+                sd[name] = t
+            elif fixed is not None and name in fixed:
+                sd[name] = fixed[name]
+        return sd
+
+
+def group_of(name: str, depth: int = 1) -> str:
+    """Layer group of a tensor: its module path without the leaf, cut to ``depth`` parts
+    of significance. ``depth=0`` puts everything in one group; ``depth=-1`` makes every
+    module its own group."""
+    parts = name.split(".")[:-1] or [name]
+    if depth == 0:
+        return "all"
+    if depth < 0:
+        return ".".join(parts)
+    # keep `depth` levels, counting a numeric index together with its container
+    out, levels = [], 0
+    for p in parts:
+        out.append(p)
+        if not p.isdigit():
+            levels += 1
+        if levels >= depth and not (len(out) < len(parts) and parts[len(out)].isdigit()):
+            break
+    return ".".join(out)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def discover(
+    path: str | os.PathLike | Sequence[str], pattern: str | None = None
+) -> list[Path]:
+    """Checkpoint files from a directory, a glob, a list of paths, or a manifest JSON.
+
+    A manifest is a JSON object with an ``ingredients`` list whose items have a ``file``
+    (relative to the manifest). Files are returned sorted by path (manifest order for
+    manifests), so ingredient indices are stable.
+    """
+    if isinstance(path, (list, tuple)):
+        files = [Path(p) for p in path]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"checkpoint {f}: file does not exist")
+        if not files:
+            raise CheckpointError("checkpoint list is empty: expected at least one checkpoint")
+        return files
+    p = Path(path)
+    if p.is_file() and p.suffix == ".json":
+        return [Path(e["file"]) if Path(e["file"]).is_absolute() else p.parent / e["file"]
+                for e in read_manifest(p)["ingredients"]]
+    if p.is_dir():
+        if pattern:
+            files = sorted(Path(f) for f in _glob.glob(str(p / pattern)))
+        else:
+            files = sorted(f for f in p.iterdir() if f.suffix in CHECKPOINT_SUFFIXES)
+        if not files:
+            raise CheckpointError(
+                f"checkpoint directory {p}: no files matching {pattern or '*' + '|'.join(CHECKPOINT_SUFFIXES)}"
+            )
+        return files
+    if any(c in str(path) for c in "*?["):
+        files = sorted(Path(f) for f in _glob.glob(str(path)))
+        if not files:
+            raise CheckpointError(f"checkpoint glob {path!r} matched no files")
+        return files
+    if p.is_file():
+        return [p]
+    raise CheckpointError(f"checkpoint path {p}: does not exist")
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    try:
+        m = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"manifest {p}: file does not exist") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"manifest {p}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or not isinstance(m.get("ingredients"), list):
+        raise CheckpointError(f"manifest {p}: expected a JSON object with an 'ingredients' list")
+    for i, e in enumerate(m["ingredients"]):
+        if not isinstance(e, dict) or "file" not in e:
+            raise CheckpointError(f"manifest {p}: ingredients[{i}] has no 'file' key")
+    return m
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a checkpoint as a flat ``{name: tensor}`` dict without executing any code."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p}: file does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(p))  # memory-mapped
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {p}: not a readable safetensors file ({e})") from None
+    elif p.suffix in (".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=False)
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "weights_only" in str(e) or "Unsupported global" in str(e):
+                raise CheckpointError(
+                    f"checkpoint {p}: refused, it contains arbitrary Python objects and "
+                    "soupsearch never unpickles them (load with weights_only=True failed)"
+                ) from None
+            raise CheckpointError(f"checkpoint {p}: not a readable torch checkpoint ({msg})") from None
+        sd = _unwrap(obj, p)
+    else:
+        raise CheckpointError(
+            f"checkpoint {p}: unknown suffix {p.suffix!r}, expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
+        )
+    return _strip_prefix(sd)
+
+
+def _unwrap(obj, p: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for k in _WRAPPER_KEYS:
+            if k in obj and isinstance(obj[k], Mapping):
+                obj = obj[k]
+                break
+        if all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
+            return dict(obj)
+    raise CheckpointError(f"checkpoint {p}: expected a state dict of tensors, found {type(obj).__name__}")
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def check_compatible(
+    sd: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    name: str,
+    ref_name: str = "model skeleton",
+    allow_cast: bool = False,
+) -> None:
+    """Raise :class:`CheckpointError` naming ``name``/``ref_name`` and the tensor on mismatch."""
+    missing = [k for k in reference if k not in sd]
+    extra = [k for k in sd if k not in reference]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (first: {missing[0]!r})")
+        if extra:
+            parts.append(f"unexpected {len(extra)} keys (first: {extra[0]!r})")
+        raise CheckpointError(f"checkpoint {name}: keys differ from {ref_name}: " + "; ".join(parts))
+    for k, ref in reference.items():
+        t = sd[k]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"checkpoint {name}: tensor {k!r} has shape {tuple(t.shape)}, "
+                f"expected {tuple(ref.shape)} as in {ref_name}"
+            )
+        if t.dtype != ref.dtype and not (allow_cast and t.is_floating_point() and ref.is_floating_point()):
+            raise CheckpointError(
+                f"checkpoint {name}: tensor {k!r} has dtype {_dtype_name(t.dtype)}, "
+                f"expected {_dtype_name(ref.dtype)} as in {ref_name}"
+                + ("" if allow_cast else " (set ingredients.allow_cast: true to cast)")
+            )
+
+
+# ----------------------------------------------------------------------------- the stack
+
+
+@dataclass
+class IngredientStack:
+    """``W [n, P]`` float32 plus its layout, names and the fixed (non-float) tensors."""
+
+    W: torch.Tensor
+    layout: ParamLayout
+    names: list[str]
+    fixed: dict[str, torch.Tensor] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return self.W.shape[0]
+
+    @property
+    def num_params(self) -> int:
+        return self.W.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.W.numel() * self.W.element_size()
+
+    def state_dict(self, i: int) -> dict[str, torch.Tensor]:
+        return self.layout.unflatten(self.W[i], self.fixed)
+
+    @staticmethod
+    def from_state_dicts(
+        sds: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None = None, group_depth: int = 1
+    ) -> "IngredientStack":
+        if not sds:
+            raise CheckpointError("no ingredients: expected at least one state dict")
+        names = list(names) if names is not None else [f"ingredient_{i}" for i in range(len(sds))]
+        ref = sds[0]
+        layout = ParamLayout.from_state_dict(ref, group_depth)
+        W = torch.empty((len(sds), layout.num_params), dtype=torch.float32)
+        for i, sd in enumerate(sds):
+            check_compatible(sd, ref, names[i], names[0])
+            layout.flatten(sd, out=W[i])
+        fixed = {n: ref[n].clone() for n, _, _ in layout.fixed}
+        return IngredientStack(W, layout, names, fixed)
+
+    @staticmethod
+    def from_files(
+        files: Iterable[str | os.PathLike],
+        skeleton: Mapping[str, torch.Tensor] | None = None,
+        group_depth: int = 1,
+        allow_cast: bool = False,
+        nonfinite: str = "error",
+        progress: bool = False,
+    ) -> "IngredientStack":
+        """Load checkpoints one at a time into a preallocated stack (no second full copy).
+
+        ``skeleton`` is the model's state dict: every checkpoint must match its keys,
+        shapes and dtypes. ``nonfinite`` is ``"error"`` or ``"exclude"`` for ingredients
+        containing NaN/Inf.
+        """
+        files = [Path(f) for f in files]
+        if not files:
+            raise CheckpointError("no checkpoints given: expected at least one")
+        first = load_state_dict(files[0])
+        ref = skeleton if skeleton is not None else first
+        ref_name = "model skeleton" if skeleton is not None else str(files[0])
+        layout = ParamLayout.from_state_dict(ref, group_depth)
+        W = torch.empty((len(files), layout.num_params), dtype=torch.float32)
+        names, paths, keep = [], [], []
+        it = enumerate(files)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(files), desc="loading ingredients", unit="ckpt")
+        fixed: dict[str, torch.Tensor] = {}
+        for i, f in it:
+            sd = first if i == 0 else load_state_dict(f)
+            check_compatible(sd, ref, str(f), ref_name, allow_cast=allow_cast)
+            layout.flatten(sd, out=W[i])
+            if not fixed:
+                fixed = {n: sd[n].clone() for n, _, _ in layout.fixed}
+            del sd
+            if i == 0:
+                first = None
+            bad = _first_nonfinite(W[i], layout)
+            if bad is not None:
+                if nonfinite == "exclude":
+                    continue
+                raise CheckpointError(
+                    f"checkpoint {f}: tensor {bad!r} contains NaN or Inf "
+                    "(set ingredients.nonfinite: exclude to skip such ingredients)"
+                )
+            keep.append(i)
+            names.append(f.stem)
+            paths.append(str(f))
+        if not keep:
+            raise CheckpointError("every checkpoint contains NaN or Inf: nothing to mix")
+        if len(keep) < len(files):
+            W = W[keep].contiguous()
+        return IngredientStack(W, layout, names, fixed, paths)
+
+
+def _first_nonfinite(row: torch.Tensor, layout: ParamLayout) -> str | None:
+    if bool(torch.isfinite(row).all()):
+        return None
+    for s in layout.specs:
+        if not bool(torch.isfinite(row[s.offset : s.offset + s.numel]).all()):
+            return s.name
+    return "?"  # pragma: no cover
+
+
+def stack_to_numpy(W: torch.Tensor) -> np.ndarray:
+    """The stack as a numpy array (for zero-copy sharing through Ray's object store)."""
+    return W.numpy()
+
+
+def format_bytes(n: float) -> str:
+    if n <= 0:
+        return "0 B"
+    k = min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024 ** k:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][k]}"

@@ -1,0 +1,210 @@
+"""Recipes and the mixing kernel.
+
+A :class:`Recipe` is a frozen, hashable description of one soup: ``n`` coefficients
+(one per ingredient) or ``G x n`` (one per ingredient per layer group). Recipes are
+what travels between the driver and the evaluators (a few hundred bytes), and their
+:attr:`Recipe.key` is what results are cached by.
+
+``mix(W, recipe, layout)`` computes ``theta = c @ W`` (or per group
+``theta[g] = c[g] @ W[:, g]``): one pass over the stack at memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import RecipeError
+from .ingredients import ParamLayout
+
+
+def _round(x: float) -> float:
+    # 12 significant digits: stable keys across float noise from json round trips
+    return float(f"{float(x):.12g}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An immutable soup description.
+
+    Attributes:
+        coeffs: ``n`` mixing coefficients (per-ingredient recipe), or empty when
+            ``layer_coeffs`` is used.
+        layer_coeffs: ``G`` rows of ``n`` coefficients, one row per layer group of the
+            layout regrouped at ``group_depth``.
+        group_depth: module depth used to form layer groups (see ``ingredients.group_of``).
+        fisher: mix with Fisher weights (``sum_i c_i F_i theta_i / sum_i c_i F_i``).
+        fisher_floor: floor epsilon on the Fisher values.
+        label: human-readable name; not part of the key.
+    """
+
+    coeffs: tuple[float, ...] = ()
+    layer_coeffs: tuple[tuple[float, ...], ...] = ()
+    group_depth: int = 1
+    fisher: bool = False
+    fisher_floor: float = 1e-6
+    label: str = field(default="", compare=False, hash=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "coeffs", tuple(_round(c) for c in self.coeffs))
+        object.__setattr__(
+            self, "layer_coeffs", tuple(tuple(_round(c) for c in row) for row in self.layer_coeffs)
+        )
+        if bool(self.coeffs) == bool(self.layer_coeffs):
+            raise RecipeError("recipe: give exactly one of coeffs (n) or layer_coeffs (G x n)")
+        rows = self.layer_coeffs or (self.coeffs,)
+        n = len(rows[0])
+        for g, row in enumerate(rows):
+            if len(row) != n:
+                raise RecipeError(f"recipe: layer_coeffs row {g} has {len(row)} coefficients, expected {n}")
+            for i, c in enumerate(row):
+                if not math.isfinite(c):
+                    raise RecipeError(f"recipe: coefficient {i} is {c}, expected a finite number")
+
+    # ---------------------------------------------------------------- constructors
+    @staticmethod
+    def one_hot(i: int, n: int, label: str = "") -> "Recipe":
+        return Recipe(tuple(1.0 if j == i else 0.0 for j in range(n)), label=label)
+
+    @staticmethod
+    def uniform_over(indices: Sequence[int], n: int, label: str = "") -> "Recipe":
+        idx = set(indices)
+        if not idx:
+            raise RecipeError("recipe: uniform soup over an empty set of ingredients")
+        w = 1.0 / len(idx)
+        return Recipe(tuple(w if j in idx else 0.0 for j in range(n)), label=label)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def n(self) -> int:
+        return len(self.coeffs or self.layer_coeffs[0])
+
+    @property
+    def per_layer(self) -> bool:
+        return bool(self.layer_coeffs)
+
+    @property
+    def key(self) -> str:
+        payload = json.dumps(
+            {
+                "c": self.coeffs,
+                "lc": self.layer_coeffs,
+                "gd": self.group_depth if self.layer_coeffs else None,
+                "f": self.fisher,
+                "ff": self.fisher_floor if self.fisher else None,
+            },
+            separators=(",", ":"),
+        )
+        return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+    def support(self) -> list[int]:
+        """Indices of ingredients with a non-zero coefficient (in any layer group)."""
+        rows = self.layer_coeffs or (self.coeffs,)
+        return [i for i in range(self.n) if any(r[i] != 0.0 for r in rows)]
+
+    def to_dict(self) -> dict:
+        d = {"label": self.label, "key": self.key}
+        if self.coeffs:
+            d["coeffs"] = list(self.coeffs)
+        else:
+            d["layer_coeffs"] = [list(r) for r in self.layer_coeffs]
+            d["group_depth"] = self.group_depth
+        if self.fisher:
+            d["fisher"] = True
+            d["fisher_floor"] = self.fisher_floor
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "Recipe":
+        return Recipe(
+            coeffs=tuple(d.get("coeffs", ())),
+            layer_coeffs=tuple(tuple(r) for r in d.get("layer_coeffs", ())),
+            group_depth=int(d.get("group_depth", 1)),
+            fisher=bool(d.get("fisher", False)),
+            fisher_floor=float(d.get("fisher_floor", 1e-6)),
+            label=d.get("label", ""),
+        )
+
+
+def _coeff_tensor(values, W: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=W.dtype, device=W.device)
+
+
+def mix(
+    W: torch.Tensor,
+    recipe: Recipe,
+    layout: ParamLayout | None = None,
+    out: torch.Tensor | None = None,
+    fisher: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mix the stack ``W [n, P]`` into one flat parameter vector ``theta [P]``.
+
+    ``layout`` is needed for per-layer recipes; ``fisher [n, P]`` for Fisher recipes.
+    """
+    n, P = W.shape
+    if recipe.n != n:
+        raise RecipeError(f"recipe {recipe.label or recipe.key}: has {recipe.n} coefficients, stack has {n} ingredients")
+    if recipe.fisher:
+        if fisher is None:
+            raise RecipeError(f"recipe {recipe.label or recipe.key}: is a Fisher recipe but no Fisher stack was given")
+        return fisher_mix(W, fisher, recipe, layout, out=out)
+    if out is None:
+        out = torch.empty(P, dtype=W.dtype, device=W.device)
+    if not recipe.per_layer:
+        torch.mm(_coeff_tensor(recipe.coeffs, W)[None], W, out=out[None])
+        return out
+    if layout is None:
+        raise RecipeError("per-layer recipe needs the stack's layout")
+    groups = layout.regroup(recipe.group_depth).groups()
+    if len(groups) != len(recipe.layer_coeffs):
+        raise RecipeError(
+            f"recipe {recipe.label or recipe.key}: has {len(recipe.layer_coeffs)} layer groups, "
+            f"layout at group_depth={recipe.group_depth} has {len(groups)}"
+        )
+    C = _coeff_tensor(recipe.layer_coeffs, W)
+    for g, (_, ranges) in enumerate(groups):
+        for a, b in ranges:
+            torch.mm(C[g][None], W[:, a:b], out=out[None, a:b])
+    return out
+
+
+def fisher_mix(
+    W: torch.Tensor,
+    F: torch.Tensor,
+    recipe: Recipe,
+    layout: ParamLayout | None = None,
+    out: torch.Tensor | None = None,
+    chunk: int = 1 << 20,
+) -> torch.Tensor:
+    """``theta = sum_i c_i max(F_i, eps) theta_i / sum_i c_i max(F_i, eps)``, chunked over P."""
+    n, P = W.shape
+    if F.shape != W.shape:
+        raise RecipeError(f"Fisher stack has shape {tuple(F.shape)}, expected {tuple(W.shape)} like the weights")
+    if out is None:
+        out = torch.empty(P, dtype=W.dtype, device=W.device)
+    if recipe.per_layer:
+        if layout is None:
+            raise RecipeError("per-layer recipe needs the stack's layout")
+        groups = layout.regroup(recipe.group_depth).groups()
+        col_coeff = torch.empty((n, P), dtype=W.dtype, device=W.device)
+        for g, (_, ranges) in enumerate(groups):
+            cg = _coeff_tensor(recipe.layer_coeffs[g], W)[:, None]
+            for a, b in ranges:
+                col_coeff[:, a:b] = cg
+    else:
+        col_coeff = None
+        c = _coeff_tensor(recipe.coeffs, W)[:, None]
+    eps = recipe.fisher_floor
+    for a in range(0, P, chunk):
+        b = min(P, a + chunk)
+        f = F[:, a:b].clamp_min(eps)
+        f = f * (col_coeff[:, a:b] if col_coeff is not None else c)
+        num = (f * W[:, a:b]).sum(0)
+        den = f.sum(0)
+        torch.div(num, den, out=out[a:b])
+    return out

@@ -1,0 +1,78 @@
+"""On-disk results store: shard counts by (recipe key, split, shard bounds).
+
+A SQLite file in the run directory, written only by the driver. Entries are keyed
+additionally by fingerprints of the ingredient stack and of each split's data, so a
+changed sweep or dataset never reuses stale numbers. Re-running an interrupted search
+re-evaluates nothing that finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import Counts
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shard_results (
+    stack_fp TEXT NOT NULL, split_fp TEXT NOT NULL, recipe_key TEXT NOT NULL,
+    split TEXT NOT NULL, start INTEGER NOT NULL, stop INTEGER NOT NULL,
+    counts TEXT NOT NULL, node_id TEXT, pid INTEGER,
+    created REAL DEFAULT (julianday('now')),
+    PRIMARY KEY (stack_fp, split_fp, recipe_key, start, stop)
+);
+"""
+
+
+def fingerprint_arrays(*arrays: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+class ResultStore:
+    def __init__(self, path: str | Path, stack_fp: str, split_fps: dict[str, str]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.executescript(_SCHEMA)
+        self.stack_fp = stack_fp
+        self.split_fps = split_fps
+
+    def load(self, recipe_key: str, split: str, start: int, stop: int) -> Counts | None:
+        row = self.conn.execute(
+            "SELECT counts FROM shard_results WHERE stack_fp=? AND split_fp=? AND recipe_key=? AND start=? AND stop=?",
+            (self.stack_fp, self.split_fps[split], recipe_key, start, stop),
+        ).fetchone()
+        return Counts.from_dict(json.loads(row[0])) if row else None
+
+    def save(self, recipe_key: str, split: str, start: int, stop: int, counts: Counts, node_id: str, pid: int):
+        self.conn.execute(
+            "INSERT OR REPLACE INTO shard_results (stack_fp, split_fp, recipe_key, split, start, stop, counts, node_id, pid)"
+            " VALUES (?,?,?,?,?,?,?,?,?)",
+            (self.stack_fp, self.split_fps[split], recipe_key, split, start, stop,
+             json.dumps(counts.to_dict()), node_id, pid),
+        )
+
+    def count(self) -> int:
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM shard_results WHERE stack_fp=?", (self.stack_fp,)
+        ).fetchone()[0]
+
+    def node_ids(self) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT DISTINCT node_id FROM shard_results WHERE stack_fp=?", (self.stack_fp,)
+        ).fetchall()
+        return sorted(r[0] for r in rows if r[0])
+
+    def close(self):
+        self.conn.close()

@@ -1,0 +1,82 @@
+"""Strategy contract.
+
+A strategy proposes recipes and reads their scores through a :class:`SearchContext`;
+it never sees Ray, MLflow or the stack's memory. Selection uses the held-out ``val``
+split only; the driver scores the returned soups on every split afterwards.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, Sequence
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import ConfigError
+from ..mixing import Recipe
+
+
+class SearchContext(Protocol):
+    """What a strategy may use. Implementations: ``search.Context`` (Ray or local pool)
+    and the table-driven fakes in the tests."""
+
+    n: int
+    names: list[str]
+    selection_metric: str
+    higher_is_better: bool
+
+    def evaluate(self, recipes: Sequence[Recipe], split: str = "val") -> list[dict[str, float]]:
+        """Metrics of each recipe on a split; independent recipes are scored in parallel."""
+
+    def individual_scores(self) -> list[float]:
+        """Selection metric of every ingredient on val (cached after the first call)."""
+
+    def result(self, strategy: str) -> "SoupResult | None":
+        """The result of a strategy that already ran in this search (e.g. greedy for seeding)."""
+
+
+@dataclass
+class SoupResult:
+    """One candidate soup (or baseline) a strategy returns."""
+
+    name: str  # e.g. "greedy"
+    recipe: Recipe | None  # None for output ensembles (no single weight vector)
+    params: dict[str, Any] = field(default_factory=dict)  # strategy settings, logged as MLflow params
+    trajectory: list[dict[str, Any]] = field(default_factory=list)  # step records
+    info: dict[str, Any] = field(default_factory=dict)  # anything else (e.g. ingredient indices)
+
+    @property
+    def num_ingredients(self) -> int:
+        return len(self.recipe.support()) if self.recipe is not None else int(self.info.get("num_ingredients", 0))
+
+
+class Strategy(ABC):
+    """Base class. Subclasses set ``name``, an ``Options`` pydantic model and ``run``.
+
+    Contract: ``run`` is deterministic given the context's scores and the options;
+    it returns at least one :class:`SoupResult`; it raises (never returns None) on
+    failure.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **options):
+        self.options = self.validate_options(options)
+
+    @classmethod
+    def validate_options(cls, options: dict) -> BaseModel:
+        try:
+            return cls.Options.model_validate(options or {})
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+            raise ConfigError(f"strategy {cls.name}: option {loc!r}: {msg}") from None
+
+    @abstractmethod
+    def run(self, ctx: SearchContext) -> list[SoupResult]: ...

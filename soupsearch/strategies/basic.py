@@ -1,0 +1,35 @@
+"""Baselines: the best single ingredient and the uniform soup of all ingredients."""
+
+from __future__ import annotations
+
+from ..mixing import Recipe
+from . import register_strategy
+from .base import SoupResult, Strategy
+
+
+def rank_by_score(scores: list[float], higher_is_better: bool = True) -> list[int]:
+    """Indices sorted best first; ties broken by the lower index (deterministic)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i] if higher_is_better else scores[i], i))
+
+
+@register_strategy
+class BestIndividual(Strategy):
+    name = "best_individual"
+    description = "the single ingredient with the best held-out (val) score"
+
+    def run(self, ctx):
+        scores = ctx.individual_scores()
+        best = rank_by_score(scores, ctx.higher_is_better)[0]
+        return [SoupResult(self.name, Recipe.one_hot(best, ctx.n, label=self.name),
+                           params={"ingredient": ctx.names[best]},
+                           info={"index": best, f"val_{ctx.selection_metric}": scores[best]})]
+
+
+@register_strategy
+class Uniform(Strategy):
+    name = "uniform"
+    description = "the average of all ingredients"
+
+    def run(self, ctx):
+        return [SoupResult(self.name, Recipe.uniform_over(range(ctx.n), ctx.n, label=self.name),
+                           params={"num_ingredients": ctx.n})]

@@ -1,0 +1,145 @@
+"""MLflow logging. Only the driver writes.
+
+One parent run per search (resolved config, sweep manifest, results table), one
+child run per strategy/soup with the same metric keys (``<split>/<metric>``), so
+MLflow's compare view lines them up. Split names map to metric prefixes:
+``val``, ``test``, ``shift/<name>`` and ``ood_mean``. MLflow does not allow ``@`` in
+metric keys, so a corruption set ``gaussian_noise@3`` is logged as
+``shift/gaussian_noise:3/...``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import TrackingError
+
+_BAD = re.compile(r"[^/\w.\- :]")
+
+
+def metric_prefix(split: str, kind: str) -> str:
+    name = split.replace("@", ":")
+    name = _BAD.sub("_", name)
+    return f"shift/{name}" if kind == "shift" else name
+
+
+def flatten_params(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_params(v, key + "."))
+        else:
+            s = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+            out[key] = s[:6000]
+    return out
+
+
+class Tracker:
+    """Thin wrapper over ``MlflowClient`` with explicit run ids (no global active run)."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        self.uri = tracking_uri
+        self.experiment_name = experiment
+        self.parent_id: str | None = None
+        self.child_ids: dict[str, str] = {}
+        self._client = None
+        self.experiment_id: str | None = None
+
+    # ----------------------------------------------------------------- setup
+    def connect(self, timeout: float = 10.0) -> None:
+        """Reach the tracking store and get/create the experiment; fail fast if unreachable."""
+        if self.uri.startswith(("http://", "https://")):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout)))
+        from mlflow.tracking import MlflowClient
+
+        try:
+            self._client = MlflowClient(tracking_uri=self.uri)
+            exp = self._client.get_experiment_by_name(self.experiment_name)
+            self.experiment_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment_name)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrackingError(f"MLflow tracking URI {self.uri!r} is unreachable or unusable: {first[:300]}") from None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self.connect()
+        return self._client
+
+    # ----------------------------------------------------------------- runs
+    def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={"soupsearch.role": "search", **(tags or {})})
+        self.parent_id = run.info.run_id
+        self.log_params(self.parent_id, params)
+        return self.parent_id
+
+    def start_child(self, name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=name,
+            tags={"mlflow.parentRunId": self.parent_id, "soupsearch.strategy": name, "soupsearch.role": "soup",
+                  **(tags or {})},
+        )
+        self.child_ids[name] = run.info.run_id
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten_params(params)
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(run_id, params=items[i : i + 90])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 900):
+            self.client.log_batch(run_id, metrics=items[i : i + 900])
+
+    def log_step_metrics(self, run_id: str, rows: list[dict[str, float]]) -> None:
+        """``rows[i]`` holds the metrics of step ``i`` (trajectories, optimization histories)."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for step, row in enumerate(rows) for k, v in row.items()]
+        for i in range(0, len(items), 900):
+            self.client.log_batch(run_id, metrics=items[i : i + 900])
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value[:5000])
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            p.write_text(text)
+            self.client.log_artifact(run_id, str(p))
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def end_all(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """End every run of this search still open (children first)."""
+        for rid in list(self.child_ids.values()) + ([self.parent_id] if self.parent_id else []):
+            try:
+                run = self.client.get_run(rid)
+                if run.info.status == "RUNNING":
+                    if error:
+                        self.client.set_tag(rid, "soupsearch.error", error[:5000])
+                    self.client.set_terminated(rid, status=status)
+            except Exception:  # pragma: no cover - best effort on the way out
+                pass
