@@ -71,7 +71,7 @@ def _contrast(x, s, g):
 
 @register_corruption("pixelate")
 def _pixelate(x, s, g):
-    frac = (0.8, 0.65, 0.5, 0.4, 0.3)[s - 1]
+    frac = (0.6, 0.45, 0.35, 0.27, 0.2)[s - 1]
     h, w = x.shape[-2:]
     small = F.interpolate(x, size=(max(1, int(h * frac)), max(1, int(w * frac))), mode="area")
     return F.interpolate(small, size=(h, w), mode="nearest")

@@ -1,0 +1,98 @@
+"""Shared fixtures: one Ray session for every test that needs Ray, small sweeps."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from soupsearch.models import create_model
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray instance on loopback shared by all tests (started once)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def perturbed_state_dicts(n: int, seed: int = 0, width: int = 4, scale: float = 0.05):
+    """``n`` state dicts of a small DigitsCNN: one random base plus noise (fast, no training)."""
+    torch.manual_seed(seed)
+    base = create_model("builtin:digits_cnn", width=width).state_dict()
+    g = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for i in range(n):
+        sd = {}
+        for k, v in base.items():
+            if v.is_floating_point():
+                noise = torch.randn(v.shape, generator=g) * scale
+                sd[k] = (v + noise).abs() if "running_var" in k else v + noise
+            else:
+                sd[k] = v.clone() + i  # integer buffers differ: the first ingredient's must win
+        out.append(sd)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory) -> Path:
+    """A real (trained) demo sweep, kept tiny: 4 fine-tunes with few epochs."""
+    from soupsearch.demo import make_sweep
+
+    out = tmp_path_factory.mktemp("sweep")
+    make_sweep(out, n=4, seed=1, progress=False, **_fast_sweep_kwargs())
+    return out
+
+
+def _fast_sweep_kwargs() -> dict:
+    import inspect
+
+    from soupsearch.demo import make_sweep
+
+    params = inspect.signature(make_sweep).parameters
+    kw = {}
+    if "pretrain_epochs" in params:
+        kw["pretrain_epochs"] = 4
+    if "max_epochs" in params:
+        kw["max_epochs"] = 2
+    return kw
+
+
+def tiny_config(sweep: Path, tmp_path: Path, **overrides) -> dict:
+    """A config dict over ``sweep`` writing into ``tmp_path``."""
+    split_file = str(sweep / "splits.json")
+    cfg = {
+        "name": "tiny",
+        "run_dir": str(tmp_path / "run"),
+        "model": {"factory": "builtin:digits_cnn", "kwargs": {"num_classes": 10}},
+        "ingredients": {"path": str(sweep / "manifest.json")},
+        "data": {
+            "val": {"type": "digits", "split": "val", "split_file": split_file},
+            "test": {"type": "digits", "split": "test", "split_file": split_file},
+            "corruptions": {"names": ["gaussian_noise", "rotation"], "severities": [3]},
+        },
+        "eval": {"num_evaluators": 2, "shard_size": 64},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny"},
+    }
+    for k, v in overrides.items():
+        cur = cfg
+        keys = k.split(".")
+        for kk in keys[:-1]:
+            cur = cur.setdefault(kk, {})
+        cur[keys[-1]] = v
+    return cfg
+
+
+def random_split(n: int = 100, seed: int = 0, classes: int = 10):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 1, 16, 16), dtype=np.float32), rng.integers(0, classes, n).astype(np.int64)

@@ -1,0 +1,53 @@
+import pytest
+
+from soupsearch.config import load_config
+from soupsearch.errors import ConfigError
+
+BASE = """
+name: t
+ingredients: {path: sweep/}
+data:
+  val: {type: npz, path: v.npz}
+  test: {type: npz, path: t.npz}
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["eval.num_evaluators=3", "search.strategies=[uniform]"])
+    assert cfg.eval.num_evaluators == 3
+    assert [s.name for s in cfg.search.strategies] == ["uniform"]
+    assert cfg.tracking.resolved_uri().startswith("sqlite:///") or cfg.tracking.resolved_uri()
+    assert str(cfg.resolved_run_dir()) == "runs/t"
+
+
+def test_unknown_key_names_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml: eval.shard_sise: unknown key"):
+        load_config(write(tmp_path, BASE + "eval: {shard_sise: 3}\n"))
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml: malformed YAML at line \d+"):
+        load_config(write(tmp_path, BASE + "eval: {shard_size: [\n"))
+
+
+def test_unknown_strategy_lists_valid(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown strategy 'soup'; valid: best_individual, uniform, greedy"):
+        load_config(write(tmp_path, BASE + "search: {strategies: [soup]}\n"))
+
+
+def test_greedy_rule_option(tmp_path):
+    cfg = load_config(write(tmp_path, BASE + "search: {strategies: [{name: greedy, rule: '>'}]}\n"))
+    assert cfg.search.strategies[0].options == {"rule": ">"}
+    with pytest.raises(ConfigError, match=r"greedy: option 'rule'"):
+        load_config(write(tmp_path, BASE + "search: {strategies: [{name: greedy, rule: '<'}]}\n"))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match=r"config nope.yaml: file does not exist"):
+        load_config("nope.yaml")

@@ -1,0 +1,87 @@
+"""EvalPool on a real (local) Ray: determinism across evaluator counts, caching, dead actors."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from soupsearch import IngredientStack, Recipe
+from soupsearch.evaluator import Evaluator
+from soupsearch.pool import LocalEvalPool, RayEvalPool
+
+from .conftest import perturbed_state_dicts, random_split
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup():
+    stack = IngredientStack.from_state_dicts(perturbed_state_dicts(5, scale=0.2))
+    splits = {"val": random_split(150, 0), "test": random_split(97, 1)}
+    recipes = [Recipe.one_hot(i, 5) for i in range(5)] + [Recipe.uniform_over(range(5), 5),
+                                                           Recipe((0.1, 0.2, 0.3, 0.4, 0.0))]
+    return stack, splits, recipes
+
+
+def _ray_pool(ray, stack, splits, k):
+    args = dict(model_factory="builtin:digits_cnn", model_kwargs={"width": 4}, W=ray.put(stack.W.numpy()),
+                layout=stack.layout, fixed=stack.fixed, splits=ray.put(splits), num_classes=10, batch_size=32)
+    return RayEvalPool.create(k, args, False, {n: len(s[1]) for n, s in splits.items()}, shard_size=32)
+
+
+def _all(pool, recipes):
+    return pool.counts([(r, s) for r in recipes for s in ("val", "test")])
+
+
+def test_identical_results_with_1_2_3_evaluators_and_in_process(ray_session, setup):
+    stack, splits, recipes = setup
+    local = LocalEvalPool(Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed,
+                                    splits, 10, 32), {n: len(s[1]) for n, s in splits.items()}, shard_size=32)
+    ref = _all(local, recipes)
+    for k in (1, 2, 3):
+        pool = _ray_pool(ray_session, stack, splits, k)
+        try:
+            got = _all(pool, recipes)
+            assert pool.stats["shards_evaluated"] == len(recipes) * (5 + 4)  # ceil(150/32) + ceil(97/32)
+            if k > 1:
+                assert len({i["pid"] for i in pool.actor_infos}) == k
+        finally:
+            pool.close()
+        for a, b in zip(ref, got):
+            assert np.array_equal(a.confusion, b.confusion)
+            assert a.nll_sum == b.nll_sum  # bit-identical, not just close
+            assert np.array_equal(a.bin_conf_sum, b.bin_conf_sum)
+
+
+def test_cache_serves_repeated_requests(ray_session, setup):
+    stack, splits, recipes = setup
+    pool = _ray_pool(ray_session, stack, splits, 2)
+    try:
+        first = pool.evaluate([(recipes[0], "val")])
+        n = pool.stats["shards_evaluated"]
+        again = pool.evaluate([(Recipe.one_hot(0, 5), "val")])  # equal recipe, new object
+        assert again == first and pool.stats["shards_evaluated"] == n
+    finally:
+        pool.close()
+
+
+def test_killed_evaluator_is_restarted_and_results_identical(ray_session, setup):
+    stack, splits, recipes = setup
+    pool = _ray_pool(ray_session, stack, splits, 2)
+    try:
+        ref = _all(pool, recipes[:2])
+        victim = pool.actor_infos[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        pool._cache.clear()
+        got = _all(pool, recipes[:2])
+        assert pool.stats["actor_failures"] >= 1 and pool.stats["resubmitted"] >= 1
+        for a, b in zip(ref, got):
+            assert np.array_equal(a.confusion, b.confusion) and a.nll_sum == b.nll_sum
+        # the actor came back (max_restarts) in a new process
+        import ray
+
+        infos = ray.get([a.info.remote() for a in pool.actors])
+        assert victim not in {i["pid"] for i in infos}
+    finally:
+        pool.close()

@@ -1,0 +1,89 @@
+"""Strategy logic on hand-made score tables (no Ray, no models)."""
+
+import pytest
+
+from soupsearch.errors import ConfigError
+from soupsearch.mixing import Recipe
+from soupsearch.strategies import create_strategy, list_strategies
+
+
+class TableContext:
+    """Scores soups from a table keyed by the set of ingredients in the soup."""
+
+    def __init__(self, table: dict[frozenset, float], n: int, metric="accuracy"):
+        self.table = table
+        self.n = n
+        self.names = [f"m{i}" for i in range(n)]
+        self.selection_metric = metric
+        self.higher_is_better = metric != "nll"
+        self.calls = []
+
+    def evaluate(self, recipes, split="val"):
+        assert split == "val"  # strategies select on val only
+        out = []
+        for r in recipes:
+            s = frozenset(r.support())
+            self.calls.append(s)
+            out.append({self.selection_metric: self.table[s]})
+        return out
+
+    def individual_scores(self):
+        return [self.table[frozenset([i])] for i in range(self.n)]
+
+    def result(self, name):
+        return None
+
+
+def test_greedy_picks_expected_set_on_hand_made_table():
+    # individuals: m2 best (0.90), then m0 (0.85), m3 (0.80), m1 (0.70)
+    t = {frozenset([0]): 0.85, frozenset([1]): 0.70, frozenset([2]): 0.90, frozenset([3]): 0.80,
+         frozenset([2, 0]): 0.91,        # kept (improves)
+         frozenset([2, 0, 3]): 0.91,     # kept with >= (tie), rejected with >
+         frozenset([2, 0, 3, 1]): 0.89,  # rejected
+         frozenset([2, 0, 1]): 0.95}     # (only reached with >) -- rejected? no: improves
+    ctx = TableContext(t, 4)
+    [res] = create_strategy("greedy").run(ctx)
+    assert res.info["kept"] == [0, 2, 3]
+    assert res.recipe == Recipe.uniform_over([0, 2, 3], 4)
+    assert [s["index"] for s in res.trajectory] == [2, 0, 3, 1]
+    assert [s["kept"] for s in res.trajectory] == [True, True, True, False]
+    assert [s["soup_score"] for s in res.trajectory] == [0.90, 0.91, 0.91, 0.91]
+    [strict] = create_strategy("greedy", rule=">").run(TableContext(t, 4))
+    assert strict.info["kept"] == [0, 1, 2]  # the tie with m3 is rejected, then m1 improves to 0.95
+
+
+def test_greedy_never_below_best_individual_on_val():
+    import random
+
+    rng = random.Random(0)
+    for trial in range(30):
+        n = rng.randint(1, 7)
+        t = {}
+        for mask in range(1, 2**n):
+            t[frozenset(i for i in range(n) if mask >> i & 1)] = round(rng.random(), 2)
+        [res] = create_strategy("greedy").run(TableContext(t, n))
+        best = max(t[frozenset([i])] for i in range(n))
+        assert t[frozenset(res.info["kept"])] >= best
+        assert res.trajectory[-1]["soup_score"] == t[frozenset(res.info["kept"])]
+
+
+def test_greedy_lower_is_better_metric():
+    t = {frozenset([0]): 0.5, frozenset([1]): 0.3, frozenset([0, 1]): 0.2}
+    [res] = create_strategy("greedy").run(TableContext(t, 2, metric="nll"))
+    assert res.info["order"] == [1, 0] and res.info["kept"] == [0, 1]
+
+
+def test_best_individual_and_uniform():
+    t = {frozenset([0]): 0.7, frozenset([1]): 0.9, frozenset([2]): 0.9}
+    [b] = create_strategy("best_individual").run(TableContext(t, 3))
+    assert b.recipe == Recipe.one_hot(1, 3)  # tie broken by the lower index
+    [u] = create_strategy("uniform").run(TableContext(t, 3))
+    assert u.recipe.coeffs == pytest.approx((1 / 3,) * 3)
+
+
+def test_unknown_strategy_and_option_errors():
+    with pytest.raises(ConfigError, match=r"unknown strategy 'greedyy'; valid: .*best_individual.*greedy"):
+        create_strategy("greedyy")
+    with pytest.raises(ConfigError, match=r"strategy greedy: option 'rul': unknown option"):
+        create_strategy("greedy", rul=">")
+    assert {"best_individual", "uniform", "greedy"} <= set(list_strategies())
