@@ -1,21 +1,30 @@
 """EvalPool: fixed shards, busy evaluators, retries and a result cache.
 
-The driver asks for metrics of ``(recipe, split)`` pairs. The pool cuts each split
+The driver asks for metrics of ``(recipe, split)`` requests. The pool cuts each split
 into shards of a fixed size (independent of the number of evaluators), serves shards
-it already has from the cache / on-disk store, and runs the rest. Counts are reduced
-in shard order, so results are identical on 1 or N evaluators.
+it already has from the cache / on-disk store, and schedules the rest. Counts are
+reduced in shard order, so results are identical on 1 or N evaluators.
+
+Two ways to use it:
+
+* ``evaluate(requests)`` / ``counts(requests)``: blocking, for batches of independent
+  candidates (all shards of all requests are in flight together);
+* ``submit(recipe, split) -> ticket`` and ``wait(...)``: asynchronous, for strategies
+  that keep several candidates in flight and react as each finishes (Optuna ask/tell,
+  speculative greedy).
 
 :class:`LocalEvalPool` runs shards in-process (no Ray, for tests and debugging);
 :class:`RayEvalPool` keeps every evaluator actor busy with ``ray.wait`` pipelining
-and resubmits the shards of evaluators that died.
+(bounded in-flight per actor) and resubmits the shards of evaluators that died.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-import time
 from collections import Counter, deque
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
 
 from .errors import EvaluationError
 from .evaluator import Evaluator, EvaluatorActor, ShardTask
@@ -26,8 +35,16 @@ from .store import ResultStore
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Request:
+    recipe: Recipe
+    split: str
+    missing: set[int] = field(default_factory=set)
+
+
 class EvalPool:
-    """Base class: sharding, cache and reduction. Subclasses implement :meth:`_run`."""
+    """Base class: sharding, cache, tickets and reduction. Subclasses implement
+    :meth:`_launch` (start shard tasks) and :meth:`_next_done` (block for one result)."""
 
     def __init__(self, split_sizes: dict[str, int], shard_size: int, store: ResultStore | None = None,
                  max_attempts: int = 3):
@@ -39,7 +56,13 @@ class EvalPool:
         self.stats = Counter()
         self.node_ids: set[str] = set()
         self.num_evaluators = 1
+        self._tickets = itertools.count()
+        self._requests: dict[int, _Request] = {}
+        self._waiting: dict[tuple[str, str, int], set[int]] = {}  # shard key -> tickets waiting for it
+        self._queued: set[tuple[str, str, int]] = set()  # shard keys scheduled or running
+        self._done: deque[int] = deque()
 
+    # ------------------------------------------------------------------ sharding
     def shard_bounds(self, split: str) -> list[tuple[int, int]]:
         n = self.split_sizes[split]
         return [(a, min(n, a + self.shard_size)) for a in range(0, n, self.shard_size)]
@@ -47,46 +70,97 @@ class EvalPool:
     def _lookup(self, recipe: Recipe, split: str, shard: int, a: int, b: int) -> Counts | None:
         key = (recipe.key, split, shard)
         c = self._cache.get(key)
-        if c is None and self.store is not None:
+        if c is not None:
+            self.stats["cache_hits"] += 1
+            return c
+        if self.store is not None:
             c = self.store.load(recipe.key, split, a, b)
             if c is not None:
                 self._cache[key] = c
                 self.stats["store_hits"] += 1
-        elif c is not None:
-            self.stats["cache_hits"] += 1
         return c
 
-    def counts(self, requests: Sequence[tuple[Recipe, str]]) -> list[Counts]:
-        """Counts of each ``(recipe, split)``, evaluating only the shards not cached."""
-        todo: list[ShardTask] = []
-        queued = set()
-        for recipe, split in requests:
-            if split not in self.split_sizes:
-                raise EvaluationError(f"unknown split {split!r}; known: {', '.join(self.split_sizes)}")
-            for i, (a, b) in enumerate(self.shard_bounds(split)):
-                k = (recipe.key, split, i)
-                if k in queued or self._lookup(recipe, split, i, a, b) is not None:
-                    continue
-                queued.add(k)
-                todo.append(ShardTask(recipe, split, i, a, b))
-        if todo:
-            for task, counts, node_id, pid in self._run(todo):
-                self._cache[(task.recipe.key, task.split, task.shard)] = counts
-                self.node_ids.add(node_id)
-                self.stats["shards_evaluated"] += 1
-                if self.store is not None:
-                    self.store.save(task.recipe.key, task.split, task.start, task.stop, counts, node_id, pid)
+    # ------------------------------------------------------------------ async API
+    def submit(self, recipe: Recipe, split: str) -> int:
+        """Schedule ``recipe`` on ``split``; returns a ticket for :meth:`wait`."""
+        if split not in self.split_sizes:
+            raise EvaluationError(f"unknown split {split!r}; known: {', '.join(self.split_sizes)}")
+        t = next(self._tickets)
+        req = _Request(recipe, split)
+        self._requests[t] = req
+        new = []
+        for i, (a, b) in enumerate(self.shard_bounds(split)):
+            key = (recipe.key, split, i)
+            if self._lookup(recipe, split, i, a, b) is not None:
+                continue
+            req.missing.add(i)
+            self._waiting.setdefault(key, set()).add(t)
+            if key not in self._queued:
+                self._queued.add(key)
+                new.append(ShardTask(recipe, split, i, a, b))
+        if not req.missing:
+            self._done.append(t)
+        if new:
+            self._launch(new)
+        return t
+
+    def pending(self) -> int:
+        """Number of submitted requests not yet returned by :meth:`wait`."""
+        return len(self._requests)
+
+    def wait(self, num_returns: int = 1) -> list[tuple[int, Recipe, str, Counts]]:
+        """Block until at least ``num_returns`` (or all pending) requests are complete; return
+        the completed ones as ``(ticket, recipe, split, counts)``, in completion order."""
+        num_returns = min(num_returns, len(self._requests))
         out = []
-        for recipe, split in requests:
-            parts = [self._cache[(recipe.key, split, i)] for i in range(len(self.shard_bounds(split)))]
-            out.append(reduce_counts(parts))
+        while len(out) < num_returns or (self._done and not out):
+            while self._done:
+                t = self._done.popleft()
+                req = self._requests.pop(t)
+                parts = [self._cache[(req.recipe.key, req.split, i)] for i in range(len(self.shard_bounds(req.split)))]
+                out.append((t, req.recipe, req.split, reduce_counts(parts)))
+            if len(out) >= num_returns:
+                break
+            task, counts, node_id, pid = self._next_done()
+            self._record(task, counts, node_id, pid)
         return out
+
+    def _record(self, task: ShardTask, counts: Counts, node_id: str, pid: int) -> None:
+        key = (task.recipe.key, task.split, task.shard)
+        self._cache[key] = counts
+        self._queued.discard(key)
+        self.node_ids.add(node_id)
+        self.stats["shards_evaluated"] += 1
+        if self.store is not None:
+            self.store.save(task.recipe.key, task.split, task.start, task.stop, counts, node_id, pid)
+        for t in self._waiting.pop(key, ()):
+            req = self._requests.get(t)
+            if req is None:
+                continue
+            req.missing.discard(task.shard)
+            if not req.missing:
+                self._done.append(t)
+
+    # ------------------------------------------------------------------ blocking API
+    def counts(self, requests: Sequence[tuple[Recipe, str]]) -> list[Counts]:
+        """Counts of each ``(recipe, split)``; all missing shards run concurrently."""
+        tickets = [self.submit(r, s) for r, s in requests]
+        want = set(tickets)
+        got: dict[int, Counts] = {}
+        while want - set(got):
+            for t, _, _, c in self.wait(1):
+                got[t] = c
+        return [got[t] for t in tickets]
 
     def evaluate(self, requests: Sequence[tuple[Recipe, str]]) -> list[dict[str, float]]:
         """Metrics (accuracy, nll, ece, macro_*) of each ``(recipe, split)``."""
         return [compute_metrics(c) for c in self.counts(requests)]
 
-    def _run(self, tasks: list[ShardTask]) -> Iterator[tuple[ShardTask, Counts, str, int]]:
+    # ------------------------------------------------------------------ backend
+    def _launch(self, tasks: list[ShardTask]) -> None:
+        raise NotImplementedError
+
+    def _next_done(self) -> tuple[ShardTask, Counts, str, int]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -95,15 +169,21 @@ class EvalPool:
 
 
 class LocalEvalPool(EvalPool):
-    """Runs every shard in this process on one :class:`Evaluator`."""
+    """Runs every shard in this process on one :class:`Evaluator` (FIFO)."""
 
     def __init__(self, evaluator: Evaluator, split_sizes, shard_size, store=None, max_attempts=3):
         super().__init__(split_sizes, shard_size, store, max_attempts)
         self.evaluator = evaluator
+        self._queue: deque[ShardTask] = deque()
 
-    def _run(self, tasks):
-        for t in tasks:
-            yield t, self.evaluator.evaluate(t), "local", 0
+    def _launch(self, tasks):
+        self._queue.extend(tasks)
+
+    def _next_done(self):
+        if not self._queue:  # pragma: no cover - internal invariant
+            raise RuntimeError("no shard in flight")
+        t = self._queue.popleft()
+        return t, self.evaluator.evaluate(t), "local", 0
 
 
 class RayEvalPool(EvalPool):
@@ -117,6 +197,10 @@ class RayEvalPool(EvalPool):
         self.max_in_flight = max_in_flight
         self.max_restarts = max_restarts
         self.actor_failures = Counter()
+        self._pending: deque[ShardTask] = deque()
+        self._inflight: dict = {}  # ObjectRef -> (task, actor index)
+        self._load = Counter()
+        self._attempts = Counter()
 
     @staticmethod
     def create(num_evaluators: int, evaluator_args: dict, use_gpu: bool, split_sizes, shard_size, store=None,
@@ -124,7 +208,6 @@ class RayEvalPool(EvalPool):
         """Start ``num_evaluators`` actors. ``evaluator_args`` holds object refs for the big
         inputs (stack ``W``, splits), put once by the caller."""
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: F401
 
         Actor = ray.remote(
             num_cpus=0 if use_gpu else 1,
@@ -133,13 +216,15 @@ class RayEvalPool(EvalPool):
             max_task_retries=0,  # the pool resubmits shards itself (to any live actor)
         )(EvaluatorActor)
         actors = [
-            Actor.options(scheduling_strategy="SPREAD", name=None).remote(
-                **evaluator_args, device="cuda" if use_gpu else "cpu"
-            )
+            Actor.options(scheduling_strategy="SPREAD").remote(**evaluator_args, device="cuda" if use_gpu else "cpu")
             for _ in range(num_evaluators)
         ]
         # surface constructor errors (bad factory, bad data) before any search starts
-        infos = ray.get([a.info.remote() for a in actors])
+        try:
+            infos = ray.get([a.info.remote() for a in actors])
+        except ray.exceptions.RayActorError as e:
+            cause = str(e).strip().splitlines()
+            raise EvaluationError(f"evaluator actors failed to start: {cause[-1] if cause else e}") from None
         pool = RayEvalPool(actors, split_sizes, shard_size, store, max_attempts, max_in_flight, max_restarts)
         pool.actor_infos = infos
         # keep the constructor's object refs alive: Ray needs them to restart an actor
@@ -149,48 +234,56 @@ class RayEvalPool(EvalPool):
     def _alive(self) -> list[int]:
         return [i for i in range(len(self.actors)) if self.actor_failures[i] <= self.max_restarts]
 
-    def _run(self, tasks):
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
+    def _launch(self, tasks):
+        self._pending.extend(tasks)
+        self._fill()
 
-        pending = deque(tasks)
-        attempts = Counter()
-        last_error: dict[ShardTask, str] = {}
-        inflight: dict = {}
-        load = Counter()
-        while pending or inflight:
-            alive = self._alive()
-            if not alive:
-                raise EvaluationError("every evaluator actor died; cannot continue the search")
-            for a in alive:
-                while load[a] < self.max_in_flight and pending:
-                    t = pending.popleft()
-                    inflight[self.actors[a].evaluate.remote(t)] = (t, a)
-                    load[a] += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                t, a = inflight.pop(ref)
-                load[a] -= 1
-                try:
-                    counts, node_id, pid = ray.get(ref)
-                except (RayActorError, RayTaskError, ray.exceptions.ObjectLostError) as e:
-                    attempts[t] += 1
-                    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                    last_error[t] = msg
-                    if isinstance(e, RayActorError):
-                        self.actor_failures[a] += 1
-                        self.stats["actor_failures"] += 1
-                    log.warning("shard %s/%d of %s failed on evaluator %d (attempt %d): %s",
-                                t.split, t.shard, t.recipe.label or t.recipe.key, a, attempts[t], msg)
-                    if attempts[t] >= self.max_attempts:
-                        raise EvaluationError(
-                            f"candidate {t.recipe.label or t.recipe.key} on split {t.split!r} "
-                            f"(shard {t.shard}) failed {attempts[t]} times: {msg}"
-                        ) from None
-                    self.stats["resubmitted"] += 1
-                    pending.appendleft(t)
-                    continue
-                yield t, Counts.from_dict(counts), node_id, pid
+    def _fill(self) -> None:
+        alive = self._alive()
+        if not alive:
+            raise EvaluationError("every evaluator actor died; cannot continue the search")
+        # round-robin over the least-loaded live actors
+        while self._pending:
+            a = min(alive, key=lambda i: (self._load[i], i))
+            if self._load[a] >= self.max_in_flight:
+                break
+            t = self._pending.popleft()
+            self._inflight[self.actors[a].evaluate.remote(t)] = (t, a)
+            self._load[a] += 1
+
+    def _next_done(self):
+        import ray
+        from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+
+        while True:
+            self._fill()
+            if not self._inflight:  # pragma: no cover - internal invariant
+                raise RuntimeError("no shard in flight")
+            ready, _ = ray.wait(list(self._inflight), num_returns=1)
+            ref = ready[0]
+            t, a = self._inflight.pop(ref)
+            self._load[a] -= 1
+            try:
+                counts, node_id, pid = ray.get(ref)
+            except (RayActorError, RayTaskError, ObjectLostError) as e:
+                self._attempts[t] += 1
+                lines = str(e).strip().splitlines()
+                msg = lines[-1] if lines else type(e).__name__
+                if isinstance(e, RayActorError):
+                    self.actor_failures[a] += 1
+                    self.stats["actor_failures"] += 1
+                log.warning("shard %s/%d of %s failed on evaluator %d (attempt %d): %s",
+                            t.split, t.shard, t.recipe.label or t.recipe.key, a, self._attempts[t], msg)
+                if self._attempts[t] >= self.max_attempts:
+                    raise EvaluationError(
+                        f"candidate {t.recipe.label or t.recipe.key} on split {t.split!r} "
+                        f"(shard {t.shard}) failed {self._attempts[t]} times: {msg}"
+                    ) from None
+                self.stats["resubmitted"] += 1
+                self._pending.appendleft(t)
+                continue
+            self._fill()  # keep actors busy before the driver processes this result
+            return t, Counts.from_dict(counts), node_id, pid
 
     def close(self) -> None:
         import ray

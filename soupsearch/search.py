@@ -58,6 +58,23 @@ class Context:
     def evaluate(self, recipes: Sequence[Recipe], split: str = "val") -> list[dict[str, float]]:
         return self.pool.evaluate([(r, split) for r in recipes])
 
+    @property
+    def num_evaluators(self) -> int:
+        return self.pool.num_evaluators
+
+    def submit(self, recipe: Recipe, split: str = "val") -> int:
+        """Start scoring ``recipe`` on ``split``; collect it with :meth:`wait`."""
+        return self.pool.submit(recipe, split)
+
+    def wait(self, num_returns: int = 1) -> list[tuple[int, Recipe, dict[str, float]]]:
+        """Completed submissions as ``(ticket, recipe, metrics)``, at least ``num_returns``."""
+        from .metrics import compute_metrics
+
+        return [(t, r, compute_metrics(c)) for t, r, _, c in self.pool.wait(num_returns)]
+
+    def pending(self) -> int:
+        return self.pool.pending()
+
     def individual_scores(self) -> list[float]:
         if self._individual is None:
             ms = self.evaluate([Recipe.one_hot(i, self.n) for i in range(self.n)], "val")

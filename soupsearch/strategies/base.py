@@ -29,6 +29,14 @@ class SearchContext(Protocol):
     def evaluate(self, recipes: Sequence[Recipe], split: str = "val") -> list[dict[str, float]]:
         """Metrics of each recipe on a split; independent recipes are scored in parallel."""
 
+    num_evaluators: int
+
+    def submit(self, recipe: Recipe, split: str = "val") -> int:
+        """Start scoring a recipe asynchronously; returns a ticket."""
+
+    def wait(self, num_returns: int = 1) -> list[tuple[int, Recipe, dict[str, float]]]:
+        """Block until >= ``num_returns`` submissions completed; ``(ticket, recipe, metrics)``."""
+
     def individual_scores(self) -> list[float]:
         """Selection metric of every ingredient on val (cached after the first call)."""
 
