@@ -136,9 +136,24 @@ class TrackingConfig(_Strict):
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+class FisherConfig(_Strict):
+    """Diagonal Fisher estimation (for the fisher / fisher_learned strategies)."""
+
+    split: str = "fisher"  # a split disjoint from val/test (data.fisher)
+    num_examples: int = Field(default=256, gt=0)
+    mode: Literal["expected", "sampled", "empirical"] = "expected"
+    normalize: bool = False  # divide each ingredient's Fisher by its mean
+    batch_size: int = Field(default=32, gt=0)
+
+
 class StrategySpec(_Strict):
-    name: str
+    name: str  # registered strategy name
+    label: str | None = None  # run name when one strategy is used twice (default: name)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def run_name(self) -> str:
+        return self.label or self.name
 
 
 class SearchConfig(_Strict):
@@ -154,9 +169,9 @@ class SearchConfig(_Strict):
             if isinstance(item, str):
                 out.append({"name": item})
             elif isinstance(item, dict) and "name" in item:
-                opts = {k: val for k, val in item.items() if k != "name"}
+                opts = {k: val for k, val in item.items() if k not in ("name", "label")}
                 opts = opts.pop("options", opts)
-                out.append({"name": item["name"], "options": opts})
+                out.append({"name": item["name"], "label": item.get("label"), "options": opts})
             else:
                 out.append(item)
         return out
@@ -168,6 +183,10 @@ class SearchConfig(_Strict):
 
         if not v:
             raise ValueError("at least one strategy is needed")
+        labels = [s.run_name for s in v]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise ValueError(f"strategy run name {sorted(dup)[0]!r} is used twice; give one a 'label'")
         for s in v:
             if s.name not in list_strategies():
                 raise ValueError(f"unknown strategy {s.name!r}; valid: {', '.join(list_strategies())}")
@@ -186,6 +205,16 @@ class Config(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    fisher: FisherConfig = Field(default_factory=FisherConfig)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        names = {s.name for s in self.search.strategies}
+        if names & {"fisher", "fisher_learned"} and self.fisher.split == "fisher" and self.data.fisher is None:
+            raise ValueError("strategies fisher/fisher_learned need data.fisher (a split disjoint from val/test)")
+        if names & {"dare"} and not self.ingredients.base:
+            raise ValueError("strategy dare needs ingredients.base (the pre-trained model)")
+        return self
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")

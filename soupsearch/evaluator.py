@@ -30,6 +30,7 @@ class ShardTask:
     shard: int
     start: int
     stop: int
+    want_logprobs: bool = False  # also return per-example log-probabilities (for ensembles)
 
 
 def bind_flat(model: nn.Module, layout: ParamLayout, theta: torch.Tensor, fixed: dict[str, torch.Tensor]) -> None:
@@ -74,6 +75,7 @@ class Evaluator:
         batch_size: int = 256,
         device: str = "cpu",
         fisher=None,
+        base=None,
     ):
         self.device = torch.device(device)
         self.layout = layout
@@ -82,9 +84,14 @@ class Evaluator:
         W = _as_tensor(W)
         self.W = W.to(self.device) if self.device.type != "cpu" else W
         self.F = None
+        self._fisher_id = None
         if fisher is not None:
-            F = _as_tensor(fisher)
-            self.F = F.to(self.device) if self.device.type != "cpu" else F
+            self.set_fisher(fisher)
+        self.base = None
+        if base is not None:
+            b = _as_tensor(base)
+            self.base = b.to(self.device) if self.device.type != "cpu" else b
+        self.fixed = fixed
         self.model = create_model(model_factory, **(model_kwargs or {})).to(self.device).eval()
         self.theta = torch.empty(layout.num_params, dtype=torch.float32, device=self.device)
         fixed = {k: v.to(self.device) for k, v in fixed.items()}
@@ -93,9 +100,15 @@ class Evaluator:
         self._mixed_key: str | None = None
         self.mix_count = 0
 
+    def set_fisher(self, F, fisher_id: str | None = None) -> None:
+        F = _as_tensor(F)
+        self.F = F.to(self.device) if self.device.type != "cpu" else F
+        self._fisher_id = fisher_id
+        self._mixed_key = None
+
     def load_recipe(self, recipe: Recipe) -> None:
         if recipe.key != self._mixed_key:
-            mix(self.W, recipe, self.layout, out=self.theta, fisher=self.F)
+            mix(self.W, recipe, self.layout, out=self.theta, fisher=self.F, base=self.base)
             self._mixed_key = recipe.key
             self.mix_count += 1
 
@@ -111,8 +124,35 @@ class Evaluator:
         return torch.cat(out), y[start:stop]
 
     def evaluate(self, task: ShardTask) -> Counts:
+        return self.evaluate_with_logprobs(task)[0]
+
+    def evaluate_with_logprobs(self, task: ShardTask) -> tuple[Counts, np.ndarray | None]:
         logits, y = self.logits(task.recipe, task.split, task.start, task.stop)
-        return counts_from_logits(logits, y, self.num_classes)
+        counts = counts_from_logits(logits, y, self.num_classes)
+        lp = torch.log_softmax(logits.double(), dim=1).float().numpy() if task.want_logprobs else None
+        return counts, lp
+
+    def fisher(self, i: int, split: str, num_examples: int, mode: str = "expected", seed: int = 0,
+               batch_size: int = 32) -> np.ndarray:
+        """Mean diagonal Fisher of ingredient ``i`` over the first ``num_examples`` of ``split``."""
+        from .fisher import fisher_diag_sum
+
+        self.load_recipe(Recipe.one_hot(i, self.W.shape[0]))
+        x, y = self.splits[split]
+        m = min(num_examples, len(y))
+        with torch.enable_grad():
+            total = fisher_diag_sum(self.model, self.layout, x[:m], y[:m], mode=mode, batch_size=batch_size,
+                                    seed=seed + i)
+        return (total / m).numpy()
+
+    def learn_coefficients(self, split: str, **options) -> dict:
+        """Gradient-learned soup coefficients on ``split`` (see :mod:`soupsearch.gradsoup`)."""
+        from .gradsoup import learn_coefficients
+
+        x, y = self.splits[split]
+        self._mixed_key = None  # the model's parameters are used functionally; theta stays valid
+        with torch.enable_grad():
+            return learn_coefficients(self.model, self.W, self.layout, self.fixed, x, y, **options)
 
 
 def _node_info() -> tuple[str, int]:
@@ -133,9 +173,22 @@ class EvaluatorActor:
         self.ev = Evaluator(*args, **kwargs)
         self.node_id, self.pid = _node_info()
 
-    def evaluate(self, task: ShardTask) -> tuple[dict, str, int]:
-        c = self.ev.evaluate(task)
-        return c.to_dict(), self.node_id, self.pid
+    def evaluate(self, task: ShardTask, fisher: list | None = None) -> tuple[dict, str, int, np.ndarray | None]:
+        """Counts of one shard. ``fisher`` is ``[ObjectRef]`` (nested, so Ray does not resolve
+        it eagerly) for Fisher recipes; fetched once and kept, so a restarted actor simply
+        fetches it again."""
+        if fisher is not None and self.ev._fisher_id != fisher[0].hex():
+            import ray
+
+            self.ev.set_fisher(ray.get(fisher[0]), fisher[0].hex())
+        c, lp = self.ev.evaluate_with_logprobs(task)
+        return c.to_dict(), self.node_id, self.pid, lp
+
+    def fisher(self, *args, **kwargs) -> np.ndarray:
+        return self.ev.fisher(*args, **kwargs)
+
+    def learn_coefficients(self, *args, **kwargs) -> dict:
+        return self.ev.learn_coefficients(*args, **kwargs)
 
     def info(self) -> dict:
         return {"node_id": self.node_id, "pid": self.pid, "device": str(self.ev.device), "mix_count": self.ev.mix_count}

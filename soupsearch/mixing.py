@@ -48,6 +48,10 @@ class Recipe:
     group_depth: int = 1
     fisher: bool = False
     fisher_floor: float = 1e-6
+    base_coeff: float = 0.0  # weight of the base (pre-trained) model, for paths to the base
+    dare_p: float = 0.0  # DARE drop rate on each ingredient's delta from the base
+    dare_seed: int = 0
+    fisher_tag: str = ""  # identifies the Fisher stack (estimation settings) a Fisher recipe uses
     label: str = field(default="", compare=False, hash=False)
 
     def __post_init__(self):
@@ -65,6 +69,11 @@ class Recipe:
             for i, c in enumerate(row):
                 if not math.isfinite(c):
                     raise RecipeError(f"recipe: coefficient {i} is {c}, expected a finite number")
+        object.__setattr__(self, "base_coeff", _round(self.base_coeff))
+        if not (0.0 <= self.dare_p < 1.0):
+            raise RecipeError(f"recipe: dare_p is {self.dare_p}, expected 0 <= p < 1")
+        if self.dare_p and (self.layer_coeffs or self.fisher):
+            raise RecipeError("recipe: DARE is supported with per-ingredient, non-Fisher recipes only")
 
     # ---------------------------------------------------------------- constructors
     @staticmethod
@@ -97,6 +106,9 @@ class Recipe:
                 "gd": self.group_depth if self.layer_coeffs else None,
                 "f": self.fisher,
                 "ff": self.fisher_floor if self.fisher else None,
+                **({"ft": self.fisher_tag} if self.fisher and self.fisher_tag else {}),
+                **({"b": self.base_coeff} if self.base_coeff else {}),
+                **({"dp": self.dare_p, "ds": self.dare_seed} if self.dare_p else {}),
             },
             separators=(",", ":"),
         )
@@ -117,6 +129,12 @@ class Recipe:
         if self.fisher:
             d["fisher"] = True
             d["fisher_floor"] = self.fisher_floor
+            if self.fisher_tag:
+                d["fisher_tag"] = self.fisher_tag
+        if self.base_coeff:
+            d["base_coeff"] = self.base_coeff
+        if self.dare_p:
+            d["dare_p"], d["dare_seed"] = self.dare_p, self.dare_seed
         return d
 
     @staticmethod
@@ -127,6 +145,10 @@ class Recipe:
             group_depth=int(d.get("group_depth", 1)),
             fisher=bool(d.get("fisher", False)),
             fisher_floor=float(d.get("fisher_floor", 1e-6)),
+            fisher_tag=str(d.get("fisher_tag", "")),
+            base_coeff=float(d.get("base_coeff", 0.0)),
+            dare_p=float(d.get("dare_p", 0.0)),
+            dare_seed=int(d.get("dare_seed", 0)),
             label=d.get("label", ""),
         )
 
@@ -141,23 +163,40 @@ def mix(
     layout: ParamLayout | None = None,
     out: torch.Tensor | None = None,
     fisher: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mix the stack ``W [n, P]`` into one flat parameter vector ``theta [P]``.
 
-    ``layout`` is needed for per-layer recipes; ``fisher [n, P]`` for Fisher recipes.
+    ``layout`` is needed for per-layer recipes; ``fisher [n, P]`` for Fisher recipes;
+    ``base [P]`` (the pre-trained model) for recipes with ``base_coeff`` or DARE.
     """
     n, P = W.shape
+    name = recipe.label or recipe.key
     if recipe.n != n:
-        raise RecipeError(f"recipe {recipe.label or recipe.key}: has {recipe.n} coefficients, stack has {n} ingredients")
+        raise RecipeError(f"recipe {name}: has {recipe.n} coefficients, stack has {n} ingredients")
+    if (recipe.base_coeff or recipe.dare_p) and base is None:
+        raise RecipeError(f"recipe {name}: uses the base model but none was given (set ingredients.base)")
+    if recipe.dare_p:
+        return dare_mix(W, base, recipe, out=out)
     if recipe.fisher:
         if fisher is None:
-            raise RecipeError(f"recipe {recipe.label or recipe.key}: is a Fisher recipe but no Fisher stack was given")
-        return fisher_mix(W, fisher, recipe, layout, out=out)
+            raise RecipeError(f"recipe {name}: is a Fisher recipe but no Fisher stack was given")
+        out = fisher_mix(W, fisher, recipe, layout, out=out)
+    elif not recipe.per_layer:
+        if out is None:
+            out = torch.empty(P, dtype=W.dtype, device=W.device)
+        torch.mm(_coeff_tensor(recipe.coeffs, W)[None], W, out=out[None])
+    else:
+        out = _mix_per_layer(W, recipe, layout, out)
+    if recipe.base_coeff:
+        out.add_(base.to(out.dtype), alpha=recipe.base_coeff)
+    return out
+
+
+def _mix_per_layer(W, recipe, layout, out):
+    n, P = W.shape
     if out is None:
         out = torch.empty(P, dtype=W.dtype, device=W.device)
-    if not recipe.per_layer:
-        torch.mm(_coeff_tensor(recipe.coeffs, W)[None], W, out=out[None])
-        return out
     if layout is None:
         raise RecipeError("per-layer recipe needs the stack's layout")
     groups = layout.regroup(recipe.group_depth).groups()
@@ -170,6 +209,30 @@ def mix(
     for g, (_, ranges) in enumerate(groups):
         for a, b in ranges:
             torch.mm(C[g][None], W[:, a:b], out=out[None, a:b])
+    return out
+
+
+def dare_mask(i: int, P: int, p: float, seed: int, device=None) -> torch.Tensor:
+    """The keep-mask of ingredient ``i`` (independent of how many evaluators there are)."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i))
+    return (torch.rand(P, generator=g) >= p).to(device)
+
+
+def dare_mix(W: torch.Tensor, base: torch.Tensor, recipe: Recipe, out: torch.Tensor | None = None) -> torch.Tensor:
+    """DARE (Yu et al., 2024): drop each delta ``W_i - base`` elementwise with probability
+    ``p``, rescale the kept entries by ``1/(1-p)``, then mix:
+    ``theta = (sum_i c_i + b) base + sum_i c_i m_i * (W_i - base) / (1-p)``."""
+    n, P = W.shape
+    if out is None:
+        out = torch.empty(P, dtype=W.dtype, device=W.device)
+    base = base.to(W.dtype)
+    out.copy_(base).mul_(sum(recipe.coeffs) + recipe.base_coeff)
+    scale = 1.0 / (1.0 - recipe.dare_p)
+    for i, c in enumerate(recipe.coeffs):
+        if c == 0.0:
+            continue
+        m = dare_mask(i, P, recipe.dare_p, recipe.dare_seed, W.device)
+        out.add_(torch.where(m, W[i] - base, torch.zeros((), dtype=W.dtype, device=W.device)), alpha=c * scale)
     return out
 
 

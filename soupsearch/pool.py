@@ -40,6 +40,7 @@ class _Request:
     recipe: Recipe
     split: str
     missing: set[int] = field(default_factory=set)
+    want_logprobs: bool = False
 
 
 class EvalPool:
@@ -61,6 +62,7 @@ class EvalPool:
         self._waiting: dict[tuple[str, str, int], set[int]] = {}  # shard key -> tickets waiting for it
         self._queued: set[tuple[str, str, int]] = set()  # shard keys scheduled or running
         self._done: deque[int] = deque()
+        self._logprobs: dict[tuple[str, str, int], "np.ndarray"] = {}
 
     # ------------------------------------------------------------------ sharding
     def shard_bounds(self, split: str) -> list[tuple[int, int]]:
@@ -81,23 +83,25 @@ class EvalPool:
         return c
 
     # ------------------------------------------------------------------ async API
-    def submit(self, recipe: Recipe, split: str) -> int:
-        """Schedule ``recipe`` on ``split``; returns a ticket for :meth:`wait`."""
+    def submit(self, recipe: Recipe, split: str, want_logprobs: bool = False) -> int:
+        """Schedule ``recipe`` on ``split``; returns a ticket for :meth:`wait`. With
+        ``want_logprobs`` the per-example log-probabilities are kept (see :meth:`logprobs`)."""
         if split not in self.split_sizes:
             raise EvaluationError(f"unknown split {split!r}; known: {', '.join(self.split_sizes)}")
         t = next(self._tickets)
-        req = _Request(recipe, split)
+        req = _Request(recipe, split, want_logprobs=want_logprobs)
         self._requests[t] = req
         new = []
         for i, (a, b) in enumerate(self.shard_bounds(split)):
             key = (recipe.key, split, i)
-            if self._lookup(recipe, split, i, a, b) is not None:
+            have = self._lookup(recipe, split, i, a, b) is not None
+            if have and (not want_logprobs or key in self._logprobs):
                 continue
             req.missing.add(i)
             self._waiting.setdefault(key, set()).add(t)
             if key not in self._queued:
                 self._queued.add(key)
-                new.append(ShardTask(recipe, split, i, a, b))
+                new.append(ShardTask(recipe, split, i, a, b, want_logprobs))
         if not req.missing:
             self._done.append(t)
         if new:
@@ -121,13 +125,22 @@ class EvalPool:
                 out.append((t, req.recipe, req.split, reduce_counts(parts)))
             if len(out) >= num_returns:
                 break
-            task, counts, node_id, pid = self._next_done()
-            self._record(task, counts, node_id, pid)
+            task, counts, node_id, pid, lp = self._next_done()
+            self._record(task, counts, node_id, pid, lp)
         return out
 
-    def _record(self, task: ShardTask, counts: Counts, node_id: str, pid: int) -> None:
+    def logprobs(self, recipe: Recipe, split: str) -> "np.ndarray":
+        """Per-example log-probabilities ``[N, C]`` of a request made with ``want_logprobs``."""
+        import numpy as np
+
+        return np.concatenate([self._logprobs[(recipe.key, split, i)]
+                               for i in range(len(self.shard_bounds(split)))])
+
+    def _record(self, task: ShardTask, counts: Counts, node_id: str, pid: int, lp=None) -> None:
         key = (task.recipe.key, task.split, task.shard)
         self._cache[key] = counts
+        if lp is not None:
+            self._logprobs[key] = lp
         self._queued.discard(key)
         self.node_ids.add(node_id)
         self.stats["shards_evaluated"] += 1
@@ -142,9 +155,9 @@ class EvalPool:
                 self._done.append(t)
 
     # ------------------------------------------------------------------ blocking API
-    def counts(self, requests: Sequence[tuple[Recipe, str]]) -> list[Counts]:
+    def counts(self, requests: Sequence[tuple[Recipe, str]], want_logprobs: bool = False) -> list[Counts]:
         """Counts of each ``(recipe, split)``; all missing shards run concurrently."""
-        tickets = [self.submit(r, s) for r, s in requests]
+        tickets = [self.submit(r, s, want_logprobs) for r, s in requests]
         want = set(tickets)
         got: dict[int, Counts] = {}
         while want - set(got):
@@ -157,6 +170,15 @@ class EvalPool:
         return [compute_metrics(c) for c in self.counts(requests)]
 
     # ------------------------------------------------------------------ backend
+    def set_fisher(self, F) -> None:
+        """Make the Fisher stack ``F [n, P]`` (numpy float32) available to Fisher recipes."""
+        raise NotImplementedError
+
+    def map_evaluators(self, method: str, calls: list[tuple[tuple, dict]]) -> list:
+        """Run ``evaluator.<method>(*args, **kwargs)`` for each call, spread over the
+        evaluators; results in call order."""
+        raise NotImplementedError
+
     def _launch(self, tasks: list[ShardTask]) -> None:
         raise NotImplementedError
 
@@ -183,7 +205,14 @@ class LocalEvalPool(EvalPool):
         if not self._queue:  # pragma: no cover - internal invariant
             raise RuntimeError("no shard in flight")
         t = self._queue.popleft()
-        return t, self.evaluator.evaluate(t), "local", 0
+        counts, lp = self.evaluator.evaluate_with_logprobs(t)
+        return t, counts, "local", 0, lp
+
+    def set_fisher(self, F) -> None:
+        self.evaluator.set_fisher(F)
+
+    def map_evaluators(self, method, calls):
+        return [getattr(self.evaluator, method)(*a, **kw) for a, kw in calls]
 
 
 class RayEvalPool(EvalPool):
@@ -201,6 +230,7 @@ class RayEvalPool(EvalPool):
         self._inflight: dict = {}  # ObjectRef -> (task, actor index)
         self._load = Counter()
         self._attempts = Counter()
+        self._fisher_ref = None
 
     @staticmethod
     def create(num_evaluators: int, evaluator_args: dict, use_gpu: bool, split_sizes, shard_size, store=None,
@@ -248,7 +278,8 @@ class RayEvalPool(EvalPool):
             if self._load[a] >= self.max_in_flight:
                 break
             t = self._pending.popleft()
-            self._inflight[self.actors[a].evaluate.remote(t)] = (t, a)
+            extra = [self._fisher_ref] if (t.recipe.fisher and self._fisher_ref is not None) else None
+            self._inflight[self.actors[a].evaluate.remote(t, extra)] = (t, a)
             self._load[a] += 1
 
     def _next_done(self):
@@ -264,7 +295,7 @@ class RayEvalPool(EvalPool):
             t, a = self._inflight.pop(ref)
             self._load[a] -= 1
             try:
-                counts, node_id, pid = ray.get(ref)
+                counts, node_id, pid, lp = ray.get(ref)
             except (RayActorError, RayTaskError, ObjectLostError) as e:
                 self._attempts[t] += 1
                 lines = str(e).strip().splitlines()
@@ -283,7 +314,45 @@ class RayEvalPool(EvalPool):
                 self._pending.appendleft(t)
                 continue
             self._fill()  # keep actors busy before the driver processes this result
-            return t, Counts.from_dict(counts), node_id, pid
+            return t, Counts.from_dict(counts), node_id, pid, lp
+
+    def set_fisher(self, F) -> None:
+        import ray
+
+        self._fisher_ref = ray.put(F)
+
+    def map_evaluators(self, method, calls):
+        """One call per evaluator at a time (whole-ingredient jobs are heavy); a call whose
+        evaluator died is resubmitted, up to ``max_attempts``."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        results: dict[int, object] = {}
+        todo = deque(range(len(calls)))
+        attempts = Counter()
+        inflight: dict = {}
+        busy: set[int] = set()
+        while todo or inflight:
+            for a in self._alive():
+                if a not in busy and todo:
+                    k = todo.popleft()
+                    args, kw = calls[k]
+                    inflight[getattr(self.actors[a], method).remote(*args, **kw)] = (k, a)
+                    busy.add(a)
+            if not inflight:
+                raise EvaluationError("every evaluator actor died; cannot continue the search")
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            k, a = inflight.pop(ready[0])
+            busy.discard(a)
+            try:
+                results[k] = ray.get(ready[0])
+            except RayActorError as e:
+                self.actor_failures[a] += 1
+                attempts[k] += 1
+                if attempts[k] >= self.max_attempts:
+                    raise EvaluationError(f"{method} call {k} failed {attempts[k]} times: {e}") from None
+                todo.appendleft(k)
+        return [results[k] for k in range(len(calls))]
 
     def close(self) -> None:
         import ray

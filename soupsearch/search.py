@@ -5,6 +5,8 @@ Ray appears only in :func:`make_pool`; everything else is plain Python.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -43,8 +45,15 @@ def say(msg: str) -> None:
 class Context:
     """The :class:`~soupsearch.strategies.base.SearchContext` backed by an EvalPool."""
 
-    def __init__(self, pool: EvalPool, stack: IngredientStack, suite: EvalSuite, selection_metric: str):
+    def __init__(self, pool: EvalPool, stack: IngredientStack, suite: EvalSuite, selection_metric: str,
+                 run_dir: Path | None = None, fingerprint: str = "", seed: int = 0, group_depth: int = 1,
+                 fisher_config=None, stack_base=None, hparams: list[dict] | None = None):
         self.pool = pool
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(".")
+        self.fingerprint = fingerprint
+        self.seed = seed
+        self.group_depth = group_depth
+        self.layer_groups = [g for g, _ in stack.layout.regroup(group_depth).groups()]
         self.stack = stack
         self.suite = suite
         self.n = stack.n
@@ -54,17 +63,88 @@ class Context:
         self.higher_is_better = selection_metric != "nll"
         self.results: dict[str, SoupResult] = {}
         self._individual: list[float] | None = None
+        self._logprob_cache: dict[tuple[int, str], np.ndarray] = {}
+        self._fisher_tag: str | None = None
+        self.fisher_stack = None
+        self.fisher_config = fisher_config
+        self.stack_base = stack_base
+        self.hparams: list[dict] = list(hparams or [{} for _ in range(stack.n)])
 
     def evaluate(self, recipes: Sequence[Recipe], split: str = "val") -> list[dict[str, float]]:
-        return self.pool.evaluate([(r, split) for r in recipes])
+        return self.pool.evaluate([(self._prepare(r), split) for r in recipes])
+
+    def evaluate_all(self, recipes: Sequence[Recipe]) -> list[dict[str, dict[str, float]]]:
+        """Metrics of each recipe on every eval split (val, test, shifts) plus ``ood_mean``."""
+        recipes = [self._prepare(r) for r in recipes]
+        splits = self.eval_splits
+        ms = self.pool.evaluate([(r, s) for r in recipes for s in splits])
+        return [with_ood_mean({s: ms[k * len(splits) + j] for j, s in enumerate(splits)}, self.suite.shift_names)
+                for k in range(len(recipes))]
+
+    @property
+    def eval_splits(self) -> list[str]:
+        return self.suite.eval_names
+
+    @property
+    def has_base(self) -> bool:
+        return self.stack_base is not None
+
+    def logprobs(self, i: int, split: str) -> np.ndarray:
+        """Per-example log-probabilities ``[N, C]`` of ingredient ``i`` on ``split``: from the
+        predictions cached when the individuals were scored (no extra forward pass)."""
+        key = (i, split)
+        if key not in self._logprob_cache:
+            r = Recipe.one_hot(i, self.n)
+            self.pool.counts([(r, split)], want_logprobs=True)
+            self._logprob_cache[key] = self.pool.logprobs(r, split)
+        return self._logprob_cache[key]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.suite.splits[split].y
+
+    def ensure_fisher(self) -> str:
+        """Estimate the diagonal Fisher of every ingredient once (on the evaluators, in
+        parallel) and hand it to the pool; returns its tag."""
+        if self._fisher_tag is None:
+            fc = self.fisher_config
+            if fc.split not in self.suite.splits:
+                raise SoupSearchError(f"Fisher split {fc.split!r} is not configured (set data.fisher)")
+            t = time.time()
+            rows = self.pool.map_evaluators("fisher", [((i, fc.split, fc.num_examples, fc.mode, self.seed),
+                                                        {"batch_size": fc.batch_size}) for i in range(self.n)])
+            import torch
+
+            from .fisher import normalize_fisher
+
+            F = torch.from_numpy(np.stack(rows))
+            if fc.normalize:
+                F = normalize_fisher(F)
+            self.fisher_stack = F
+            self.pool.set_fisher(F.numpy())
+            self._fisher_tag = hashlib.sha1(json.dumps(fc.model_dump(mode="json"), sort_keys=True).encode()
+                                            + str(self.seed).encode()).hexdigest()[:10]
+            say(f"Fisher of {self.n} ingredients on {min(fc.num_examples, len(self.suite.splits[fc.split]))} "
+                f"examples ({fc.mode}) in {time.time() - t:.1f}s")
+        return self._fisher_tag
+
+    def run_on_evaluator(self, method: str, *args, **kwargs):
+        """Run a whole job (e.g. gradient-learned coefficients) on one evaluator."""
+        return self.pool.map_evaluators(method, [(args, kwargs)])[0]
 
     @property
     def num_evaluators(self) -> int:
         return self.pool.num_evaluators
 
+    def _prepare(self, recipe: Recipe) -> Recipe:
+        if recipe.fisher:
+            tag = self.ensure_fisher()
+            if recipe.fisher_tag != tag:
+                recipe = dataclasses.replace(recipe, fisher_tag=tag)
+        return recipe
+
     def submit(self, recipe: Recipe, split: str = "val") -> int:
         """Start scoring ``recipe`` on ``split``; collect it with :meth:`wait`."""
-        return self.pool.submit(recipe, split)
+        return self.pool.submit(self._prepare(recipe), split)
 
     def wait(self, num_returns: int = 1) -> list[tuple[int, Recipe, dict[str, float]]]:
         """Completed submissions as ``(ticket, recipe, metrics)``, at least ``num_returns``."""
@@ -126,7 +206,8 @@ def resolve_evaluators(cfg: Config) -> tuple[int, bool]:
     return n, use_gpu
 
 
-def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: ResultStore | None) -> EvalPool:
+def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: ResultStore | None,
+              base=None) -> EvalPool:
     sizes = suite.sizes()
     common = dict(shard_size=cfg.eval.shard_size, store=store, max_attempts=cfg.eval.max_attempts)
     if cfg.eval.backend == "local":
@@ -134,7 +215,8 @@ def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: Resu
 
         ev = Evaluator(cfg.model.factory, cfg.model.kwargs, stack.W, stack.layout, stack.fixed, suite.arrays(),
                        suite.num_classes, cfg.eval.batch_size,
-                       device="cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and torch.cuda.is_available()) else "cpu")
+                       device="cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and torch.cuda.is_available()) else "cpu",
+                       base=base)
         return LocalEvalPool(ev, sizes, **common)
     import ray
 
@@ -143,7 +225,7 @@ def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: Resu
     splits_ref = ray.put(suite.arrays())
     args = dict(model_factory=cfg.model.factory, model_kwargs=cfg.model.kwargs, W=W_ref, layout=stack.layout,
                 fixed=stack.fixed, splits=splits_ref, num_classes=suite.num_classes,
-                batch_size=cfg.eval.batch_size)
+                batch_size=cfg.eval.batch_size, base=None if base is None else ray.put(base.numpy()))
     say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'}")
     return RayEvalPool.create(n, args, use_gpu, sizes, max_in_flight=cfg.eval.max_in_flight_per_evaluator, **common)
 
@@ -158,9 +240,11 @@ class CandidateRow:
     num_ingredients: int
     metrics: dict[str, dict[str, float]]  # split -> metric -> value (plus "ood_mean")
     info: dict = field(default_factory=dict)
+    forward_passes: int = 1  # inference cost: 1 for any soup, n for an output ensemble
 
     def flat(self) -> dict:
-        d = {"name": self.name, "kind": self.kind, "num_ingredients": self.num_ingredients}
+        d = {"name": self.name, "kind": self.kind, "num_ingredients": self.num_ingredients,
+             "forward_passes": self.forward_passes}
         for split, ms in self.metrics.items():
             for m, v in ms.items():
                 d[f"{split}/{m}"] = v
@@ -197,6 +281,7 @@ def _mlflow_metrics(row: CandidateRow, suite: EvalSuite) -> dict[str, float]:
         for m, v in ms.items():
             out[f"{prefix}/{m}"] = v
     out["num_ingredients"] = row.num_ingredients
+    out["forward_passes"] = row.forward_passes
     return out
 
 
@@ -236,6 +321,14 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
             if e:
                 stack.names[i] = e.get("name", name)
                 hparams[stack.names[i]] = e.get("hparams", {})
+    base_flat = None
+    if cfg.ingredients.base:
+        from .ingredients import check_compatible, load_state_dict
+
+        base_sd = load_state_dict(cfg.ingredients.base)
+        check_compatible(base_sd, skeleton, str(cfg.ingredients.base), "model skeleton",
+                         allow_cast=cfg.ingredients.allow_cast)
+        base_flat = stack.layout.flatten(base_sd)
     if len(files) != stack.n:
         say(f"excluded {len(files) - stack.n} checkpoint(s) with NaN/Inf values")
     if stack.n == 1:
@@ -253,7 +346,7 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
     try:
         if cfg.eval.backend == "ray":
             started_ray = init_ray(cfg)
-        pool = make_pool(cfg, stack, suite, store)
+        pool = make_pool(cfg, stack, suite, store, base_flat)
         parent = tracker.start_parent(
             f"{cfg.name}:{(manifest or {}).get('name', Path(cfg.ingredients.path).stem)}",
             params={"config": cfg.model_dump(mode="json"), "num_ingredients": stack.n,
@@ -264,7 +357,7 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
         tracker.log_artifact(parent, run_dir / "config.resolved.yaml")
         if manifest_path:
             tracker.log_artifact(parent, manifest_path)
-        outcome = _search(cfg, tracker, stack, suite, pool, hparams, run_dir)
+        outcome = _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat)
         outcome.seconds = time.time() - t0
         tracker.log_metrics(parent, {"search_seconds": outcome.seconds,
                                      "shards_evaluated": pool.stats["shards_evaluated"]})
@@ -287,26 +380,22 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
             ray.shutdown()
 
 
-def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome:
+def _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat=None) -> SearchOutcome:
     eval_splits = suite.eval_names
     shifts = suite.shift_names
-    ctx = Context(pool, stack, suite, cfg.eval.selection_metric)
+    ctx = Context(pool, stack, suite, cfg.eval.selection_metric, run_dir=run_dir,
+                  fingerprint=pool.store.stack_fp if pool.store is not None else "", seed=cfg.seed,
+                  group_depth=cfg.ingredients.group_depth, fisher_config=cfg.fisher, stack_base=base_flat,
+                  hparams=[hparams.get(nm, {}) for nm in stack.names])
 
-    def score_all(recipes: list[Recipe]) -> list[dict[str, dict[str, float]]]:
-        reqs = [(r, s) for r in recipes for s in eval_splits]
-        ms = pool.evaluate(reqs)
-        out, k = [], 0
-        for _ in recipes:
-            d = {}
-            for s in eval_splits:
-                d[s] = ms[k]
-                k += 1
-            out.append(with_ood_mean(d, shifts))
-        return out
-
-    # ---- every ingredient on every split (independent candidates: all evaluators busy)
+    # ---- every ingredient on every split (independent candidates: all evaluators busy);
+    # with an ensemble strategy, the per-example predictions are kept (Parquet) for it
     t = time.time()
-    ind = score_all([Recipe.one_hot(i, stack.n, label=stack.names[i]) for i in range(stack.n)])
+    want_preds = any(s.name == "ensemble" for s in cfg.search.strategies)
+    one_hots = [Recipe.one_hot(i, stack.n, label=stack.names[i]) for i in range(stack.n)]
+    if want_preds:
+        _load_or_make_predictions(ctx, one_hots, run_dir)
+    ind = ctx.evaluate_all(one_hots)
     ingredient_rows = [CandidateRow(stack.names[i], "ingredient", 1, ind[i], {"hparams": hparams.get(stack.names[i], {})})
                        for i in range(stack.n)]
     say(f"scored {stack.n} ingredients on {len(eval_splits)} splits in {time.time() - t:.1f}s")
@@ -323,16 +412,22 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
     soups: list[CandidateRow] = []
     for spec in cfg.search.strategies:
         t = time.time()
-        strategy = create_strategy(spec.name, **spec.options)
-        say(f"strategy {spec.name}: running")
+        strategy = create_strategy(spec.name, label=spec.label, **spec.options)
+        say(f"strategy {spec.run_name}: running")
         results = strategy.run(ctx)
         for res in results:
+            if res.recipe is not None and res.recipe.fisher:
+                res.recipe = ctx._prepare(res.recipe)
             ctx.results[res.name] = res
-            metrics = score_all([res.recipe])[0] if res.recipe is not None else res.info["metrics"]
+            if res.recipe is not None:
+                metrics = ctx.evaluate_all([res.recipe])[0]
+            else:
+                metrics = with_ood_mean(res.info["metrics"], shifts)
             row = CandidateRow(res.name, "baseline" if res.name == "best_individual" or res.recipe is None else "soup",
-                               res.num_ingredients, metrics, {"params": res.params})
+                               res.num_ingredients, metrics, {"params": res.params},
+                               forward_passes=int(res.info.get("forward_passes", 1)))
             soups.append(row)
-            _log_soup(cfg, tracker, stack, suite, res, row, run_dir)
+            _log_soup(cfg, tracker, stack, suite, res, row, run_dir, ctx)
             say(f"strategy {res.name}: val {metrics['val'][ctx.selection_metric]:.4f}, test "
                 f"{metrics['test']['accuracy']:.4f}" + (f", ood_mean {metrics['ood_mean']['accuracy']:.4f}" if shifts else "")
                 + f", {row.num_ingredients} ingredients ({time.time() - t:.1f}s)")
@@ -344,9 +439,57 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
                          dict(tracker.child_ids), dict(pool.stats), sorted(pool.node_ids), shifts, 0.0)
 
 
-def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, run_dir: Path) -> None:
+def _load_or_make_predictions(ctx: Context, one_hots: list[Recipe], run_dir: Path) -> None:
+    """Per-example log-probs of every ingredient on every eval split, cached as Parquet
+    (``predictions/<ingredient>.parquet``: split, index, label, logprobs) under the run dir."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fp = ctx.fingerprint
+    missing = []
+    for i, r in enumerate(one_hots):
+        path = run_dir / "predictions" / f"{i:04d}_{ctx.names[i]}.parquet"
+        if path.exists():
+            table = pq.read_table(path)
+            meta = table.schema.metadata or {}
+            if meta.get(b"stack_fp", b"").decode() == fp and set(table.column("split").unique().to_pylist()) >= set(ctx.eval_splits):
+                for split in ctx.eval_splits:
+                    sub = table.filter(pa.compute.equal(table.column("split"), split))
+                    ctx._logprob_cache[(i, split)] = np.asarray(sub.column("logprobs").to_pylist(), np.float32)
+                continue
+        missing.append(i)
+    if not missing:
+        return
+    reqs = [(one_hots[i], s) for i in missing for s in ctx.eval_splits]
+    ctx.pool.counts(reqs, want_logprobs=True)
+    from .fileio import atomic_path
+
+    for i in missing:
+        rows_split, rows_idx, rows_label, rows_lp = [], [], [], []
+        for s in ctx.eval_splits:
+            lp = ctx.pool.logprobs(one_hots[i], s)
+            ctx._logprob_cache[(i, s)] = lp
+            rows_split += [s] * len(lp)
+            rows_idx += list(range(len(lp)))
+            rows_label += ctx.labels(s).tolist()
+            rows_lp += lp.tolist()
+        table = pa.table({"split": rows_split, "index": rows_idx, "label": rows_label,
+                          "logprobs": pa.array(rows_lp, type=pa.list_(pa.float32()))},
+                         metadata={"stack_fp": fp, "ingredient": ctx.names[i]})
+        path = run_dir / "predictions" / f"{i:04d}_{ctx.names[i]}.parquet"
+        with atomic_path(path) as tmp:
+            pq.write_table(table, str(tmp))
+
+
+def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, run_dir: Path, ctx=None) -> None:
     rid = tracker.start_child(res.name, params={"strategy": res.name, **res.params})
     tracker.log_metrics(rid, _mlflow_metrics(row, suite))
+    if res.info.get("extra_metrics"):
+        tracker.log_metrics(rid, res.info["extra_metrics"])
+    if res.step_metrics:
+        tracker.log_step_metrics(rid, res.step_metrics)
+    for name, path in res.artifacts.items():
+        tracker.log_artifact(rid, path)
     if res.trajectory:
         numeric = [{k: float(v) for k, v in step.items() if isinstance(v, (int, float, bool))}
                    for step in res.trajectory]
@@ -358,7 +501,8 @@ def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, ru
         write_json_atomic(run_dir / "soups" / res.name / "coefficients.json", coeffs)
         tracker.log_artifact(rid, run_dir / "soups" / res.name / "coefficients.json")
         if cfg.tracking.log_soup_weights:
-            theta = mix(stack.W, res.recipe, stack.layout)
+            theta = mix(stack.W, res.recipe, stack.layout, fisher=getattr(ctx, "fisher_stack", None),
+                        base=getattr(ctx, "stack_base", None))
             sd = stack.layout.unflatten(theta, stack.fixed)
             path = run_dir / "soups" / res.name / "soup.safetensors"
             save_safetensors_atomic(sd, path, metadata={"soupsearch.recipe": json.dumps(res.recipe.to_dict())})

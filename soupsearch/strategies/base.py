@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -30,6 +31,10 @@ class SearchContext(Protocol):
         """Metrics of each recipe on a split; independent recipes are scored in parallel."""
 
     num_evaluators: int
+    run_dir: "Path"  # where a strategy may keep durable state (e.g. the Optuna SQLite study)
+    fingerprint: str  # identifies the ingredient stack (for study names / resume)
+    seed: int
+    layer_groups: list[str]  # names of the layer groups at the configured group depth
 
     def submit(self, recipe: Recipe, split: str = "val") -> int:
         """Start scoring a recipe asynchronously; returns a ticket."""
@@ -53,6 +58,8 @@ class SoupResult:
     params: dict[str, Any] = field(default_factory=dict)  # strategy settings, logged as MLflow params
     trajectory: list[dict[str, Any]] = field(default_factory=list)  # step records
     info: dict[str, Any] = field(default_factory=dict)  # anything else (e.g. ingredient indices)
+    step_metrics: list[dict[str, float]] = field(default_factory=list)  # logged with step=i (e.g. trial values)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # artifact name -> local file path (plots, json)
 
     @property
     def num_ingredients(self) -> int:
@@ -69,11 +76,13 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    label: str  # the run name of this instance (defaults to ``name``; set ``label:`` in the config)
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __init__(self, **options):
+    def __init__(self, label: str | None = None, **options):
+        self.label = label or self.name
         self.options = self.validate_options(options)
 
     @classmethod

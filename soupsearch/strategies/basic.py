@@ -20,7 +20,7 @@ class BestIndividual(Strategy):
     def run(self, ctx):
         scores = ctx.individual_scores()
         best = rank_by_score(scores, ctx.higher_is_better)[0]
-        return [SoupResult(self.name, Recipe.one_hot(best, ctx.n, label=self.name),
+        return [SoupResult(self.label, Recipe.one_hot(best, ctx.n, label=self.label),
                            params={"ingredient": ctx.names[best]},
                            info={"index": best, f"val_{ctx.selection_metric}": scores[best]})]
 
@@ -31,5 +31,5 @@ class Uniform(Strategy):
     description = "the average of all ingredients"
 
     def run(self, ctx):
-        return [SoupResult(self.name, Recipe.uniform_over(range(ctx.n), ctx.n, label=self.name),
+        return [SoupResult(self.label, Recipe.uniform_over(range(ctx.n), ctx.n, label=self.label),
                            params={"num_ingredients": ctx.n})]

@@ -46,7 +46,7 @@ class Greedy(Strategy):
                 current = score
             traj.append({"step": step, "index": i, "name": ctx.names[i], "candidate_score": score,
                          "kept": keep, "soup_score": current, "soup_size": len(kept)})
-        recipe = Recipe.uniform_over(kept, ctx.n, label=self.name)
-        return [SoupResult(self.name, recipe, params={"rule": self.options.rule, "selection_metric": metric,
+        recipe = Recipe.uniform_over(kept, ctx.n, label=self.label)
+        return [SoupResult(self.label, recipe, params={"rule": self.options.rule, "selection_metric": metric,
                                                       "num_ingredients": len(kept)},
                            trajectory=traj, info={"kept": sorted(kept), "order": order})]

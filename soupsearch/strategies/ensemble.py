@@ -1,0 +1,60 @@
+"""Output ensembles (baseline): the mean of the members' softmax probabilities (or of
+their log-probabilities, ``combine: logit_mean``), over all ingredients and over the
+greedy set. Computed from the per-example predictions cached when the individuals were
+scored -- no extra forward passes -- but costs ``n`` forward passes at inference."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..metrics import compute_metrics, counts_from_logits
+from . import register_strategy
+from .base import SoupResult, Strategy
+
+
+def ensemble_logprobs(member_logprobs: list[np.ndarray], combine: str = "prob_mean") -> np.ndarray:
+    """Combined log-probabilities ``[N, C]`` of an ensemble from its members' log-probs."""
+    lp = torch.from_numpy(np.stack(member_logprobs)).double()  # [m, N, C]
+    if combine == "prob_mean":
+        out = torch.logsumexp(lp, dim=0) - np.log(lp.shape[0])
+    else:  # mean of log-probs == mean of logits up to a per-example constant
+        out = torch.log_softmax(lp.mean(0), dim=-1)
+    return out.numpy()
+
+
+@register_strategy
+class Ensemble(Strategy):
+    name = "ensemble"
+    description = "output ensemble of all ingredients and of the greedy set"
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        combine: Literal["prob_mean", "logit_mean"] = "prob_mean"
+        sets: list[Literal["all", "greedy"]] = ["all", "greedy"]
+
+    def run(self, ctx):
+        out = []
+        for which in self.options.sets:
+            if which == "all":
+                members = list(range(ctx.n))
+            else:
+                g = ctx.result("greedy")
+                if g is None:
+                    ctx.log(f"{self.label}: greedy did not run before it; skipping the greedy set")
+                    continue
+                members = g.recipe.support()
+            metrics = {}
+            for split in ctx.eval_splits:
+                lp = ensemble_logprobs([ctx.logprobs(i, split) for i in members], self.options.combine)
+                y = torch.from_numpy(ctx.labels(split))
+                metrics[split] = compute_metrics(counts_from_logits(torch.from_numpy(lp), y, lp.shape[1]))
+            name = self.label if which == "all" else f"{self.label}_greedy"
+            out.append(SoupResult(name, None, params={"combine": self.options.combine, "set": which,
+                                                      "num_ingredients": len(members)},
+                                  info={"metrics": metrics, "members": members, "num_ingredients": len(members),
+                                        "forward_passes": len(members)}))
+        return out
