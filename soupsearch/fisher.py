@@ -63,7 +63,7 @@ def fisher_diag_sum(
                 yb = torch.multinomial(probs, 1, generator=g)[:, 0].to(device)
 
             def logp_y(p, xi, yi):
-                return logp(p, xi)[yi]
+                return logp(p, xi).gather(0, yi[None])[0]
 
             grads = vmap(grad(logp_y), in_dims=(None, 0, 0))(params, xb, yb)
             for k, gk in grads.items():
