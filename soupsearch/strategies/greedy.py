@@ -1,11 +1,19 @@
 """Greedy soup (Wortsman et al., 2022): ingredients sorted by held-out score, each
-kept only if the uniform soup of the kept set does not score worse on val."""
+kept only if the uniform soup of the kept set does not score worse on val.
+
+With W evaluators the search is *speculative*: while candidate k is scored, the next
+``lookahead - 1`` candidates are scored too, each against the current soup (assuming
+the candidates before it get rejected, which is what usually happens). Decisions are
+still made strictly in order; an acceptance invalidates the speculative results
+behind it, which are discarded and resubmitted against the new soup. The kept set is
+therefore exactly the one of the plain sequential rule.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..mixing import Recipe
 from . import register_strategy
@@ -27,26 +35,76 @@ class Greedy(Strategy):
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
         rule: Literal[">=", ">"] = ">="  # keep a candidate if its soup's val score is >= (or >) the current
+        lookahead: Union[Literal["auto"], int] = "auto"  # candidates in flight; auto = number of evaluators
 
     def run(self, ctx):
         hib = ctx.higher_is_better
         metric = ctx.selection_metric
         scores = ctx.individual_scores()
         order = rank_by_score(scores, hib)
+        la = self.options.lookahead
+        lookahead = max(1, int(getattr(ctx, "num_evaluators", 1)) if la == "auto" else int(la))
         kept = [order[0]]
         current = scores[order[0]]
         traj = [{"step": 0, "index": order[0], "name": ctx.names[order[0]], "candidate_score": current,
                  "kept": True, "soup_score": current, "soup_size": 1}]
-        for step, i in enumerate(order[1:], start=1):
-            cand = Recipe.uniform_over(kept + [i], ctx.n, label=f"greedy_step{step}")
-            score = ctx.evaluate([cand], "val")[0][metric]
-            keep = improves(score, current, self.options.rule, hib)
-            if keep:
-                kept.append(i)
-                current = score
-            traj.append({"step": step, "index": i, "name": ctx.names[i], "candidate_score": score,
-                         "kept": keep, "soup_score": current, "soup_size": len(kept)})
+        stats = {"evaluated": 0, "discarded": 0}
+        if lookahead > 1 and hasattr(ctx, "submit"):
+            step_scores = self._speculative(ctx, order, kept, current, lookahead, metric, hib, traj, stats)
+        else:
+            for step, i in enumerate(order[1:], start=1):
+                cand = Recipe.uniform_over(kept + [i], ctx.n, label=f"{self.label}_step{step}")
+                score = ctx.evaluate([cand], "val")[0][metric]
+                stats["evaluated"] += 1
+                current = self._decide(ctx, step, i, score, current, kept, traj, hib)
         recipe = Recipe.uniform_over(kept, ctx.n, label=self.label)
         return [SoupResult(self.label, recipe, params={"rule": self.options.rule, "selection_metric": metric,
-                                                      "num_ingredients": len(kept)},
-                           trajectory=traj, info={"kept": sorted(kept), "order": order})]
+                                                        "num_ingredients": len(kept), "lookahead": lookahead},
+                           trajectory=traj, info={"kept": sorted(kept), "order": order, **stats})]
+
+    def _decide(self, ctx, step, i, score, current, kept, traj, hib) -> float:
+        keep = improves(score, current, self.options.rule, hib)
+        if keep:
+            kept.append(i)
+            current = score
+        traj.append({"step": step, "index": i, "name": ctx.names[i], "candidate_score": score,
+                     "kept": keep, "soup_score": current, "soup_size": len(kept)})
+        return current
+
+    def _speculative(self, ctx, order, kept, current, lookahead, metric, hib, traj, stats):
+        n_steps = len(order)
+        inflight: dict[int, tuple[int, int]] = {}  # ticket -> (step, soup version)
+        results: dict[int, float] = {}  # step -> score against the current soup version
+        version = 0
+        submitted: dict[int, int] = {}  # step -> version it was submitted against
+        nxt = 1
+        for step in range(1, n_steps):
+            # keep `lookahead` candidates (this step and the following ones) in flight
+            while nxt < n_steps and nxt < step + lookahead:
+                if submitted.get(nxt) != version:
+                    cand = Recipe.uniform_over(kept + [order[nxt]], ctx.n, label=f"{self.label}_step{nxt}")
+                    inflight[ctx.submit(cand, "val")] = (nxt, version)
+                    submitted[nxt] = version
+                    stats["evaluated"] += 1
+                nxt += 1
+            while step not in results:
+                for ticket, _, m in ctx.wait(1):
+                    s, v = inflight.pop(ticket, (None, None))
+                    if s is None:
+                        continue
+                    if v == version:
+                        results[s] = m[metric]
+                    else:
+                        stats["discarded"] += 1
+            before = len(kept)
+            current = self._decide(ctx, step, order[step], results.pop(step), current, kept, traj, hib)
+            if len(kept) != before:  # accepted: speculative results behind it are stale
+                version += 1
+                stats["discarded"] += len(results)
+                results.clear()
+                nxt = step + 1
+        while inflight:  # drain stale work so no later strategy sees it
+            for ticket, _, _ in ctx.wait(1):
+                if inflight.pop(ticket, None) is not None:
+                    stats["discarded"] += 1
+        return current
