@@ -8,7 +8,11 @@ RAY_PORT ?= 6390
 RAY_DASHBOARD_PORT ?= 8265
 CONFIG ?= configs/demo.yaml
 
-.PHONY: install demo test bench clean
+RAY_TEMP ?= /tmp/soupsearch-ray
+ARGS ?=
+export RAY_AUTH_MODE ?= token
+
+.PHONY: install demo test bench clean cluster-up cluster-down submit
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +30,21 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/merge.py
+
+# A real local cluster on loopback: a head and one worker node (`ray start` processes).
+cluster-up: $(STAMP)
+	$(BIN)/python -m soupsearch.cluster up --temp-dir $(RAY_TEMP) --port $(RAY_PORT) --dashboard-port $(RAY_DASHBOARD_PORT)
+
+cluster-down:
+	$(BIN)/python -m soupsearch.cluster down --temp-dir $(RAY_TEMP)
+
+# Submit a search as a Ray job and follow its logs. Relative paths in the config resolve
+# against this directory (root=...), so the job writes to the same mlflow.db as `make demo`.
+submit: $(STAMP)
+	@test -f runs/demo-sweep/manifest.json || $(BIN)/soupsearch sweep demo --out runs/demo-sweep
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ray job submit --address http://127.0.0.1:$(RAY_DASHBOARD_PORT) \
+	  --working-dir . --runtime-env-json '{"excludes": [".venv", ".git", "runs", "mlruns", "mlartifacts", "*.db", "__pycache__"]}' \
+	  -- python -m soupsearch.jobs $(CONFIG) --set root=$(CURDIR) $(ARGS)
 
 clean:
 	rm -rf runs mlflow.db mlruns mlartifacts .pytest_cache

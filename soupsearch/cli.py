@@ -52,6 +52,14 @@ def _cmd_demo(args) -> int:
     return _cmd_run(args)
 
 
+def _cmd_submit(args) -> int:
+    from .jobs import submit
+
+    job_id, status = submit(args.config, args.address, args.working_dir, args.set, wait=not args.no_wait)
+    print(f"job {job_id}: {status}")
+    return 0 if status in ("SUCCEEDED", "PENDING") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="soupsearch", description="Search for the best model soup of a checkpoint sweep.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -76,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_sweep)
+
+    j = sub.add_parser("submit", help="submit a search as a Ray job (JobSubmissionClient) and follow its logs")
+    j.add_argument("config")
+    j.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+                   help="the cluster's dashboard/jobs address (default $RAY_ADDRESS or http://127.0.0.1:8265)")
+    j.add_argument("--working-dir", default=".")
+    j.add_argument("--set", action="append", metavar="KEY=VALUE")
+    j.add_argument("--no-wait", action="store_true")
+    j.set_defaults(func=_cmd_submit)
 
     try:
         from .merge import add_merge_subparser

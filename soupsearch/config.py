@@ -195,6 +195,7 @@ class SearchConfig(_Strict):
 
 
 class Config(_Strict):
+    root: str | None = None  # base directory of every relative path in the config (default: cwd)
     name: str = "soupsearch"
     run_dir: str | None = None  # default: runs/<name>
     seed: int = 0
@@ -262,10 +263,50 @@ def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
+_PATH_KEYS = (("ingredients", "path"), ("ingredients", "base"), ("run_dir",))
+_DATASET_PATH_KEYS = ("split_file", "path", "root")
+
+
+def _resolve_paths(raw: dict) -> None:
+    """Make relative paths absolute against ``raw['root']`` (for jobs whose cwd is a copy)."""
+    root = raw.get("root")
+    if not root:
+        return
+    base = Path(str(root)).expanduser()
+
+    def fix(v):
+        return v if not isinstance(v, str) or not v or os.path.isabs(v) else str(base / v)
+
+    for keys in _PATH_KEYS:
+        cur = raw
+        for k in keys[:-1]:
+            cur = cur.get(k) if isinstance(cur, dict) else None
+        if isinstance(cur, dict) and keys[-1] in cur:
+            cur[keys[-1]] = fix(cur[keys[-1]])
+    if "run_dir" not in raw:
+        raw["run_dir"] = str(base / "runs" / str(raw.get("name", "soupsearch")))
+    data = raw.get("data")
+    if isinstance(data, dict):
+        sets = [data.get(k) for k in ("val", "test", "fisher")] + list(data.get("shifts") or [])
+        for d in sets:
+            if isinstance(d, dict):
+                for k in _DATASET_PATH_KEYS:
+                    if k in d:
+                        d[k] = fix(d[k])
+    tr = raw.setdefault("tracking", {}) if isinstance(raw.get("tracking", {}), dict) else None
+    if tr is not None:
+        uri = tr.get("tracking_uri") or (None if os.environ.get("MLFLOW_TRACKING_URI") else DEFAULT_TRACKING_URI)
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            tr["tracking_uri"] = "sqlite:///" + str(base / uri[len("sqlite:///"):])
+
+
 def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Config:
-    raw = dict(raw or {})
+    import copy
+
+    raw = copy.deepcopy(dict(raw or {}))
     for key, value in parse_overrides(overrides):
         set_dotted(raw, key, value)
+    _resolve_paths(raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

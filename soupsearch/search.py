@@ -360,7 +360,9 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
         outcome = _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat)
         outcome.seconds = time.time() - t0
         tracker.log_metrics(parent, {"search_seconds": outcome.seconds,
-                                     "shards_evaluated": pool.stats["shards_evaluated"]})
+                                     "shards_evaluated": pool.stats["shards_evaluated"],
+                                     "evaluator_nodes": len(pool.node_ids)})
+        tracker.set_tag(parent, "soupsearch.evaluator_node_ids", ",".join(sorted(pool.node_ids)))
         tracker.end_all("FINISHED")
         return outcome
     except KeyboardInterrupt:

@@ -37,7 +37,7 @@ def test_malformed_yaml_names_line(tmp_path):
 
 
 def test_unknown_strategy_lists_valid(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown strategy 'soup'; valid: best_individual, uniform, greedy"):
+    with pytest.raises(ConfigError, match=r"unknown strategy 'soup'; valid: best_individual, uniform, .*greedy"):
         load_config(write(tmp_path, BASE + "search: {strategies: [soup]}\n"))
 
 
@@ -51,3 +51,15 @@ def test_greedy_rule_option(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match=r"config nope.yaml: file does not exist"):
         load_config("nope.yaml")
+
+
+def test_root_makes_relative_paths_absolute(tmp_path):
+    text = BASE.replace("name: t", "name: t\nroot: /data/proj") + "  shifts: [{name: s1, type: npz, path: s.npz}]\n"
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.ingredients.path.rstrip("/") == "/data/proj/sweep"
+    assert cfg.data.val.path == "/data/proj/v.npz" and cfg.data.shifts[0].path == "/data/proj/s.npz"
+    assert cfg.run_dir == "/data/proj/runs/t"
+    assert cfg.tracking.tracking_uri == "sqlite:////data/proj/mlflow.db"
+    # absolute paths and server URIs are kept
+    cfg = load_config(write(tmp_path, text), ["ingredients.path=/abs/x", "tracking.tracking_uri=http://127.0.0.1:5000"])
+    assert cfg.ingredients.path == "/abs/x" and cfg.tracking.tracking_uri == "http://127.0.0.1:5000"

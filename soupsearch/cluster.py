@@ -1,0 +1,176 @@
+"""A real local Ray cluster on loopback: a head and worker nodes started with `ray start`.
+
+Used by `make cluster-up` / `make cluster-down` and by the cluster tests. Every process
+is started with its own ``--temp-dir``, so stopping kills exactly the processes of this
+cluster (``ray stop`` would kill every Ray on the machine).
+
+    python -m soupsearch.cluster up   [--workers 1] [--port 6390] [--dashboard-port 8265]
+    python -m soupsearch.cluster down
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_TEMP = "/tmp/soupsearch-ray"
+STATE = "cluster.json"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")  # a job's `python` resolves to this venv
+    env.pop("RAY_ADDRESS", None)
+    # token authentication on every node and client of the cluster (Ray generates the
+    # token in ~/.ray/auth_token when there is none)
+    env.setdefault("RAY_AUTH_MODE", "token")
+    return env
+
+
+def _ray_bin() -> str:
+    cand = Path(sys.executable).parent / "ray"
+    return str(cand) if cand.exists() else "ray"
+
+
+def start(temp_dir: str = DEFAULT_TEMP, port: int = 6390, dashboard_port: int = 8265, workers: int = 1,
+          cpus_per_node: int | None = None, timeout: float = 120) -> dict:
+    """Start a head and ``workers`` worker nodes on 127.0.0.1; returns the cluster info."""
+    tmp = Path(temp_dir)
+    if cluster_pids(temp_dir):
+        stop(temp_dir)  # leftovers of an earlier, interrupted cluster in the same temp dir
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = _env()
+    try:
+        return _start(tmp, env, port, dashboard_port, workers, cpus_per_node, timeout)
+    except BaseException:
+        stop(temp_dir)  # never leave half a cluster behind
+        raise
+
+
+def _start(tmp, env, port, dashboard_port, workers, cpus_per_node, timeout) -> dict:
+    cpus = ["--num-cpus", str(cpus_per_node)] if cpus_per_node else []
+    head = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={tmp}",
+            "--disable-usage-stats", *cpus]
+    _run(head, env, timeout)
+    for _ in range(workers):
+        _run([_ray_bin(), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+              "--disable-usage-stats", *cpus], env, timeout)
+    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}",
+            "temp_dir": str(tmp), "nodes": 1 + workers}
+    (tmp / STATE).write_text(json.dumps(info))
+    _wait_nodes(info, timeout)
+    return info
+
+
+def _run(cmd, env, timeout):
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd[1]} {cmd[2]} failed ({r.returncode}): {(r.stderr or r.stdout)[-1500:]}")
+
+
+def _wait_nodes(info: dict, timeout: float) -> None:
+    """Wait until the dashboard answers and every node is alive."""
+    import urllib.request
+
+    headers = auth_headers()
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            req = urllib.request.Request(info["dashboard"] + "/nodes?view=summary", headers=headers)
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                data = json.loads(resp.read())
+            nodes = data.get("data", {}).get("summary", [])
+            alive = [n for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"]
+            if len(alive) >= info["nodes"]:
+                return
+            last = f"{len(alive)} of {info['nodes']} nodes alive"
+        except Exception as e:  # dashboard still starting
+            last = str(e)
+        time.sleep(1)
+    raise RuntimeError(f"Ray cluster at {info['address']} not ready after {timeout}s: {last}")
+
+
+def auth_headers() -> dict:
+    """HTTP headers carrying this machine's Ray auth token (token mode), via Ray's own loader."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+        return dict(get_auth_headers_if_auth_enabled({}) or {})
+    except Exception:  # older Ray without token auth
+        return {}
+
+
+def cluster_pids(temp_dir: str = DEFAULT_TEMP) -> list[int]:
+    """PIDs of every process whose command line mentions this cluster's temp dir or session."""
+    marker = str(Path(temp_dir))
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            pids.append(int(p.name))
+    return pids
+
+
+def stop(temp_dir: str = DEFAULT_TEMP, grace: float = 5.0) -> int:
+    """Kill this cluster's processes (SIGTERM, then SIGKILL); returns how many were found."""
+    pids = cluster_pids(temp_dir)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
+            time.sleep(0.2)
+    (Path(temp_dir) / STATE).unlink(missing_ok=True)
+    return len(pids)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return " Z " in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
+    except OSError:
+        return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m soupsearch.cluster")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--temp-dir", default=DEFAULT_TEMP)
+    p.add_argument("--port", type=int, default=6390)
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpus-per-node", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.action == "up":
+        info = start(a.temp_dir, a.port, a.dashboard_port, a.workers, a.cpus_per_node)
+        print(f"Ray cluster up: {info['nodes']} nodes, address {info['address']}, dashboard {info['dashboard']}")
+        print(f"submit with: make submit CONFIG=configs/demo.yaml   (or RAY_ADDRESS={info['dashboard']} ray job submit ...)")
+    elif a.action == "down":
+        n = stop(a.temp_dir)
+        print(f"stopped {n} processes of the cluster in {a.temp_dir}")
+    else:
+        pids = cluster_pids(a.temp_dir)
+        print(f"{len(pids)} processes of the cluster in {a.temp_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

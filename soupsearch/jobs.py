@@ -1,0 +1,77 @@
+"""Ray Jobs entry point and submission.
+
+Inside a job (``ray job submit ... -- python -m soupsearch.jobs CONFIG``) the search
+connects to the job's cluster (``RAY_ADDRESS`` is set by Ray), reads checkpoints and
+data by path from the nodes, and writes MLflow from the driver only.
+
+``soupsearch submit CONFIG --address http://HOST:8265`` submits the same entry point
+through ``JobSubmissionClient`` and follows the logs until the job ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .errors import SoupSearchError
+
+DEFAULT_EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlartifacts", "*.db", "__pycache__", ".pytest_cache",
+                    "bench/results", ".whl", ".gl"]
+
+
+def main(argv=None) -> int:
+    """The job's entry point: run the search on the job's cluster and print the table."""
+    from .cli import main as cli_main
+
+    p = argparse.ArgumentParser(prog="python -m soupsearch.jobs")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[])
+    a = p.parse_args(argv)
+    return cli_main(["run", a.config, *sum((["--set", s] for s in a.set), [])])
+
+
+def submit(config: str, address: str, working_dir: str = ".", overrides: list[str] | None = None,
+           wait: bool = True, pip: list[str] | None = None, timeout: float | None = None) -> tuple[str, str]:
+    """Submit a search as a Ray job; returns ``(job_id, final_status)``."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SoupSearchError(f"Ray address {address!r} is unreachable: {first[:300]}") from None
+    entry = ["python", "-m", "soupsearch.jobs", config] + sum((["--set", s] for s in overrides or []), [])
+    runtime_env = {"working_dir": working_dir, "excludes": DEFAULT_EXCLUDES}
+    if pip:
+        runtime_env["pip"] = pip
+    job_id = client.submit_job(entrypoint=" ".join(shlex.quote(x) for x in entry), runtime_env=runtime_env,
+                               metadata={"soupsearch.config": Path(config).name})
+    print(f"[soupsearch] submitted job {job_id} to {address}", file=sys.stderr, flush=True)
+    if not wait:
+        return job_id, "PENDING"
+
+    async def follow():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(asyncio.wait_for(follow(), timeout))
+    except Exception:  # log streaming is best effort; fall back to polling
+        pass
+    deadline = None if timeout is None else time.time() + timeout
+    while True:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return job_id, str(status.value if hasattr(status, "value") else status)
+        if deadline and time.time() > deadline:
+            return job_id, "TIMEOUT"
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
