@@ -40,22 +40,37 @@ class DatasetConfig(_Strict):
     """One evaluation set.
 
     * ``digits``: a split of the bundled scikit-learn digits (``split`` in ``split_file``).
-    * ``npz``: a user-provided ``.npz`` with ``x`` float32 ``[N, C, H, W]`` and ``y`` int labels.
+    * ``npz``: a ``.npz`` with ``x`` ``[N, C, H, W]`` (float in [0, 1], or uint8) and ``y`` int labels.
+    * ``torchvision``: ``dataset`` (cifar10, cifar100, mnist, fashion_mnist, svhn) from a local
+      ``root``, ``split`` train/test; never downloaded.
+    * ``imagefolder``: an ImageFolder tree at ``root`` (class = sorted folder, or ``class_map``).
+    * ``parquet``: a Parquet file / directory of shards at ``path`` with encoded image bytes
+      (``image_column``) and integer labels (``label_column``).
     """
 
-    type: Literal["digits", "npz"]
+    type: Literal["digits", "npz", "torchvision", "imagefolder", "parquet"]
     name: str | None = None  # required for user-provided shifted sets
     split: str | None = None
     split_file: str | None = None
     path: str | None = None
+    root: str | None = None
+    dataset: str | None = None  # torchvision dataset name
+    image_size: Union[int, tuple[int, int], None] = None
+    image_column: str = "image"
+    label_column: str = "label"
+    class_map: dict[str, int] | None = None  # folder name / label value -> model class index
+    class_subset: list[int] | None = None  # evaluate on these logits only (ImageNet-R/A style)
     limit: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check(self):
-        if self.type == "digits" and (not self.split or not self.split_file):
-            raise ValueError("type 'digits' needs 'split' and 'split_file'")
-        if self.type == "npz" and not self.path:
-            raise ValueError("type 'npz' needs 'path'")
+        need = {"digits": ("split", "split_file"), "npz": ("path",), "torchvision": ("root", "dataset", "split"),
+                "imagefolder": ("root",), "parquet": ("path",)}[self.type]
+        missing = [k for k in need if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"type {self.type!r} needs {', '.join(repr(k) for k in need)} (missing {missing[0]!r})")
+        if self.class_subset is not None and len(set(self.class_subset)) != len(self.class_subset):
+            raise ValueError("class_subset has duplicate class indices")
         return self
 
 
@@ -90,6 +105,7 @@ class DataConfig(_Strict):
     corruptions: CorruptionsConfig | None = Field(default_factory=CorruptionsConfig)
     shifts: list[DatasetConfig] = Field(default_factory=list)  # user-provided shifted sets
     num_classes: int | None = None
+    normalize: dict[str, list[float]] | None = None  # {mean: [...], std: [...]} applied to [0,1] inputs
 
     @model_validator(mode="after")
     def _names(self):

@@ -76,6 +76,8 @@ class Evaluator:
         device: str = "cpu",
         fisher=None,
         base=None,
+        normalize: dict | None = None,
+        subsets: dict[str, list[int]] | None = None,
     ):
         self.device = torch.device(device)
         self.layout = layout
@@ -97,6 +99,11 @@ class Evaluator:
         fixed = {k: v.to(self.device) for k, v in fixed.items()}
         bind_flat(self.model, layout, self.theta, fixed)
         self.splits = {name: (_as_tensor(x), _as_tensor(y)) for name, (x, y) in splits.items()}
+        self.mean = self.std = None
+        if normalize:
+            self.mean = torch.tensor(normalize["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+            self.std = torch.tensor(normalize["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.subsets = {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in (subsets or {}).items()}
         self._mixed_key: str | None = None
         self.mix_count = 0
 
@@ -119,16 +126,28 @@ class Evaluator:
         out = []
         for a in range(start, stop, self.batch_size):
             b = min(stop, a + self.batch_size)
-            xb = x[a:b].to(self.device, non_blocking=True)
-            out.append(self.model(xb).float().cpu())
+            xb = self.prepare(x[a:b])
+            logits = self.model(xb).float()
+            if split in self.subsets:
+                logits = logits[:, self.subsets[split]]
+            out.append(logits.cpu())
         return torch.cat(out), y[start:stop]
+
+    def prepare(self, xb: torch.Tensor) -> torch.Tensor:
+        """A batch as the model's float input: uint8 -> [0, 1], then the configured mean/std."""
+        xb = xb.to(self.device, non_blocking=True)
+        if xb.dtype == torch.uint8:
+            xb = xb.float().div_(255.0)
+        if self.mean is not None:
+            xb = (xb - self.mean) / self.std
+        return xb
 
     def evaluate(self, task: ShardTask) -> Counts:
         return self.evaluate_with_logprobs(task)[0]
 
     def evaluate_with_logprobs(self, task: ShardTask) -> tuple[Counts, np.ndarray | None]:
         logits, y = self.logits(task.recipe, task.split, task.start, task.stop)
-        counts = counts_from_logits(logits, y, self.num_classes)
+        counts = counts_from_logits(logits, y, logits.shape[1])
         lp = torch.log_softmax(logits.double(), dim=1).float().numpy() if task.want_logprobs else None
         return counts, lp
 
@@ -142,7 +161,7 @@ class Evaluator:
         m = min(num_examples, len(y))
         with torch.enable_grad():
             total = fisher_diag_sum(self.model, self.layout, x[:m], y[:m], mode=mode, batch_size=batch_size,
-                                    seed=seed + i)
+                                    seed=seed + i, prepare=self.prepare)
         return (total / m).numpy()
 
     def learn_coefficients(self, split: str, **options) -> dict:
@@ -152,7 +171,8 @@ class Evaluator:
         x, y = self.splits[split]
         self._mixed_key = None  # the model's parameters are used functionally; theta stays valid
         with torch.enable_grad():
-            return learn_coefficients(self.model, self.W, self.layout, self.fixed, x, y, **options)
+            return learn_coefficients(self.model, self.W, self.layout, self.fixed, x, y, prepare=self.prepare,
+                                      **options)
 
 
 def _node_info() -> tuple[str, int]:

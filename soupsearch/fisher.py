@@ -32,6 +32,7 @@ def fisher_diag_sum(
     mode: FisherMode = "expected",
     batch_size: int = 32,
     seed: int = 0,
+    prepare=None,
 ) -> torch.Tensor:
     """Sum over the examples of the per-example diagonal Fisher, as a flat ``[P]`` row
     in ``layout`` order (divide by ``len(x)`` for the mean). ``model`` is in eval mode."""
@@ -46,7 +47,7 @@ def fisher_diag_sum(
     acc = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
     g = torch.Generator().manual_seed(seed)
     for a in range(0, len(x), batch_size):
-        xb = x[a : a + batch_size].to(device)
+        xb = prepare(x[a : a + batch_size]) if prepare is not None else x[a : a + batch_size].to(device)
         if mode == "expected":
             jac = vmap(jacrev(logp), in_dims=(None, 0))(params, xb)  # name -> [B, C, *shape]
             with torch.no_grad():

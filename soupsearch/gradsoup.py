@@ -37,6 +37,7 @@ def learn_coefficients(
     weight_decay: float = 0.0,
     batch_size: int = 128,
     seed: int = 0,
+    prepare=None,
 ) -> dict:
     """Returns ``{"coeffs": [G][n] softmax weights, "losses": [per-epoch mean loss]}``."""
     n = W.shape[0]
@@ -57,7 +58,8 @@ def learn_coefficients(
         total, count = 0.0, 0
         for a in range(0, len(x), batch_size):
             idx = perm[a : a + batch_size]
-            xb, yb = x[idx].to(W.device), y[idx].to(W.device)
+            xb = prepare(x[idx]) if prepare is not None else x[idx].to(W.device)
+            yb = y[idx].to(W.device)
             c = torch.softmax(alpha / temperature, dim=-1)
             theta = _soup(W, c, ranges)
             sd = layout.unflatten(theta, {k: v.to(W.device) for k, v in fixed.items()})

@@ -161,14 +161,18 @@ def discover(
             raise CheckpointError("checkpoint list is empty: expected at least one checkpoint")
         return files
     p = Path(path)
-    if p.is_file() and p.suffix == ".json":
+    if p.is_file() and (p.suffix in (".json", ".csv")) and not p.name.endswith(".index.json"):
         return [Path(e["file"]) if Path(e["file"]).is_absolute() else p.parent / e["file"]
                 for e in read_manifest(p)["ingredients"]]
+    if p.is_dir() and _sharded_index(p) is not None:
+        return [p]  # one sharded checkpoint
     if p.is_dir():
         if pattern:
             files = sorted(Path(f) for f in _glob.glob(str(p / pattern)))
         else:
-            files = sorted(f for f in p.iterdir() if f.suffix in CHECKPOINT_SUFFIXES)
+            files = sorted(f for f in p.iterdir()
+                           if (f.is_file() and f.suffix in CHECKPOINT_SUFFIXES and ".index." not in f.name)
+                           or (f.is_dir() and _sharded_index(f) is not None))
         if not files:
             raise CheckpointError(
                 f"checkpoint directory {p}: no files matching {pattern or '*' + '|'.join(CHECKPOINT_SUFFIXES)}"
@@ -184,8 +188,44 @@ def discover(
     raise CheckpointError(f"checkpoint path {p}: does not exist")
 
 
+def _sharded_index(d: Path) -> Path | None:
+    """The ``*.safetensors.index.json`` of a sharded checkpoint directory, if any."""
+    idx = sorted(d.glob("*.safetensors.index.json"))
+    return idx[0] if idx else None
+
+
+def _read_csv_manifest(p: Path) -> dict:
+    import csv
+
+    with open(p, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "file" not in rows[0]:
+        raise CheckpointError(f"manifest {p}: expected a CSV with a 'file' column (and optional 'name' "
+                              "and hyperparameter columns)")
+
+    def num(v):
+        for t in (int, float):
+            try:
+                return t(v)
+            except (TypeError, ValueError):
+                pass
+        return v
+
+    ings = []
+    for r in rows:
+        e = {"file": r["file"], "hparams": {k: num(v) for k, v in r.items() if k not in ("file", "name")}}
+        if r.get("name"):
+            e["name"] = r["name"]
+        ings.append(e)
+    return {"name": p.stem, "ingredients": ings}
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     p = Path(path)
+    if p.suffix == ".csv":
+        if not p.exists():
+            raise CheckpointError(f"manifest {p}: file does not exist")
+        return _read_csv_manifest(p)
     try:
         m = json.loads(p.read_text())
     except FileNotFoundError:
@@ -205,6 +245,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p}: file does not exist")
+    if p.is_dir() or p.name.endswith(".safetensors.index.json"):
+        return _strip_prefix(_load_sharded(p))
     if p.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -230,6 +272,39 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"checkpoint {p}: unknown suffix {p.suffix!r}, expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
         )
     return _strip_prefix(sd)
+
+
+def _load_sharded(p: Path) -> dict[str, torch.Tensor]:
+    """A sharded safetensors checkpoint: ``*.safetensors.index.json`` with a ``weight_map``
+    from tensor name to shard file (the layout Hugging Face writes)."""
+    from safetensors import SafetensorError, safe_open
+
+    index = _sharded_index(p) if p.is_dir() else p
+    if index is None:
+        raise CheckpointError(f"checkpoint {p}: directory has no *.safetensors.index.json (sharded checkpoint)")
+    try:
+        wm = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {index}: expected JSON with a 'weight_map' object ({e})") from None
+    sd: dict[str, torch.Tensor] = {}
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in wm.items():
+        by_shard.setdefault(shard, []).append(name)
+    for shard, names in by_shard.items():
+        f = index.parent / shard
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {index}: shard {shard} (holding {names[0]!r}) does not exist")
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                keys = set(h.keys())
+                for n in names:
+                    if n not in keys:
+                        raise CheckpointError(f"checkpoint {index}: tensor {n!r} is not in shard {shard}")
+                    sd[n] = h.get_tensor(n)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint {f}: not a readable safetensors shard ({e})") from None
+    # keep the order of the weight map (the model's order when written by save_pretrained-like code)
+    return {n: sd[n] for n in wm}
 
 
 def _unwrap(obj, p: Path) -> dict[str, torch.Tensor]:
@@ -269,9 +344,13 @@ def check_compatible(
     for k, ref in reference.items():
         t = sd[k]
         if tuple(t.shape) != tuple(ref.shape):
+            float_keys = [kk for kk, vv in reference.items() if vv.is_floating_point()]
+            head = k in float_keys[-2:]
             raise CheckpointError(
                 f"checkpoint {name}: tensor {k!r} has shape {tuple(t.shape)}, "
                 f"expected {tuple(ref.shape)} as in {ref_name}"
+                + (" (the classifier heads differ: every ingredient must share one label space and "
+                   "model.kwargs such as num_classes must match it)" if head else "")
             )
         if t.dtype != ref.dtype and not (allow_cast and t.is_floating_point() and ref.is_floating_point()):
             raise CheckpointError(

@@ -216,7 +216,7 @@ def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: Resu
         ev = Evaluator(cfg.model.factory, cfg.model.kwargs, stack.W, stack.layout, stack.fixed, suite.arrays(),
                        suite.num_classes, cfg.eval.batch_size,
                        device="cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and torch.cuda.is_available()) else "cpu",
-                       base=base)
+                       base=base, normalize=cfg.data.normalize, subsets=suite.subsets())
         return LocalEvalPool(ev, sizes, **common)
     import ray
 
@@ -225,7 +225,8 @@ def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: Resu
     splits_ref = ray.put(suite.arrays())
     args = dict(model_factory=cfg.model.factory, model_kwargs=cfg.model.kwargs, W=W_ref, layout=stack.layout,
                 fixed=stack.fixed, splits=splits_ref, num_classes=suite.num_classes,
-                batch_size=cfg.eval.batch_size, base=None if base is None else ray.put(base.numpy()))
+                batch_size=cfg.eval.batch_size, base=None if base is None else ray.put(base.numpy()),
+                normalize=cfg.data.normalize, subsets=suite.subsets())
     say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'}")
     return RayEvalPool.create(n, args, use_gpu, sizes, max_in_flight=cfg.eval.max_in_flight_per_evaluator, **common)
 
@@ -287,7 +288,8 @@ def _mlflow_metrics(row: CandidateRow, suite: EvalSuite) -> dict[str, float]:
 
 def _manifest_for(cfg: Config) -> tuple[dict | None, Path | None]:
     p = Path(cfg.ingredients.path)
-    cand = p if p.suffix == ".json" else (p / "manifest.json" if p.is_dir() else None)
+    cand = p if p.suffix in (".json", ".csv") and not p.name.endswith(".index.json") else (
+        p / "manifest.json" if p.is_dir() else None)
     if cand is not None and cand.is_file():
         return read_manifest(cand), cand
     return None, None
@@ -315,7 +317,8 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
     manifest, manifest_path = _manifest_for(cfg)
     hparams: dict[str, dict] = {}
     if manifest:
-        by_file = {Path(e["file"]).stem: e for e in manifest["ingredients"]}
+        by_file = {Path(e["file"]).name.removesuffix(".safetensors").removesuffix(".pt").removesuffix(".pth")
+                   .removesuffix(".bin"): e for e in manifest["ingredients"]}
         for i, name in enumerate(stack.names):
             e = by_file.get(name)
             if e:

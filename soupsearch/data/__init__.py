@@ -23,17 +23,21 @@ VAL, TEST = "val", "test"
 @dataclass
 class TensorSplit:
     name: str
-    x: np.ndarray
+    x: np.ndarray  # float32 in [0, 1], or uint8 in [0, 255] (converted per batch by the evaluator)
     y: np.ndarray
     kind: str  # "val" | "test" | "shift" | "fisher"
     source: str = ""
+    class_subset: list[int] | None = None  # model logits this split is scored on (labels index into it)
 
     def __post_init__(self):
         if len(self.x) != len(self.y):
             raise DataError(f"split {self.name}: {len(self.x)} inputs but {len(self.y)} labels")
         if len(self.y) == 0:
             raise DataError(f"split {self.name} ({self.source}): has 0 examples, expected at least 1")
-        self.x = np.ascontiguousarray(self.x, dtype=np.float32)
+        if self.x.dtype != np.uint8:
+            self.x = np.ascontiguousarray(self.x, dtype=np.float32)
+        else:
+            self.x = np.ascontiguousarray(self.x)
         self.y = np.ascontiguousarray(self.y, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -60,6 +64,20 @@ class EvalSuite:
     def arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {n: (s.x, s.y) for n, s in self.splits.items()}
 
+    def subsets(self) -> dict[str, list[int]]:
+        return {n: s.class_subset for n, s in self.splits.items() if s.class_subset is not None}
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+
+
+def _like(x_float: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """Back to the template's storage type (uint8 images stay uint8: 4x less memory)."""
+    if template.dtype == np.uint8:
+        return np.clip(np.rint(x_float * 255.0), 0, 255).astype(np.uint8)
+    return x_float
+
 
 def load_dataset(cfg) -> tuple[np.ndarray, np.ndarray, str]:
     """Arrays of one configured dataset (:class:`soupsearch.config.DatasetConfig`)."""
@@ -68,6 +86,12 @@ def load_dataset(cfg) -> tuple[np.ndarray, np.ndarray, str]:
 
         x, y = digits_split(cfg.split, cfg.split_file)
         src = f"digits:{cfg.split}@{cfg.split_file}"
+    elif cfg.type in ("torchvision", "imagefolder", "parquet"):
+        from .sources import load_source
+
+        x, y, src = load_source(cfg.type, root=cfg.root, path=cfg.path, name=cfg.dataset, split=cfg.split,
+                                image_size=cfg.image_size, image_column=cfg.image_column,
+                                label_column=cfg.label_column, class_map=cfg.class_map, limit=cfg.limit)
     elif cfg.type == "npz":
         p = Path(cfg.path)
         if not p.exists():
@@ -89,6 +113,12 @@ def load_dataset(cfg) -> tuple[np.ndarray, np.ndarray, str]:
         raise DataError(f"unknown dataset type {cfg.type!r}")
     if cfg.limit:
         x, y = x[: cfg.limit], y[: cfg.limit]
+    if cfg.class_subset is not None:
+        pos = {c: i for i, c in enumerate(cfg.class_subset)}
+        bad = sorted({int(v) for v in np.unique(y)} - set(pos))
+        if bad:
+            raise DataError(f"dataset {src}: label {bad[0]} is not in class_subset")
+        y = np.asarray([pos[int(v)] for v in y], dtype=np.int64)
     return x, y, src
 
 
@@ -97,10 +127,10 @@ def build_suite(data_cfg) -> EvalSuite:
     suite = EvalSuite()
     for kind, dcfg in ((VAL, data_cfg.val), (TEST, data_cfg.test)):
         x, y, src = load_dataset(dcfg)
-        suite.splits[kind] = TensorSplit(kind, x, y, kind, src)
+        suite.splits[kind] = TensorSplit(kind, x, y, kind, src, dcfg.class_subset)
     if data_cfg.fisher is not None:
         x, y, src = load_dataset(data_cfg.fisher)
-        suite.splits["fisher"] = TensorSplit("fisher", x, y, "fisher", src)
+        suite.splits["fisher"] = TensorSplit("fisher", x, y, "fisher", src, data_cfg.fisher.class_subset)
     if data_cfg.corruptions is not None:
         c = data_cfg.corruptions
         base = suite.splits[c.base]
@@ -108,14 +138,20 @@ def build_suite(data_cfg) -> EvalSuite:
             for sev in c.severities:
                 sname = f"{name}@{sev}"
                 suite.splits[sname] = TensorSplit(
-                    sname, corrupt(base.x, name, sev, c.seed), base.y, "shift", f"{c.base}+{sname}"
+                    sname, _like(corrupt(_to_float(base.x), name, sev, c.seed), base.x), base.y, "shift",
+                    f"{c.base}+{sname}", base.class_subset,
                 )
     for s in data_cfg.shifts:
         x, y, src = load_dataset(s)
         if s.name in suite.splits:
             raise DataError(f"shifted set {s.name!r}: name already used by another split")
-        suite.splits[s.name] = TensorSplit(s.name, x, y, "shift", src)
-    ys = np.concatenate([s.y for s in suite.splits.values()])
+        suite.splits[s.name] = TensorSplit(s.name, x, y, "shift", src, s.class_subset)
+    shapes = {n: sp.x.shape[1:] for n, sp in suite.splits.items()}
+    if len(set(shapes.values())) > 1:
+        a, b = list(shapes.items())[0], next((k, v) for k, v in shapes.items() if v != list(shapes.values())[0])
+        raise DataError(f"split {b[0]} has images of shape {tuple(b[1])}, but {a[0]} has {tuple(a[1])}; "
+                        "set image_size on the dataset to resize")
+    ys = np.concatenate([s.y for s in suite.splits.values() if s.class_subset is None] or [np.zeros(1, np.int64)])
     inferred = int(ys.max()) + 1
     suite.num_classes = int(data_cfg.num_classes or inferred)
     if ys.min() < 0 or inferred > suite.num_classes:
