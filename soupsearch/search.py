@@ -265,6 +265,7 @@ class SearchOutcome:
     node_ids: list[str]
     shift_names: list[str]
     seconds: float
+    stack: IngredientStack | None = None  # the ingredients (for plots of layer weights)
 
 
 def with_ood_mean(metrics: dict[str, dict[str, float]], shifts: list[str]) -> dict[str, dict[str, float]]:
@@ -441,7 +442,7 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat=None) 
     write_parquet_atomic(results_rows, run_dir / "results.parquet")
     tracker.log_artifact(tracker.parent_id, run_dir / "results.parquet")
     return SearchOutcome(cfg, run_dir, ingredient_rows, soups, dict(ctx.results), tracker.parent_id,
-                         dict(tracker.child_ids), dict(pool.stats), sorted(pool.node_ids), shifts, 0.0)
+                         dict(tracker.child_ids), dict(pool.stats), sorted(pool.node_ids), shifts, 0.0, stack)
 
 
 def _load_or_make_predictions(ctx: Context, one_hots: list[Recipe], run_dir: Path) -> None:
