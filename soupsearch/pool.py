@@ -154,6 +154,21 @@ class EvalPool:
             if not req.missing:
                 self._done.append(t)
 
+    def _abandon(self, key) -> list[int]:
+        """Forget the requests waiting on a shard that failed for good; returns their tickets."""
+        self._queued.discard(key)
+        tickets = sorted(self._waiting.pop(key, ()))
+        for t in tickets:
+            self._requests.pop(t, None)
+        return tickets
+
+    def _fail(self, task: ShardTask, msg: str, attempts: int) -> EvaluationError:
+        err = EvaluationError(f"candidate {task.recipe.label or task.recipe.key} on split {task.split!r} "
+                              f"(shard {task.shard}) failed {attempts} times: {msg}")
+        err.recipe, err.split = task.recipe, task.split
+        err.tickets = self._abandon((task.recipe.key, task.split, task.shard))
+        return err
+
     # ------------------------------------------------------------------ blocking API
     def counts(self, requests: Sequence[tuple[Recipe, str]], want_logprobs: bool = False) -> list[Counts]:
         """Counts of each ``(recipe, split)``; all missing shards run concurrently."""
@@ -205,7 +220,10 @@ class LocalEvalPool(EvalPool):
         if not self._queue:  # pragma: no cover - internal invariant
             raise RuntimeError("no shard in flight")
         t = self._queue.popleft()
-        counts, lp = self.evaluator.evaluate_with_logprobs(t)
+        try:
+            counts, lp = self.evaluator.evaluate_with_logprobs(t)
+        except Exception as e:  # in-process: no retry can help; fail the request, not the pool
+            raise self._fail(t, f"{type(e).__name__}: {e}", 1) from e
         return t, counts, "local", 0, lp
 
     def set_fisher(self, F) -> None:
@@ -306,10 +324,7 @@ class RayEvalPool(EvalPool):
                 log.warning("shard %s/%d of %s failed on evaluator %d (attempt %d): %s",
                             t.split, t.shard, t.recipe.label or t.recipe.key, a, self._attempts[t], msg)
                 if self._attempts[t] >= self.max_attempts:
-                    raise EvaluationError(
-                        f"candidate {t.recipe.label or t.recipe.key} on split {t.split!r} "
-                        f"(shard {t.shard}) failed {self._attempts[t]} times: {msg}"
-                    ) from None
+                    raise self._fail(t, msg, self._attempts[t]) from None
                 self.stats["resubmitted"] += 1
                 self._pending.appendleft(t)
                 continue

@@ -171,6 +171,24 @@ class Context:
 # ----------------------------------------------------------------------------- ray
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast (``ray.init`` retries for minutes) when a ``host:port`` address does not answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise SoupSearchError(f"Ray address {address!r}: expected host:port (or ray://host:port, http://host:port)")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise SoupSearchError(f"Ray address {address!r} is unreachable: {e.strerror or e}") from None
+
+
 def init_ray(cfg: Config) -> bool:
     """Connect to Ray; returns True if this call started a local instance (to shut down)."""
     import ray
@@ -178,6 +196,8 @@ def init_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_ray_address(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)

@@ -35,6 +35,7 @@ class SearchContext(Protocol):
     fingerprint: str  # identifies the ingredient stack (for study names / resume)
     seed: int
     layer_groups: list[str]  # names of the layer groups at the configured group depth
+    group_depth: int  # module depth of those layer groups
 
     def submit(self, recipe: Recipe, split: str = "val") -> int:
         """Start scoring a recipe asynchronously; returns a ticket."""

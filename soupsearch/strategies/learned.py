@@ -22,7 +22,8 @@ Contract
   the study. ``n_trials`` is the TOTAL number of COMPLETE trials the study should hold, so
   a re-run after an interruption runs only the missing ones and finished trials are
   never re-evaluated; FAIL trials do not count (at most ``max_failed_trials`` per run).
-  Trials left RUNNING by a killed run are marked FAIL (``fail_reason="interrupted"``) on
+  Trials in flight when ``run`` is interrupted (Ctrl-C) are marked FAIL
+  (``fail_reason="interrupted"``); trials left RUNNING by a killed run are marked so on
   resume, so one driver per study at a time. ``timeout`` bounds this run's asking time.
 * Seeds: ``seed_with`` enqueues ``uniform`` and the recipes of strategies that ran before
   (``ctx.result(name)``, e.g. ``greedy``) as the first trials, unless the study already
@@ -34,6 +35,17 @@ Contract
   ``normalize``: w in [0, 1], c = w / sum(w) (c in [0, 1], sums to 1);
   ``softmax``: logits z in [-4, 4], c = softmax(z) (c in (0, 1), sums to 1);
   ``any_sum``: c = w in [low, high], no normalization.
+* Objectives: the selection metric by default; several (``[accuracy, nll]``,
+  ``[accuracy, num_ingredients]`` with ``num_ingredients`` = coefficients above
+  ``support_threshold``, minimized) make a multi-objective study (nsga2, tpe or random);
+  the soup is the Pareto-front trial with the best first objective.
+* Result: one :class:`SoupResult` from ALL COMPLETE trials of the study (earlier runs
+  included): step metrics ``<label>/trial_value`` and ``<label>/best_value`` per trial in
+  trial-number order; ``best_params.json``, ``optuna_history.png``,
+  ``optuna_importance.png`` (when computable) and, multi-objective, ``pareto_front.json``
+  and ``pareto_front.png`` under ``<run_dir>/soups/<label>/``.
+* ``fisher_learned`` is the same search over the coefficients (lambdas) of
+  Fisher-weighted merging: recipes carry ``fisher=True``.
 * Deterministic given the order in which evaluations complete (always with one evaluator).
 """
 
@@ -61,6 +73,7 @@ from .base import SoupResult, Strategy
 log = logging.getLogger(__name__)
 
 LOGIT_RANGE = 4.0
+INTERRUPTED = "interrupted"  # fail_reason of trials that were never scored (killed run, Ctrl-C, a bug)
 MINIMIZED = {"nll", "ece", "num_ingredients"}
 OBJECTIVES = (*METRICS, "num_ingredients")
 # options that do not change the search (budget, where it lives): not part of the study name
@@ -80,6 +93,25 @@ def _say(ctx, msg: str) -> None:
 def redact(url: str) -> str:
     """``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
     return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+def _sqlite_engine_kwargs(url: str) -> dict:
+    """A SQLite file in WAL mode with ``synchronous=NORMAL``: Optuna commits once per
+    suggested param, and an fsync per commit would dominate small searches. Commits
+    survive a killed process (not a power cut). Readers (e.g. a dashboard) do not block."""
+    if not url.startswith("sqlite:///") or ":memory:" in url:
+        return {}
+    path = url[len("sqlite:///"):].split("?")[0]
+
+    def connect():
+        import sqlite3
+
+        conn = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    return {"creator": connect}
 
 
 class _Space:
@@ -269,12 +301,16 @@ class Learned(Strategy):
         import optuna
 
         url = self._storage_url(ctx)
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"strategy {self.label}: Optuna storage {redact(url)!r} is unusable: {first[:300]}") from None
+        for attempt in range(3):  # another process (a dashboard, a poller) may create the tables meanwhile
+            try:
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=_sqlite_engine_kwargs(url))
+                break
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                if attempt == 2 or "already exists" not in first:
+                    raise ConfigError(f"strategy {self.label}: Optuna storage {redact(url)!r} is unusable: "
+                                      f"{first[:300]}") from None
+                time.sleep(0.5)
         name = self._study_name(ctx, objs)
         try:
             study = optuna.create_study(storage=storage, study_name=name, directions=dirs, load_if_exists=True)
@@ -293,7 +329,7 @@ class Learned(Strategy):
         study_id = storage.get_study_id_from_name(study.study_name)
         for t in stale:
             tid = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-            storage.set_trial_user_attr(tid, "fail_reason", "interrupted")
+            storage.set_trial_user_attr(tid, "fail_reason", INTERRUPTED)
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         return len(stale)
 
@@ -302,7 +338,7 @@ class Learned(Strategy):
 
         have = []
         for t in study.get_trials(deepcopy=False):
-            if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") == "interrupted":
+            if t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED):
                 continue  # an interrupted seed is enqueued again
             have.append(t.system_attrs.get("fixed_params", t.params))
         for name in self.options.seed_with:
@@ -383,7 +419,7 @@ class Learned(Strategy):
                 return False
             if opts.timeout is not None and time.monotonic() - t0 >= opts.timeout:
                 return False
-            return failed < limit
+            return failed + len(inflight) < limit  # never more than `limit` failures
 
         try:
             while True:
@@ -409,10 +445,12 @@ class Learned(Strategy):
                     for ticket in self._blame(e, inflight):
                         fail(inflight.pop(ticket)[0], f"evaluation: {e}")
                     continue
-                for ticket, _, metrics in done:
+                for ticket, scored, metrics in done:
                     if ticket not in inflight:
                         continue  # a trial already failed with an unattributed error
                     trial, recipe = inflight.pop(ticket)
+                    if scored is not None and scored.key != recipe.key:  # the context may complete it
+                        trial.set_user_attr("recipe_key", scored.key)  # (e.g. the Fisher stack's tag)
                     vals = self._values(objs, recipe, metrics)
                     if isinstance(vals, str):
                         fail(trial, vals)
@@ -422,9 +460,10 @@ class Learned(Strategy):
                     if n_done % 10 == 0:
                         _say(ctx, f"{self.label}: {n_done} complete trials")
         except BaseException as e:
+            reason = INTERRUPTED if not isinstance(e, Exception) else f"{INTERRUPTED}: {type(e).__name__}: {e}"[:500]
             for trial, _ in inflight.values():
                 try:
-                    trial.set_user_attr("fail_reason", "interrupted")
+                    trial.set_user_attr("fail_reason", reason)
                     study.tell(trial, state=TrialState.FAIL)
                 except Exception:  # pragma: no cover - best effort; resume marks them FAIL anyway
                     pass
@@ -466,6 +505,8 @@ class Learned(Strategy):
         front = sorted(study.best_trials, key=lambda t: t.number) if len(objs) > 1 else complete
         best = max(front, key=lambda t: (sign * t.values[0], -t.number))
         recipe = space.recipe_from_params(best.params, label=self.label)
+        _say(ctx, f"{self.label}: best trial {best.number} of {len(complete)} complete ({len(failed)} failed): "
+                  + ", ".join(f"val {o} {v:.4f}" for o, v in zip(objs, best.values)))
         steps, best_so_far = [], None
         key = self.label
         for t in complete:
@@ -527,7 +568,7 @@ class Learned(Strategy):
         save("optuna_history.png", lambda: ovm.plot_optimization_history(study, target=target, target_name=objs[0]))
         varied = any(len({t.params.get(p) for t in complete}) > 1 for p in complete[0].params)
         if len(complete) >= 2 and varied:
-            ev = optuna.importance.FanovaImportanceEvaluator(seed=ctx.seed)
+            ev = optuna.importance.FanovaImportanceEvaluator(n_trees=16, seed=ctx.seed)  # 64 trees: ~4x slower
             save("optuna_importance.png",
                  lambda: ovm.plot_param_importances(study, evaluator=ev, target=target, target_name=objs[0]))
         else:

@@ -1,0 +1,249 @@
+"""Bad input: one-line errors naming what and where, exit code 2, no traceback, nothing evaluated."""
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from soupsearch.cli import main
+
+from .conftest import perturbed_state_dicts, random_split
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory):
+    """One MLflow SQLite store for all cases (creating one costs seconds)."""
+    from soupsearch.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    Tracker(uri, "bad").connect()
+    return uri
+
+
+@pytest.fixture
+def setup(tmp_path, mlflow_db):
+    ck = tmp_path / "ckpts"
+    ck.mkdir()
+    for i, sd in enumerate(perturbed_state_dicts(3, scale=0.1)):
+        save_file(sd, str(ck / f"m{i}.safetensors"))
+    for name, seed in (("val", 0), ("test", 1)):
+        x, y = random_split(40, seed)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    cfg = {
+        "name": "bad", "run_dir": str(tmp_path / "run"),
+        "model": {"factory": "builtin:digits_cnn", "kwargs": {"width": 4}},
+        "ingredients": {"path": str(ck)},
+        "data": {"val": {"type": "npz", "path": str(tmp_path / "val.npz")},
+                 "test": {"type": "npz", "path": str(tmp_path / "test.npz")},
+                 "corruptions": None},
+        "eval": {"backend": "local"},
+        "tracking": {"tracking_uri": mlflow_db, "experiment": "bad"},
+    }
+    return tmp_path, ck, cfg
+
+
+def run_cli(tmp_path, cfg, capsys, extra=()):
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+    code = main(["run", str(p), *extra])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _sd(ck, i=1):
+    from safetensors.torch import load_file
+
+    return load_file(str(ck / f"m{i}.safetensors"))
+
+
+def case_empty_glob(tmp, ck, cfg):
+    cfg["ingredients"]["path"] = str(ck / "nomatch*.safetensors")
+    return ["glob", "nomatch*", "matched no files"]
+
+
+def case_empty_dir(tmp, ck, cfg):
+    (tmp / "empty").mkdir()
+    cfg["ingredients"]["path"] = str(tmp / "empty")
+    return ["empty", "no files matching"]
+
+
+def case_truncated(tmp, ck, cfg):
+    f = ck / "m1.safetensors"
+    f.write_bytes(f.read_bytes()[:200])
+    return ["m1.safetensors", "not a readable safetensors"]
+
+
+def case_not_a_checkpoint(tmp, ck, cfg):
+    (ck / "notes.pt").write_text("hello, I am not a checkpoint")
+    return ["notes.pt", "not a readable torch checkpoint"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/soupsearch-pwned-marker"),))
+
+
+def case_pickle_arbitrary_object(tmp, ck, cfg):
+    Path("/tmp/soupsearch-pwned-marker").unlink(missing_ok=True)
+    sd = dict(_sd(ck))
+    torch.save({"state_dict": sd, "extra": Evil()}, ck / "m3.pt")
+    return ["m3.pt", "refused", "never unpickles"]
+
+
+def case_mismatched_keys(tmp, ck, cfg):
+    sd = dict(_sd(ck))
+    sd.pop("head.1.bias")
+    save_file(sd, str(ck / "m1.safetensors"))
+    return ["m1.safetensors", "keys differ", "head.1.bias"]
+
+
+def case_mismatched_shapes(tmp, ck, cfg):
+    sd = dict(_sd(ck))
+    sd["head.1.weight"] = torch.zeros(64, 3)
+    save_file(sd, str(ck / "m1.safetensors"))
+    return ["m1.safetensors", "head.1.weight", "shape (64, 3)", "expected (64, 128)"]
+
+
+def case_mismatched_dtypes(tmp, ck, cfg):
+    sd = {k: (v.double() if k == "head.1.bias" else v) for k, v in _sd(ck).items()}
+    save_file(sd, str(ck / "m1.safetensors"))
+    return ["m1.safetensors", "head.1.bias", "float64", "allow_cast"]
+
+
+def case_nan_ingredient(tmp, ck, cfg):
+    sd = dict(_sd(ck))
+    sd["features.0.weight"] = sd["features.0.weight"].clone()
+    sd["features.0.weight"][0, 0, 0, 0] = float("inf")
+    save_file(sd, str(ck / "m1.safetensors"))
+    return ["m1.safetensors", "features.0.weight", "NaN or Inf", "nonfinite: exclude"]
+
+
+def case_factory_not_importable(tmp, ck, cfg):
+    cfg["model"]["factory"] = "no_such_package.models:make"
+    return ["no_such_package.models:make", "cannot import module"]
+
+
+def case_dataset_root_missing(tmp, ck, cfg):
+    cfg["data"]["val"] = {"type": "imagefolder", "root": str(tmp / "nowhere")}
+    return ["nowhere"]
+
+
+def case_split_of_size_zero(tmp, ck, cfg):
+    x, y = random_split(0)
+    np.savez(tmp / "empty.npz", x=x, y=y)
+    cfg["data"]["test"]["path"] = str(tmp / "empty.npz")
+    return ["empty.npz", "0 examples"]
+
+
+def case_unknown_strategy(tmp, ck, cfg):
+    cfg["search"] = {"strategies": ["greedy", "gredy"]}
+    return ["search.strategies", "unknown strategy 'gredy'", "valid:", "uniform"]
+
+
+def case_unknown_config_key(tmp, ck, cfg):
+    cfg["eval"]["shards"] = 3
+    return ["c.yaml", "eval.shards", "unknown key"]
+
+
+def case_bad_value(tmp, ck, cfg):
+    cfg["eval"]["num_evaluators"] = 0
+    return ["eval.num_evaluators", ">= 1"]
+
+
+def case_mlflow_unreachable(tmp, ck, cfg):
+    cfg["tracking"]["tracking_uri"] = f"http://127.0.0.1:{_free_port()}"
+    return ["MLflow tracking URI", "unreachable"]
+
+
+def case_ray_unreachable(tmp, ck, cfg):
+    cfg["eval"]["backend"] = "ray"
+    cfg["ray"] = {"address": f"127.0.0.1:{_free_port()}"}
+    return ["Ray address", "unreachable"]
+
+
+CASES = {k[5:]: v for k, v in dict(globals()).items() if k.startswith("case_")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(case, setup, capsys):
+    tmp, ck, cfg = setup
+    words = CASES[case](tmp, ck, cfg)
+    code, err = run_cli(tmp, cfg, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("soupsearch: error: ")
+    for w in words:
+        assert w in last, (w, last)
+    # failed before any evaluation: no shard results were stored
+    res = Path(cfg["run_dir"]) / "results.sqlite"
+    if res.exists():
+        import sqlite3
+
+        assert sqlite3.connect(res).execute("SELECT COUNT(*) FROM shard_results").fetchone()[0] == 0
+    if case == "pickle_arbitrary_object":
+        assert not Path("/tmp/soupsearch-pwned-marker").exists()  # never executed
+
+
+def test_malformed_yaml(setup, capsys):
+    tmp, ck, cfg = setup
+    code, err = run_cli(tmp, "name: x\ningredients: {path: [unclosed\n", capsys)
+    assert code == 2 and "malformed YAML at line" in err.strip().splitlines()[-1] and "c.yaml" in err
+
+
+def test_debug_shows_traceback(setup, capsys):
+    tmp, ck, cfg = setup
+    cfg["model"]["factory"] = "no_such_package.models:make"
+    p = tmp / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["--debug", "run", str(p)]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_cast_and_exclude_when_allowed(setup, capsys):
+    tmp, ck, cfg = setup
+    case_mismatched_dtypes(tmp, ck, cfg)
+    cfg["ingredients"]["allow_cast"] = True
+    sd = dict(_sd(ck, 2))
+    sd["features.0.weight"] = sd["features.0.weight"].clone()
+    sd["features.0.weight"][0, 0, 0, 0] = float("nan")
+    save_file(sd, str(ck / "m2.safetensors"))
+    cfg["ingredients"]["nonfinite"] = "exclude"
+    code, err = run_cli(tmp, cfg, capsys)
+    assert code == 0, err
+    assert "excluded 1 checkpoint(s) with NaN/Inf" in err
+
+
+def test_one_ingredient_runs_and_says_so(setup, capsys):
+    tmp, ck, cfg = setup
+    cfg["ingredients"]["path"] = str(ck / "m0.safetensors")
+    code, err = run_cli(tmp, cfg, capsys)
+    assert code == 0, err
+    assert "only one ingredient" in err
+
+
+def test_atomic_write_leaves_no_half_file_and_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from soupsearch.fileio import atomic_path, write_text_atomic
+
+    target = tmp_path / "out.txt"
+    write_text_atomic(target, "complete")
+    assert stat.S_IMODE(os.stat(target).st_mode) & 0o044  # group/other can read (umask permitting)
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted mid-write")
+    assert target.read_text() == "complete"  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temp file left
