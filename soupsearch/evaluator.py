@@ -96,6 +96,7 @@ class Evaluator:
         self.fixed = fixed
         self.model = create_model(model_factory, **(model_kwargs or {})).to(self.device).eval()
         self.theta = torch.empty(layout.num_params, dtype=torch.float32, device=self.device)
+        self.param_cols = layout.param_cols(n for n, _ in self.model.named_parameters()).to(self.device)
         fixed = {k: v.to(self.device) for k, v in fixed.items()}
         bind_flat(self.model, layout, self.theta, fixed)
         self.splits = {name: (_as_tensor(x), _as_tensor(y)) for name, (x, y) in splits.items()}
@@ -115,7 +116,8 @@ class Evaluator:
 
     def load_recipe(self, recipe: Recipe) -> None:
         if recipe.key != self._mixed_key:
-            mix(self.W, recipe, self.layout, out=self.theta, fisher=self.F, base=self.base)
+            mix(self.W, recipe, self.layout, out=self.theta, fisher=self.F, base=self.base,
+                param_cols=self.param_cols)
             self._mixed_key = recipe.key
             self.mix_count += 1
 

@@ -90,6 +90,15 @@ class ParamLayout:
         )
         return ParamLayout(specs, self.fixed, self.order)
 
+    def param_cols(self, param_names) -> torch.Tensor:
+        """Bool ``[P]``: True on the columns of trainable parameters (False on buffers)."""
+        names = set(param_names)
+        m = torch.zeros(self.num_params, dtype=torch.bool)
+        for s in self.specs:
+            if s.name in names:
+                m[s.offset : s.offset + s.numel] = True
+        return m
+
     def flatten(self, sd: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """Flatten the float tensors of ``sd`` into a 1-D float32 row (written into ``out``)."""
         if out is None:

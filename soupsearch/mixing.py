@@ -164,11 +164,14 @@ def mix(
     out: torch.Tensor | None = None,
     fisher: torch.Tensor | None = None,
     base: torch.Tensor | None = None,
+    param_cols: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mix the stack ``W [n, P]`` into one flat parameter vector ``theta [P]``.
 
     ``layout`` is needed for per-layer recipes; ``fisher [n, P]`` for Fisher recipes;
-    ``base [P]`` (the pre-trained model) for recipes with ``base_coeff`` or DARE.
+    ``base [P]`` (the pre-trained model) for recipes with ``base_coeff`` or DARE;
+    ``param_cols`` (bool ``[P]``, True for trainable parameters) limits DARE to parameters,
+    so buffers such as BatchNorm statistics are mixed plainly.
     """
     n, P = W.shape
     name = recipe.label or recipe.key
@@ -177,7 +180,7 @@ def mix(
     if (recipe.base_coeff or recipe.dare_p) and base is None:
         raise RecipeError(f"recipe {name}: uses the base model but none was given (set ingredients.base)")
     if recipe.dare_p:
-        return dare_mix(W, base, recipe, out=out)
+        return dare_mix(W, base, recipe, out=out, param_cols=param_cols)
     if recipe.fisher:
         if fisher is None:
             raise RecipeError(f"recipe {name}: is a Fisher recipe but no Fisher stack was given")
@@ -218,21 +221,29 @@ def dare_mask(i: int, P: int, p: float, seed: int, device=None) -> torch.Tensor:
     return (torch.rand(P, generator=g) >= p).to(device)
 
 
-def dare_mix(W: torch.Tensor, base: torch.Tensor, recipe: Recipe, out: torch.Tensor | None = None) -> torch.Tensor:
+def dare_mix(W: torch.Tensor, base: torch.Tensor, recipe: Recipe, out: torch.Tensor | None = None,
+             param_cols: torch.Tensor | None = None) -> torch.Tensor:
     """DARE (Yu et al., 2024): drop each delta ``W_i - base`` elementwise with probability
     ``p``, rescale the kept entries by ``1/(1-p)``, then mix:
-    ``theta = (sum_i c_i + b) base + sum_i c_i m_i * (W_i - base) / (1-p)``."""
+    ``theta = (sum_i c_i + b) base + sum_i c_i m_i * (W_i - base) / (1-p)``.
+    Columns outside ``param_cols`` (buffers) are never dropped nor rescaled."""
     n, P = W.shape
     if out is None:
         out = torch.empty(P, dtype=W.dtype, device=W.device)
     base = base.to(W.dtype)
     out.copy_(base).mul_(sum(recipe.coeffs) + recipe.base_coeff)
     scale = 1.0 / (1.0 - recipe.dare_p)
+    zero = torch.zeros((), dtype=W.dtype, device=W.device)
     for i, c in enumerate(recipe.coeffs):
         if c == 0.0:
             continue
         m = dare_mask(i, P, recipe.dare_p, recipe.dare_seed, W.device)
-        out.add_(torch.where(m, W[i] - base, torch.zeros((), dtype=W.dtype, device=W.device)), alpha=c * scale)
+        delta = W[i] - base
+        if param_cols is None:
+            out.add_(torch.where(m, delta, zero), alpha=c * scale)
+        else:
+            pc = param_cols.to(W.device)
+            out.add_(torch.where(m & pc, delta * scale, torch.where(pc, zero, delta)), alpha=c)
     return out
 
 

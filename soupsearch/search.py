@@ -527,8 +527,9 @@ def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, ru
         write_json_atomic(run_dir / "soups" / res.name / "coefficients.json", coeffs)
         tracker.log_artifact(rid, run_dir / "soups" / res.name / "coefficients.json")
         if cfg.tracking.log_soup_weights:
+            params = [n for n, _ in create_model(cfg.model.factory, **cfg.model.kwargs).named_parameters()]
             theta = mix(stack.W, res.recipe, stack.layout, fisher=getattr(ctx, "fisher_stack", None),
-                        base=getattr(ctx, "stack_base", None))
+                        base=getattr(ctx, "stack_base", None), param_cols=stack.layout.param_cols(params))
             sd = stack.layout.unflatten(theta, stack.fixed)
             path = run_dir / "soups" / res.name / "soup.safetensors"
             save_safetensors_atomic(sd, path, metadata={"soupsearch.recipe": json.dumps(res.recipe.to_dict())})

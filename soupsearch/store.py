@@ -17,6 +17,10 @@ import numpy as np
 
 from .metrics import Counts
 
+# Bump when the meaning of a recipe or of a shard's counts changes (mixing, metrics,
+# input preparation): results stored by an older version are then not reused.
+EVAL_SEMANTICS_VERSION = 2
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shard_results (
     stack_fp TEXT NOT NULL, split_fp TEXT NOT NULL, recipe_key TEXT NOT NULL,
@@ -39,6 +43,7 @@ def fingerprint_arrays(*arrays: np.ndarray) -> str:
 
 class ResultStore:
     def __init__(self, path: str | Path, stack_fp: str, split_fps: dict[str, str]):
+        stack_fp = f"{stack_fp}-v{EVAL_SEMANTICS_VERSION}"
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)

@@ -117,3 +117,14 @@ def test_gradient_soup_moves_weight_to_the_good_ingredient():
     c = res["coeffs"][0]
     assert c[1] > 0.8 and abs(sum(c) - 1) < 1e-5
     assert res["losses"][-1] < res["losses"][0]
+
+
+def test_dare_leaves_buffers_alone():
+    W = torch.rand(2, 100) + 1.0
+    base = torch.rand(100) + 1.0
+    cols = torch.zeros(100, dtype=torch.bool)
+    cols[:60] = True  # the last 40 columns are buffers (e.g. BatchNorm running_var)
+    r = Recipe((0.5, 0.5), dare_p=0.9, dare_seed=0)
+    theta = mix(W, r, base=base, param_cols=cols)
+    torch.testing.assert_close(theta[60:], 0.5 * W[0, 60:] + 0.5 * W[1, 60:])  # plain mean, never negative
+    assert not torch.allclose(theta[:60], 0.5 * W[0, :60] + 0.5 * W[1, :60])  # parameters are DARE'd

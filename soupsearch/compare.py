@@ -1,0 +1,250 @@
+"""`soupsearch compare`: the soups of a logged search, side by side, read from MLflow.
+
+Reads the tracking store (a SQLite file or an MLflow server), never the local run
+directory: the latest parent run of an experiment (tag ``soupsearch.role = search``)
+unless ``--run`` names one, and one row per child run (soup or baseline, tag
+``soupsearch.strategy``) with val, test, every shifted set, the mean over the shifted
+sets, the number of ingredients, the forward passes at inference and the difference
+to the best individual ingredient (child run ``best_individual``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import SoupSearchError, TrackingError
+from .report import format_table
+
+BASELINE = "best_individual"
+FORMATS = ("table", "markdown", "csv")
+_SEARCH_FILTER = "tags.`soupsearch.role` = 'search'"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:300]
+
+
+def _client(uri: str):
+    if uri.startswith(("http://", "https://")):
+        # fail in seconds, not after minutes of retries, when the server is down
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    elif uri.startswith("sqlite:///"):
+        # reading must not create an empty database where none is
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise TrackingError(f"MLflow tracking URI {uri!r}: no database at {path} "
+                                "(run a search first, or pass --tracking-uri)")
+    elif uri.startswith("file:") or "://" not in uri:
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:"))
+        if not path.is_dir():
+            raise TrackingError(f"MLflow tracking URI {uri!r}: no directory {path}")
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except Exception as e:
+        raise TrackingError(f"MLflow tracking URI {uri!r} is unusable: {_first_line(e)}") from None
+
+
+def _search_runs(client, exp_ids: list[str], filter_string: str, order_by: list[str] | None = None,
+                 max_results: int | None = None) -> list:
+    out, token = [], None
+    while True:
+        page = client.search_runs(exp_ids, filter_string=filter_string, order_by=order_by,
+                                  max_results=min(1000, max_results or 1000), page_token=token)
+        out.extend(page)
+        token = getattr(page, "token", None)
+        if not token or (max_results is not None and len(out) >= max_results):
+            return out[:max_results] if max_results is not None else out
+
+
+def _latest_search(client, exp_id: str):
+    runs = _search_runs(client, [exp_id], _SEARCH_FILTER, ["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def _resolve(client, uri: str, experiment: str | None, run_id: str | None):
+    """``(experiment, parent run)`` to compare."""
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except Exception as e:
+            raise TrackingError(f"run {run_id!r} not found at {uri}: {_first_line(e)}") from None
+        tags = run.data.tags
+        if tags.get("soupsearch.role") != "search":
+            parent = tags.get("mlflow.parentRunId")
+            hint = f" (its parent run is {parent})" if parent else ""
+            raise SoupSearchError(f"run {run_id!r} is not a soupsearch search (parent) run{hint}")
+        exp = client.get_experiment(run.info.experiment_id)
+        if experiment and exp.name != experiment:
+            raise SoupSearchError(f"run {run_id!r} belongs to experiment {exp.name!r}, not {experiment!r}")
+        return exp, run
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = [e.name for e in client.search_experiments()]
+            raise TrackingError(f"experiment {experiment!r} not found at {uri}"
+                                + (f" (experiments: {', '.join(sorted(names))})" if names else " (no experiments)"))
+        run = _latest_search(client, exp.experiment_id)
+        if run is None:
+            raise SoupSearchError(f"experiment {experiment!r} at {uri} has no soupsearch search runs")
+        return exp, run
+    exps = client.search_experiments(order_by=["creation_time DESC"])
+    for exp in exps:
+        run = _latest_search(client, exp.experiment_id)
+        if run is not None:
+            return exp, run
+    raise SoupSearchError(f"no soupsearch search runs in any experiment at {uri} "
+                          "(run `soupsearch run` first, or pass --tracking-uri / --experiment)")
+
+
+def _natural(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _value(metrics: dict, key: str):
+    v = metrics.get(key)
+    return None if v is None else float(v)
+
+
+def _count(metrics: dict, key: str):
+    v = metrics.get(key)
+    return None if v is None else int(round(float(v)))
+
+
+def _compare(tracking_uri: str | None, experiment: str | None, run_id: str | None, metric: str):
+    uri = tracking_uri or default_tracking_uri()
+    client = _client(uri)
+    try:
+        exp, parent = _resolve(client, uri, experiment, run_id)
+        children = _search_runs(client, [parent.info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                ["attributes.start_time ASC"])
+    except SoupSearchError:
+        raise
+    except Exception as e:
+        raise TrackingError(f"MLflow tracking URI {uri!r} is unreachable or unusable: {_first_line(e)}") from None
+    children = [r for r in children if "soupsearch.strategy" in r.data.tags]
+    children.sort(key=lambda r: (r.info.start_time or 0, r.info.run_name or ""))
+    if not children:
+        raise SoupSearchError(f"search run {parent.info.run_id} ({parent.info.run_name}) in experiment "
+                              f"{exp.name!r} has no soup runs (status {parent.info.status})")
+    suffix = f"/{metric}"
+    shifts = sorted({k[: -len(suffix)] for r in children for k in r.data.metrics
+                     if k.startswith("shift/") and k.endswith(suffix)}, key=_natural)
+    rows: list[dict[str, Any]] = []
+    for r in children:
+        m = r.data.metrics
+        row: dict[str, Any] = {"name": r.data.tags.get("soupsearch.strategy") or r.info.run_name,
+                               "run_id": r.info.run_id,
+                               "num_ingredients": _count(m, "num_ingredients"),
+                               "forward_passes": _count(m, "forward_passes"),
+                               "val": _value(m, f"val{suffix}"), "test": _value(m, f"test{suffix}")}
+        for s in shifts:
+            row[s] = _value(m, f"{s}{suffix}")
+        row["ood_mean"] = _value(m, f"ood_mean{suffix}")
+        rows.append(row)
+    best = next((row for row in rows if row["name"] == BASELINE), None)
+    for row in rows:
+        for col in ("val", "test", "ood_mean"):
+            a, b = row.get(col), (best or {}).get(col)
+            row[f"{col}_vs_best"] = None if a is None or b is None else a - b
+    meta = {"tracking_uri": uri, "experiment": exp.name, "parent_run_id": parent.info.run_id,
+            "parent_run_name": parent.info.run_name, "status": parent.info.status, "metric": metric,
+            "shifts": shifts, "has_baseline": best is not None}
+    return rows, meta
+
+
+def compare_rows(tracking_uri: str | None = None, experiment: str | None = None, run_id: str | None = None,
+                 metric: str = "accuracy") -> list[dict]:
+    """One dict per child run (soup/baseline) of a search, in logging order.
+
+    Keys: ``name``, ``run_id``, ``num_ingredients``, ``forward_passes``, ``val``, ``test``,
+    ``shift/<set>`` for every shifted set, ``ood_mean`` (values of ``<split>/<metric>``;
+    ``None`` where a run lacks one), and ``val_vs_best``, ``test_vs_best``,
+    ``ood_mean_vs_best``: the difference to the child run ``best_individual`` (``None``
+    without one). The search is the latest parent run of ``experiment`` (default: the
+    most recently created experiment that has one) unless ``run_id`` names it.
+
+    Raises :class:`TrackingError` (store unreachable, experiment or run not found) or
+    :class:`SoupSearchError` (no search runs, no soup runs).
+    """
+    return _compare(tracking_uri, experiment, run_id, metric)[0]
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def columns_of(rows: Sequence[dict]) -> list[str]:
+    shifts = [k for k in (rows[0] if rows else {}) if k.startswith("shift/")]
+    return (["name", "num_ingredients", "forward_passes", "val", "test", *shifts, "ood_mean",
+             "val_vs_best", "test_vs_best", "ood_mean_vs_best"])
+
+
+def format_compare(rows: Sequence[dict], fmt: str = "table", title: str | None = None,
+                   columns: Sequence[str] | None = None) -> str:
+    """``table`` (terminal), ``markdown`` or ``csv`` (full precision, empty cells for missing)."""
+    if fmt not in FORMATS:
+        raise SoupSearchError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    cols = list(columns or columns_of(rows))
+    if fmt == "csv":
+        return format_table(rows, cols, fmt="csv")
+
+    def cell(k, v):
+        if v is None:
+            return "-"
+        if k.endswith("_vs_best"):
+            return f"{v:+.4f}"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    shown = [{k: cell(k, r.get(k)) for k in cols} for r in rows]
+    return format_table(shown, cols, fmt=fmt, title=title)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_compare_subparser(subparsers) -> argparse.ArgumentParser:
+    """Add ``compare`` to an argparse sub-parser set; dispatch with ``args.func(args)``."""
+    p = subparsers.add_parser(
+        "compare", help="compare the soups of a logged search (read from MLflow)",
+        description=("One row per soup/baseline of a search logged to MLflow: val, test, every shifted set, "
+                     "their mean, ingredients used, forward passes, and the difference to the best individual "
+                     "ingredient. Reads the tracking store, not the run directory."))
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment (default: the most recently created one with a search run)")
+    p.add_argument("--run", dest="run_id", default=None, metavar="PARENT_RUN_ID",
+                   help="the search's parent run id (default: the experiment's latest search)")
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default="table", help="output format (default: table)")
+    p.add_argument("--metric", default="accuracy",
+                   help="metric of every split column (default: accuracy; e.g. nll, ece, macro_f1)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.set_defaults(func=run_compare)
+    return p
+
+
+def run_compare(args) -> int:
+    rows, meta = _compare(args.tracking_uri, args.experiment, args.run_id, args.metric)
+    title = None
+    if args.fmt != "csv":
+        title = (f"{meta['metric']} of search {meta['parent_run_name']} ({meta['parent_run_id']}, "
+                 f"{meta['status'].lower()}) in experiment {meta['experiment']!r}")
+    print(format_compare(rows, args.fmt, title=title), end="")
+    if not meta["has_baseline"]:
+        print(f"[soupsearch] no {BASELINE} run in this search: the *_vs_best columns are empty", file=sys.stderr)
+    return 0
