@@ -63,3 +63,10 @@ def test_root_makes_relative_paths_absolute(tmp_path):
     # absolute paths and server URIs are kept
     cfg = load_config(write(tmp_path, text), ["ingredients.path=/abs/x", "tracking.tracking_uri=http://127.0.0.1:5000"])
     assert cfg.ingredients.path == "/abs/x" and cfg.tracking.tracking_uri == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob(
+    __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "configs", "*.yaml"))))
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.search.strategies and cfg.data.val and cfg.data.test
