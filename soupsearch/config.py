@@ -147,6 +147,7 @@ class TrackingConfig(_Strict):
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "soupsearch"
     log_soup_weights: bool = True
+    log_best_model: bool = True  # the best soup as an MLflow PyTorch model (+ model card)
 
     def resolved_uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI

@@ -49,8 +49,16 @@ def submit(config: str, address: str, working_dir: str = ".", overrides: list[st
     runtime_env = {"working_dir": working_dir, "excludes": DEFAULT_EXCLUDES}
     if pip:
         runtime_env["pip"] = pip
-    job_id = client.submit_job(entrypoint=" ".join(shlex.quote(x) for x in entry), runtime_env=runtime_env,
-                               metadata={"soupsearch.config": Path(config).name})
+    deadline = time.time() + 120
+    while True:  # right after `ray start`, the head's job agent may not be up yet
+        try:
+            job_id = client.submit_job(entrypoint=" ".join(shlex.quote(x) for x in entry), runtime_env=runtime_env,
+                                       metadata={"soupsearch.config": Path(config).name})
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise SoupSearchError(f"Ray job submission to {address} failed: {str(e).splitlines()[0][:300]}") from None
+            time.sleep(2)
     print(f"[soupsearch] submitted job {job_id} to {address}", file=sys.stderr, flush=True)
     if not wait:
         return job_id, "PENDING"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -249,6 +250,8 @@ class RayEvalPool(EvalPool):
         self._load = Counter()
         self._attempts = Counter()
         self._fisher_ref = None
+        # actors that failed and may be restarting: index -> [ping ref or None, time of next ping]
+        self._suspect: dict[int, list] = {}
 
     @staticmethod
     def create(num_evaluators: int, evaluator_args: dict, use_gpu: bool, split_sizes, shard_size, store=None,
@@ -282,16 +285,47 @@ class RayEvalPool(EvalPool):
     def _alive(self) -> list[int]:
         return [i for i in range(len(self.actors)) if self.actor_failures[i] <= self.max_restarts]
 
+    def _available(self) -> list[int]:
+        return [i for i in self._alive() if i not in self._suspect]
+
+    def _quarantine(self, a: int) -> None:
+        """Send nothing to actor ``a`` until it answers a ping (Ray may be restarting it)."""
+        if a not in self._suspect:
+            self._suspect[a] = [None, time.monotonic()]
+
+    def _probe(self) -> list:
+        """Ping quarantined actors whose next ping is due; returns the ping refs in flight."""
+        now = time.monotonic()
+        for a, st in self._suspect.items():
+            if st[0] is None and now >= st[1]:
+                st[0] = self.actors[a].info.remote()
+        return [st[0] for st in self._suspect.values() if st[0] is not None]
+
+    def _ping_done(self, ref) -> bool:
+        import ray
+
+        for a, st in list(self._suspect.items()):
+            if st[0] == ref:
+                try:
+                    ray.get(ref)
+                    del self._suspect[a]  # back in service
+                except Exception:
+                    st[0], st[1] = None, time.monotonic() + 0.5
+                    if a not in self._alive():
+                        del self._suspect[a]
+                return True
+        return False
+
     def _launch(self, tasks):
         self._pending.extend(tasks)
         self._fill()
 
     def _fill(self) -> None:
-        alive = self._alive()
-        if not alive:
+        alive = self._available()
+        if not self._alive():
             raise EvaluationError("every evaluator actor died; cannot continue the search")
         # round-robin over the least-loaded live actors
-        while self._pending:
+        while self._pending and alive:
             a = min(alive, key=lambda i: (self._load[i], i))
             if self._load[a] >= self.max_in_flight:
                 break
@@ -306,10 +340,15 @@ class RayEvalPool(EvalPool):
 
         while True:
             self._fill()
-            if not self._inflight:  # pragma: no cover - internal invariant
+            pings = self._probe()
+            if not self._inflight and not pings and not self._suspect:  # pragma: no cover - invariant
                 raise RuntimeError("no shard in flight")
-            ready, _ = ray.wait(list(self._inflight), num_returns=1)
+            ready, _ = ray.wait(list(self._inflight) + pings, num_returns=1, timeout=0.5)
+            if not ready:
+                continue
             ref = ready[0]
+            if self._ping_done(ref):
+                continue
             t, a = self._inflight.pop(ref)
             self._load[a] -= 1
             try:
@@ -319,8 +358,10 @@ class RayEvalPool(EvalPool):
                 lines = str(e).strip().splitlines()
                 msg = lines[-1] if lines else type(e).__name__
                 if isinstance(e, RayActorError):
-                    self.actor_failures[a] += 1
-                    self.stats["actor_failures"] += 1
+                    if a not in self._suspect:  # one failure per death, not one per lost shard
+                        self.actor_failures[a] += 1
+                        self.stats["actor_failures"] += 1
+                    self._quarantine(a)
                 log.warning("shard %s/%d of %s failed on evaluator %d (attempt %d): %s",
                             t.split, t.shard, t.recipe.label or t.recipe.key, a, self._attempts[t], msg)
                 if self._attempts[t] >= self.max_attempts:

@@ -458,6 +458,12 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat=None) 
                 f"{metrics['test']['accuracy']:.4f}" + (f", ood_mean {metrics['ood_mean']['accuracy']:.4f}" if shifts else "")
                 + f", {row.num_ingredients} ingredients ({time.time() - t:.1f}s)")
 
+    if cfg.tracking.log_best_model:
+        try:
+            _log_best_model(cfg, tracker, stack, suite, soups, ctx, run_dir)
+        except Exception as e:  # a model-logging problem never loses the search's results
+            say(f"could not log the best soup as an MLflow model: {type(e).__name__}: {e}")
+
     results_rows = [r.flat() for r in ingredient_rows + soups]
     write_parquet_atomic(results_rows, run_dir / "results.parquet")
     tracker.log_artifact(tracker.parent_id, run_dir / "results.parquet")
@@ -505,6 +511,75 @@ def _load_or_make_predictions(ctx: Context, one_hots: list[Recipe], run_dir: Pat
         path = run_dir / "predictions" / f"{i:04d}_{ctx.names[i]}.parquet"
         with atomic_path(path) as tmp:
             pq.write_table(table, str(tmp))
+
+
+def _model_card(name: str, row: CandidateRow, res: SoupResult, stack: IngredientStack, metric: str) -> str:
+    lines = [f"# Model card: soup `{name}`", "",
+             f"A weight-space average of {row.num_ingredients} fine-tuned checkpoints, selected by "
+             f"`val/{metric}` (the held-out split) with the `{res.name}` strategy of soupsearch. "
+             "One forward pass at inference, like any single model.", "", "## Ingredients and coefficients", "",
+             "| ingredient | coefficient |", "|---|---|"]
+    r = res.recipe
+    if r.per_layer:
+        coeffs = [float(np.mean([row_[i] for row_ in r.layer_coeffs])) for i in range(stack.n)]
+        lines.insert(-2, "Per-layer coefficients; the mean over layer groups is shown.")
+    else:
+        coeffs = list(r.coeffs)
+    lines += [f"| {stack.names[i]} | {c:.4f} |" for i, c in enumerate(coeffs) if c != 0.0]
+    if r.base_coeff:
+        lines.append(f"| (base model) | {r.base_coeff:.4f} |")
+    if r.fisher:
+        lines += ["", f"Fisher-weighted merge (floor {r.fisher_floor})."]
+    if r.dare_p:
+        lines += ["", f"DARE applied to deltas from the base (p={r.dare_p}, seed={r.dare_seed})."]
+    lines += ["", "## Scores", "", "| split | accuracy | nll | ece | macro_f1 |", "|---|---|---|---|---|"]
+    for split, m in row.metrics.items():
+        lines.append(f"| {split} | {m['accuracy']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} | {m['macro_f1']:.4f} |")
+    lines += ["", "Weights: `soup.safetensors` (load into the model factory's skeleton)."]
+    return "\n".join(lines) + "\n"
+
+
+def _log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: Context, run_dir: Path) -> None:
+    """Log the best soup (by val selection metric) as an MLflow PyTorch model, with an input
+    example, a signature and a model card, in its own child run."""
+    import mlflow
+    import torch
+
+    metric = cfg.eval.selection_metric
+    cands = [r for r in soups if ctx.results.get(r.name) is not None and ctx.results[r.name].recipe is not None]
+    if not cands:
+        return
+    sign = 1 if ctx.higher_is_better else -1
+    best = max(cands, key=lambda r: sign * r.metrics["val"][metric])  # first of equals wins
+    res = ctx.results[best.name]
+    model = create_model(cfg.model.factory, **cfg.model.kwargs)
+    params = [n for n, _ in model.named_parameters()]
+    theta = mix(stack.W, res.recipe, stack.layout, fisher=ctx.fisher_stack, base=ctx.stack_base,
+                param_cols=stack.layout.param_cols(params))
+    model.load_state_dict(stack.layout.unflatten(theta.clone(), stack.fixed))
+    model.eval()
+    x = suite.splits["val"].x[:2]
+    example = (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+    if cfg.data.normalize:
+        mean = np.asarray(cfg.data.normalize["mean"], np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(cfg.data.normalize["std"], np.float32).reshape(1, -1, 1, 1)
+        example = (example - mean) / std
+    card = _model_card(best.name, best, res, stack, metric)
+    card_path = run_dir / "soups" / best.name / "model_card.md"
+    write_text_atomic(card_path, card)
+    rid = tracker.child_ids[best.name]
+    tracker.log_artifact(rid, card_path)
+    pkg_dir = str(Path(__file__).resolve().parent)
+    mlflow.set_tracking_uri(tracker.uri)
+    with mlflow.start_run(run_id=rid):
+        mlflow.pytorch.log_model(
+            model, name="model", input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"],
+            code_paths=[pkg_dir],
+        )
+    tracker.set_tag(tracker.parent_id, "soupsearch.best_soup", best.name)
+    tracker.set_tag(rid, "soupsearch.best", "true")
+    say(f"best soup by val/{metric}: {best.name}, logged as an MLflow model (runs:/{rid}/model)")
 
 
 def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, run_dir: Path, ctx=None) -> None:

@@ -79,9 +79,18 @@ def test_killed_evaluator_is_restarted_and_results_identical(ray_session, setup)
         for a, b in zip(ref, got):
             assert np.array_equal(a.confusion, b.confusion) and a.nll_sum == b.nll_sum
         # the actor came back (max_restarts) in a new process
+        import time
+
         import ray
 
-        infos = ray.get([a.info.remote() for a in pool.actors])
+        deadline = time.time() + 60
+        while True:
+            try:
+                infos = ray.get([a.info.remote() for a in pool.actors])
+                break
+            except ray.exceptions.RayActorError:
+                assert time.time() < deadline, "the killed evaluator did not come back"
+                time.sleep(0.5)
         assert victim not in {i["pid"] for i in infos}
     finally:
         pool.close()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import mlflow
+import mlflow.pytorch
 import pyarrow.parquet as pq
 import pytest
 
@@ -54,6 +55,25 @@ def test_search_logs_strategies_to_mlflow(ray_session, tiny_sweep, tmp_path):
     # the logged soup loads into the model and scores what the search reported
     coeffs = json.loads((out.run_dir / "soups" / "greedy" / "coefficients.json").read_text())
     assert sorted(coeffs["info"]["kept"]) == coeffs["info"]["kept"]
+
+    # the best soup (by val) is an MLflow model that loads and computes the soup's outputs
+    best = parent.data.tags["soupsearch.best_soup"]
+    assert by[best].metrics["val"]["accuracy"] == max(x.metrics["val"]["accuracy"] for x in out.soups)
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from soupsearch.data.digits import digits_split
+    from soupsearch.models import create_model
+
+    loaded = mlflow.pytorch.load_model(f"runs:/{children[best].info.run_id}/model")
+    x, _ = digits_split("test", tiny_sweep / "splits.json")
+    ref = create_model("builtin:digits_cnn")
+    ref.load_state_dict(load_file(str(out.run_dir / "soups" / best / "soup.safetensors")))
+    ref.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(torch.from_numpy(x[:8])), ref(torch.from_numpy(x[:8])))
+    assert "model_card.md" in {a.path for a in client.list_artifacts(children[best].info.run_id)}
 
     # re-running the same search evaluates nothing again (results store) and gives the same numbers
     again = run_search(cfg)
