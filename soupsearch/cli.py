@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--no-wait", action="store_true")
     j.set_defaults(func=_cmd_submit)
 
+    from .compare import add_compare_subparser
+
+    add_compare_subparser(sub)
+
     try:
         from .merge import add_merge_subparser
 

@@ -48,7 +48,7 @@ def _client(uri: str):
         if not path.is_file():
             raise TrackingError(f"MLflow tracking URI {uri!r}: no database at {path} "
                                 "(run a search first, or pass --tracking-uri)")
-    elif uri.startswith("file:") or "://" not in uri:
+    elif uri.startswith(("file:", "/", ".")):  # a local FileStore directory
         path = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:"))
         if not path.is_dir():
             raise TrackingError(f"MLflow tracking URI {uri!r}: no directory {path}")

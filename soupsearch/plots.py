@@ -36,6 +36,7 @@ log = logging.getLogger("soupsearch")
 
 METRIC = "accuracy"
 _CHUNK = 1 << 22  # elements of W read per step when measuring distances
+_MAX_WIDTH = 24.0  # inches: wide sweeps / many shifts / many layer groups stay readable files
 
 
 def make_plots(outcome, out_dir: str | Path) -> dict[str, Path]:
@@ -49,7 +50,12 @@ def make_plots(outcome, out_dir: str | Path) -> dict[str, Path]:
         log.warning("plots: cannot create %s: %s", out_dir, e)
         return out
     jobs: list[tuple[str, Any]] = [("soups", lambda: plot_soups(outcome, out_dir / "soups.png"))]
-    for label, res in _greedy_like(outcome):
+    try:
+        greedy = _greedy_like(outcome)
+    except Exception as e:  # noqa: BLE001
+        log.warning("plots: trajectories skipped: %s: %s", type(e).__name__, e)
+        greedy = []
+    for label, res in greedy:
         jobs.append((f"{label}_trajectory",
                      lambda res=res, label=label: plot_trajectory(res, out_dir / f"{_safe(label)}_trajectory.png",
                                                                   _selection_metric(outcome), label)))
@@ -167,8 +173,7 @@ def plot_soups(outcome, path: Path) -> Path | None:
                 break
         else:
             placed.append((x, y, [r.name]))
-    for x, y, names in placed:
-        ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(7, 6), fontsize=8, zorder=4)
+    _annotate_apart(ax, [(x, y, " = ".join(names)) for x, y, names in placed])
     if has_shift:
         ax.set_xlabel("accuracy on test (in distribution)")
         ax.set_ylabel(f"mean accuracy over {len(outcome.shift_names)} shifted sets")
@@ -182,6 +187,31 @@ def plot_soups(outcome, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _annotate_apart(ax, labels: list[tuple[float, float, str]], fontsize: int = 8) -> None:
+    """Label points, moving a label to another side of its point when it would overlap one
+    already placed (approximate text boxes in points; good enough for a dozen labels)."""
+    ax.autoscale_view()
+    fig = ax.figure
+    to_pt = 72.0 / fig.dpi
+    boxes: list[tuple[float, float, float, float]] = []
+    h = fontsize * 1.25
+    for x, y, text in sorted(labels, key=lambda t: (-t[1], t[0])):
+        px, py = (v * to_pt for v in ax.transData.transform((x, y)))
+        w = 0.6 * fontsize * len(text)
+        chosen = None
+        for dx, dy in ((7, 5), (7, -5 - h), (-7 - w, 5), (-7 - w, -5 - h), (7, 5 + h), (7, -5 - 2 * h),
+                       (-7 - w, 5 + h), (-7 - w, -5 - 2 * h)):
+            box = (px + dx, py + dy, px + dx + w, py + dy + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                chosen = (dx, dy, box)
+                break
+        if chosen is None:
+            chosen = (7, 5, (px + 7, py + 5, px + 7 + w, py + 5 + h))
+        boxes.append(chosen[2])
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=chosen[:2], fontsize=fontsize, zorder=4,
+                    va="bottom", ha="left")
+
+
 def plot_trajectory(res, path: Path, metric: str = METRIC, label: str | None = None) -> Path | None:
     """Greedy: the candidate soup's val score per step (kept / rejected) and the soup's score."""
     traj = [s for s in (res.trajectory or []) if isinstance(s, dict)]
@@ -192,7 +222,7 @@ def plot_trajectory(res, path: Path, metric: str = METRIC, label: str | None = N
     kept = [bool(s["kept"]) for s in traj]
     soup = [float(s["soup_score"]) for s in traj]
     names = [str(s.get("name", s.get("index", i))) for i, s in enumerate(traj)]
-    fig = _figure(max(6.5, 0.45 * len(traj) + 3), 4.8)
+    fig = _figure(min(_MAX_WIDTH, max(6.5, 0.45 * len(traj) + 3)), 4.8)
     ax = fig.add_subplot()
     ax.step(steps, soup, where="post", color="tab:blue", lw=2, label="soup after the step", zorder=2)
     ks = [i for i, k in enumerate(kept) if k]
@@ -204,7 +234,8 @@ def plot_trajectory(res, path: Path, metric: str = METRIC, label: str | None = N
         ax.scatter([steps[i] for i in rs], [cand[i] for i in rs], marker="x", s=50, color="tab:red",
                    label=f"candidate rejected ({len(rs)})", zorder=3)
     ax.set_xticks(steps)
-    ax.set_xticklabels([f"{s}: {n}" for s, n in zip(steps, names)], rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels([f"{s}: {n}" for s, n in zip(steps, names)], rotation=60, ha="right",
+                       fontsize=7 if len(steps) <= 50 else 4)
     ax.set_xlabel("step: ingredient added (best-first by val)")
     ax.set_ylabel(f"val {metric}")
     ax.set_title(f"{label or getattr(res, 'name', 'greedy')}: trajectory ({len(ks)} of {len(traj)} kept)")
@@ -223,7 +254,7 @@ def plot_strategies(outcome, path: Path) -> Path | None:
         return None
     nb = len(rows)
     width = 0.8 / nb
-    fig = _figure(max(7.0, 0.35 * nb * len(splits) + 2.5), 5.0)
+    fig = _figure(min(_MAX_WIDTH, max(7.0, 0.35 * nb * len(splits) + 2.5)), 5.0)
     ax = fig.add_subplot()
     cmap = _colors(nb)
     vals_all = []
@@ -322,7 +353,7 @@ def plot_layer_spread(outcome, path: Path) -> Path | None:
     names = [g for g, _ in groups]
     G = len(names)
 
-    fig = _figure(max(7.0, 0.55 * G + 3), 7.5)
+    fig = _figure(min(_MAX_WIDTH, max(7.0, 0.55 * G + 3)), 7.5)
     ax, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
     x = np.arange(G)
     ax.boxplot([rel[g] for g in range(G)], positions=x, widths=0.55, showfliers=False,
@@ -348,7 +379,8 @@ def plot_layer_spread(outcome, path: Path) -> Path | None:
     lo = float(np.nanmin(ratio)) if len(ratio) else 1.0
     ax2.set_ylim(min(0.9, lo - 0.02), 1.02 if np.nanmax(ratio) <= 1.0 else float(np.nanmax(ratio)) + 0.02)
     ax2.set_xticks(x)
-    ax2.set_xticklabels(names, rotation=45 if G > 4 else 0, ha="right" if G > 4 else "center", fontsize=8)
+    ax2.set_xticklabels(names, rotation=45 if G > 4 else 0, ha="right" if G > 4 else "center",
+                        fontsize=8 if G <= 40 else 5)
     ax2.set_xlabel("layer group")
     ax2.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)

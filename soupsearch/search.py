@@ -382,6 +382,7 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
         if manifest_path:
             tracker.log_artifact(parent, manifest_path)
         outcome = _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat)
+        _log_plots(tracker, parent, outcome, run_dir)
         outcome.seconds = time.time() - t0
         tracker.log_metrics(parent, {"search_seconds": outcome.seconds,
                                      "shards_evaluated": pool.stats["shards_evaluated"],
@@ -469,6 +470,20 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat=None) 
     tracker.log_artifact(tracker.parent_id, run_dir / "results.parquet")
     return SearchOutcome(cfg, run_dir, ingredient_rows, soups, dict(ctx.results), tracker.parent_id,
                          dict(tracker.child_ids), dict(pool.stats), sorted(pool.node_ids), shifts, 0.0, stack)
+
+
+def _log_plots(tracker, parent, outcome, run_dir) -> None:
+    """The comparison figures (soups vs ingredients, greedy trajectory, per-split bars, layer
+    spread) into ``<run_dir>/plots`` and the parent run's ``plots/``; never fails the search."""
+    from .plots import make_plots
+
+    for name, path in make_plots(outcome, run_dir / "plots").items():
+        try:
+            tracker.log_artifact(parent, path, "plots")
+            if name.endswith("_trajectory") and name[: -len("_trajectory")] in outcome.child_run_ids:
+                tracker.log_artifact(outcome.child_run_ids[name[: -len("_trajectory")]], path)
+        except Exception as e:  # a figure must not fail the search
+            say(f"plots: could not log {path.name}: {e}")
 
 
 def _load_or_make_predictions(ctx: Context, one_hots: list[Recipe], run_dir: Path) -> None:
