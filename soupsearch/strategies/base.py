@@ -98,3 +98,19 @@ class Strategy(ABC):
 
     @abstractmethod
     def run(self, ctx: SearchContext) -> list[SoupResult]: ...
+
+
+def member_sets(ctx: SearchContext, sets, label: str) -> list[tuple[str, str, list[int]]]:
+    """``(which, result name, member indices)`` for each of ``sets`` (``all``: every ingredient,
+    ``greedy``: the greedy soup's set, skipped with a log line when greedy has not run)."""
+    out = []
+    for which in sets:
+        if which == "all":
+            out.append((which, label, list(range(ctx.n))))
+            continue
+        g = ctx.result("greedy")
+        if g is None or g.recipe is None:
+            ctx.log(f"{label}: greedy did not run before it; skipping the greedy set")
+            continue
+        out.append((which, f"{label}_greedy", g.recipe.support()))
+    return out

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import ConfigError
 from ..mixing import Recipe
 from . import register_strategy
-from .base import SoupResult, Strategy
+from .base import SoupResult, Strategy, member_sets
 
 
 @register_strategy
@@ -29,19 +29,10 @@ class Dare(Strategy):
         if not ctx.has_base:
             raise ConfigError("strategy dare needs the base model: set ingredients.base")
         out = []
-        for which in self.options.sets:
-            if which == "all":
-                members = list(range(ctx.n))
-            else:
-                g = ctx.result("greedy")
-                if g is None:
-                    ctx.log(f"{self.label}: greedy did not run before it; skipping the greedy set")
-                    continue
-                members = g.recipe.support()
+        for which, name, members in member_sets(ctx, self.options.sets, self.label):
             w = 1.0 / len(members)
             recipe = Recipe(tuple(w if i in members else 0.0 for i in range(ctx.n)), dare_p=self.options.p,
                             dare_seed=self.options.seed, label=f"{self.label}_{which}")
-            name = self.label if which == "all" else f"{self.label}_greedy"
             out.append(SoupResult(name, recipe, params={"p": self.options.p, "seed": self.options.seed,
                                                          "set": which, "num_ingredients": len(members)},
                                   info={"members": members}))

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..metrics import compute_metrics, counts_from_logits
 from . import register_strategy
-from .base import SoupResult, Strategy
+from .base import SoupResult, Strategy, member_sets
 
 
 def ensemble_logprobs(member_logprobs: list[np.ndarray], combine: str = "prob_mean") -> np.ndarray:
@@ -38,21 +38,12 @@ class Ensemble(Strategy):
 
     def run(self, ctx):
         out = []
-        for which in self.options.sets:
-            if which == "all":
-                members = list(range(ctx.n))
-            else:
-                g = ctx.result("greedy")
-                if g is None:
-                    ctx.log(f"{self.label}: greedy did not run before it; skipping the greedy set")
-                    continue
-                members = g.recipe.support()
+        for which, name, members in member_sets(ctx, self.options.sets, self.label):
             metrics = {}
             for split in ctx.eval_splits:
                 lp = ensemble_logprobs([ctx.logprobs(i, split) for i in members], self.options.combine)
                 y = torch.from_numpy(ctx.labels(split))
                 metrics[split] = compute_metrics(counts_from_logits(torch.from_numpy(lp), y, lp.shape[1]))
-            name = self.label if which == "all" else f"{self.label}_greedy"
             out.append(SoupResult(name, None, params={"combine": self.options.combine, "set": which,
                                                       "num_ingredients": len(members)},
                                   info={"metrics": metrics, "members": members, "num_ingredients": len(members),

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..mixing import Recipe
 from . import register_strategy
-from .base import SoupResult, Strategy
+from .base import SoupResult, Strategy, member_sets
 
 
 @register_strategy
@@ -27,19 +27,10 @@ class FisherSoup(Strategy):
 
     def run(self, ctx):
         out = []
-        for which in self.options.sets:
-            if which == "all":
-                members = list(range(ctx.n))
-            else:
-                g = ctx.result("greedy")
-                if g is None:
-                    ctx.log(f"{self.label}: greedy did not run before it; skipping the greedy set")
-                    continue
-                members = g.recipe.support()
+        for which, name, members in member_sets(ctx, self.options.sets, self.label):
             w = 1.0 / len(members)
             recipe = Recipe(tuple(w if i in members else 0.0 for i in range(ctx.n)), fisher=True,
                             fisher_floor=self.options.floor, label=f"{self.label}_{which}")
-            name = self.label if which == "all" else f"{self.label}_greedy"
             out.append(SoupResult(name, recipe, params={"floor": self.options.floor, "set": which,
                                                          "num_ingredients": len(members)},
                                   info={"members": members}))
