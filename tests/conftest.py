@@ -96,3 +96,19 @@ def tiny_config(sweep: Path, tmp_path: Path, **overrides) -> dict:
 def random_split(n: int = 100, seed: int = 0, classes: int = 10):
     rng = np.random.default_rng(seed)
     return rng.random((n, 1, 16, 16), dtype=np.float32), rng.integers(0, classes, n).astype(np.int64)
+
+
+def stop_process_group(proc, grace: float = 15) -> None:
+    """Stop a server started with ``start_new_session=True``: SIGTERM its group, then SIGKILL."""
+    import contextlib
+    import signal
+    import subprocess
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

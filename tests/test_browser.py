@@ -29,6 +29,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from .conftest import stop_process_group
 from .test_plots_compare import mlflow_server, png_size, run_tiny_search
 
 pytestmark = pytest.mark.slow
@@ -202,14 +203,7 @@ def chromium(exe: str, profile: Path, width: int = 1700, height: int = 1100):
     finally:
         if dt is not None:
             dt.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_process_group(proc)
         log.close()
 
 

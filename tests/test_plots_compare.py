@@ -29,7 +29,7 @@ from soupsearch.search import CandidateRow, SearchOutcome
 from soupsearch.strategies.base import SoupResult
 from soupsearch.tracking import Tracker
 
-from .conftest import perturbed_state_dicts, tiny_config
+from .conftest import stop_process_group, perturbed_state_dicts, tiny_config
 
 STRATEGIES = ["best_individual", "uniform", "greedy", "ensemble"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -76,14 +76,7 @@ def mlflow_server(backend_uri: str, log_path: Path, timeout: float = 90.0):
             time.sleep(0.3)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_process_group(proc)
         log.close()
 
 
