@@ -86,6 +86,7 @@ class Evaluator:
         W = _as_tensor(W)
         self.W = W.to(self.device) if self.device.type != "cpu" else W
         self.F = None
+        self._fisher_products = None
         self._fisher_id = None
         if fisher is not None:
             self.set_fisher(fisher)
@@ -111,12 +112,27 @@ class Evaluator:
     def set_fisher(self, F, fisher_id: str | None = None) -> None:
         F = _as_tensor(F)
         self.F = F.to(self.device) if self.device.type != "cpu" else F
+        self._fisher_products = None  # built on first use for the recipes' floor
         self._fisher_id = fisher_id
         self._mixed_key = None
 
+    def _fisher_for(self, recipe: Recipe):
+        """The Fisher operand for ``recipe``: precomputed products (two plain mixing passes)
+        when the floor matches, else the raw stack (blocked kernel)."""
+        from .mixing import FisherProducts
+
+        if self.F is None or not recipe.fisher:
+            return self.F
+        fp = self._fisher_products
+        if fp is None or fp.floor != recipe.fisher_floor:
+            if fp is not None:
+                return self.F  # a second floor: rare, use the blocked kernel
+            fp = self._fisher_products = FisherProducts.build(self.W, self.F, recipe.fisher_floor)
+        return fp
+
     def load_recipe(self, recipe: Recipe) -> None:
         if recipe.key != self._mixed_key:
-            mix(self.W, recipe, self.layout, out=self.theta, fisher=self.F, base=self.base,
+            mix(self.W, recipe, self.layout, out=self.theta, fisher=self._fisher_for(recipe), base=self.base,
                 param_cols=self.param_cols)
             self._mixed_key = recipe.key
             self.mix_count += 1

@@ -365,7 +365,7 @@ def check_compatible(
             raise CheckpointError(
                 f"checkpoint {name}: tensor {k!r} has dtype {_dtype_name(t.dtype)}, "
                 f"expected {_dtype_name(ref.dtype)} as in {ref_name}"
-                + ("" if allow_cast else " (set ingredients.allow_cast: true to cast)")
+                + ("" if allow_cast else " (allow_cast casts float dtypes: ingredients.allow_cast in a config)")
             )
 
 
@@ -432,7 +432,11 @@ class IngredientStack:
         if not files:
             raise CheckpointError("no checkpoints given: expected at least one")
         first = load_state_dict(files[0])
-        ref = skeleton if skeleton is not None else first
+        # the reference is shapes and dtypes only: holding `first` itself would keep the
+        # first checkpoint resident (its memory-mapped pages) until the last one is loaded
+        ref = skeleton if skeleton is not None else {
+            k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in first.items()
+        }
         ref_name = "model skeleton" if skeleton is not None else str(files[0])
         layout = ParamLayout.from_state_dict(ref, group_depth)
         W = torch.empty((len(files), layout.num_params), dtype=torch.float32)

@@ -247,38 +247,83 @@ def dare_mix(W: torch.Tensor, base: torch.Tensor, recipe: Recipe, out: torch.Ten
     return out
 
 
+@dataclass(frozen=True)
+class FisherProducts:
+    """A Fisher stack prepared once for fast Fisher mixing: ``Fc = max(F, floor)`` and
+    ``FW = Fc * W``, both ``[n, P]``.
+
+    Fisher mixing is then two plain mixing passes, ``(c @ FW) / (c @ Fc)``, at memory
+    bandwidth -- about 2x a plain mix, for per-ingredient and per-layer recipes alike, with
+    no ``[n, P]`` temporaries -- at the cost of one more stack (``Fc`` can replace ``F``:
+    ``inplace=True``). Exact for recipes with ``fisher_floor == floor``.
+    """
+
+    Fc: torch.Tensor
+    FW: torch.Tensor
+    floor: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.Fc.shape
+
+    @staticmethod
+    def build(W: torch.Tensor, F: torch.Tensor, floor: float = 1e-6, inplace: bool = False) -> "FisherProducts":
+        if F.shape != W.shape:
+            raise RecipeError(f"Fisher stack has shape {tuple(F.shape)}, expected {tuple(W.shape)} like the weights")
+        Fc = F.clamp_min_(floor) if inplace else F.clamp_min(floor)
+        return FisherProducts(Fc, torch.mul(Fc, W), float(floor))
+
+
 def fisher_mix(
     W: torch.Tensor,
-    F: torch.Tensor,
+    F: "torch.Tensor | FisherProducts",
     recipe: Recipe,
     layout: ParamLayout | None = None,
     out: torch.Tensor | None = None,
-    chunk: int = 1 << 20,
+    block_bytes: int = 1 << 21,
 ) -> torch.Tensor:
-    """``theta = sum_i c_i max(F_i, eps) theta_i / sum_i c_i max(F_i, eps)``, chunked over P."""
+    """``theta = sum_i c_i max(F_i, eps) theta_i / sum_i c_i max(F_i, eps)``.
+
+    With :class:`FisherProducts` (the fast path): two plain mixing passes. With a raw
+    Fisher stack ``F [n, P]``: cache-sized column blocks through one reused scratch
+    buffer (``f = max(F, eps)``; ``den = c @ f``; ``f *= W``; ``num = c @ f``), reading W
+    and F once; per-layer recipes walk their column ranges (no ``[n, P]`` coefficients).
+    """
     n, P = W.shape
     if F.shape != W.shape:
         raise RecipeError(f"Fisher stack has shape {tuple(F.shape)}, expected {tuple(W.shape)} like the weights")
+    if recipe.per_layer and layout is None:
+        raise RecipeError("per-layer recipe needs the stack's layout")
+    eps = recipe.fisher_floor
+    if isinstance(F, FisherProducts):
+        if eps != F.floor:
+            raise RecipeError(
+                f"recipe {recipe.label or recipe.key}: fisher_floor {eps} differs from the floor {F.floor} "
+                "the Fisher products were built with"
+            )
+        plain = Recipe(recipe.coeffs, recipe.layer_coeffs, recipe.group_depth)
+        out = mix(F.FW, plain, layout, out=out)
+        return out.div_(mix(F.Fc, plain, layout))
     if out is None:
         out = torch.empty(P, dtype=W.dtype, device=W.device)
     if recipe.per_layer:
-        if layout is None:
-            raise RecipeError("per-layer recipe needs the stack's layout")
         groups = layout.regroup(recipe.group_depth).groups()
-        col_coeff = torch.empty((n, P), dtype=W.dtype, device=W.device)
-        for g, (_, ranges) in enumerate(groups):
-            cg = _coeff_tensor(recipe.layer_coeffs[g], W)[:, None]
-            for a, b in ranges:
-                col_coeff[:, a:b] = cg
+        C = _coeff_tensor(recipe.layer_coeffs, W)
+        segs = [(C[g], a, b) for g, (_, ranges) in enumerate(groups) for a, b in ranges]
     else:
-        col_coeff = None
-        c = _coeff_tensor(recipe.coeffs, W)[:, None]
-    eps = recipe.fisher_floor
-    for a in range(0, P, chunk):
-        b = min(P, a + chunk)
-        f = F[:, a:b].clamp_min(eps)
-        f = f * (col_coeff[:, a:b] if col_coeff is not None else c)
-        num = (f * W[:, a:b]).sum(0)
-        den = f.sum(0)
-        torch.div(num, den, out=out[a:b])
+        segs = [(_coeff_tensor(recipe.coeffs, W), 0, P)]
+    chunk = max(1024, block_bytes // (n * W.element_size()))
+    scratch = torch.empty(n * chunk, dtype=W.dtype, device=W.device)
+    den = torch.empty(chunk, dtype=W.dtype, device=W.device)
+    for c, a0, b0 in segs:
+        for a in range(a0, b0, chunk):
+            b = min(b0, a + chunk)
+            m = b - a
+            f = scratch[: n * m].view(n, m)
+            torch.clamp_min(F[:, a:b], eps, out=f)
+            torch.mv(f.t(), c, out=den[:m])
+            f.mul_(W[:, a:b])
+            o = out[a:b]
+            torch.mv(f.t(), c, out=o)
+            o.div_(den[:m])
     return out

@@ -193,11 +193,11 @@ def init_ray(cfg: Config) -> bool:
     """Connect to Ray; returns True if this call started a local instance (to shut down)."""
     import ray
 
-    if ray.is_initialized():
-        return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        check_ray_address(address)
+        check_ray_address(address)  # also when this process is already connected somewhere
+    if ray.is_initialized():
+        return False
     try:
         if address:
             ray.init(address=address, log_to_driver=True)

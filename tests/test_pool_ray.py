@@ -94,3 +94,43 @@ def test_killed_evaluator_is_restarted_and_results_identical(ray_session, setup)
         assert victim not in {i["pid"] for i in infos}
     finally:
         pool.close()
+
+
+def test_shard_failing_on_every_evaluator_names_candidate_and_split(ray_session, setup):
+    from soupsearch.errors import EvaluationError
+
+    stack, splits, recipes = setup
+    rng = np.random.default_rng(0)
+    bad = {"val": splits["val"], "rgb": (rng.random((20, 3, 16, 16), dtype=np.float32), np.zeros(20, np.int64))}
+    pool = _ray_pool(ray_session, stack, bad, 2)
+    try:
+        assert pool.evaluate([(recipes[0], "val")])  # the good split still works
+        with pytest.raises(EvaluationError, match=r"candidate .* on split 'rgb' \(shard 0\) failed 3 times"):
+            pool.evaluate([(Recipe.one_hot(1, 5, label="m1"), "rgb")])
+        assert pool.stats["resubmitted"] == 2  # tried on the evaluators, then gave up
+    finally:
+        pool.close()
+
+
+def test_failed_search_marks_mlflow_run_failed(ray_session, tiny_sweep, tmp_path):
+    import mlflow
+
+    from soupsearch.config import config_from_dict
+    from soupsearch.errors import EvaluationError
+    from soupsearch.search import run_search
+
+    from .conftest import tiny_config
+
+    x, y = random_split(30)
+    np.savez(tmp_path / "rgb.npz", x=np.repeat(x, 3, axis=1), y=y)  # 3 channels: the model takes 1
+    raw = tiny_config(tiny_sweep, tmp_path)
+    raw["data"]["val"] = {"type": "npz", "path": str(tmp_path / "rgb.npz")}
+    raw["data"]["test"] = {"type": "npz", "path": str(tmp_path / "rgb.npz")}
+    raw["data"]["corruptions"] = None
+    with pytest.raises(EvaluationError, match=r"candidate .* on split '(val|test)'"):
+        run_search(config_from_dict(raw))
+    client = mlflow.MlflowClient(tracking_uri=raw["tracking"]["tracking_uri"])
+    [parent] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert parent.info.status == "FAILED"
+    assert "EvaluationError" in parent.data.tags["soupsearch.error"] and "split" in parent.data.tags["soupsearch.error"]
+    assert "config.resolved.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}  # kept

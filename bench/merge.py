@@ -1,0 +1,459 @@
+#!/usr/bin/env python
+"""Soup materialization benchmark: the stack mixing kernel against the machine's
+streaming-read bandwidth and against a per-key state-dict loop; Fisher mixing; and
+peak memory of building the stack from checkpoint files.
+
+Run as ``python bench/merge.py`` (``make bench``); ``--quick`` for small sizes. Not a
+test: it prints a table and PASS/FAIL against the goals of the merge issue:
+
+* mixing (``mixing.mix``) >= 85% of streaming-read bandwidth, and >= 2x the per-key loop;
+* Fisher mixing within 3x the time of plain mixing;
+* building the stack from n safetensors files peaks at <= (stack + one checkpoint) * 1.1
+  above the process's baseline RSS (measured in a fresh subprocess with ru_maxrss).
+
+Throughput is GB/s (1e9 bytes) of ingredient bytes read (``n * P * 4``). The machine may
+be shared and noisy: every kernel runs interleaved with the others in each round, and
+the best of ``--repeats`` rounds is reported (the median too, for the noise).
+The streaming-read bandwidth is the best of several read-only kernels over the same
+stack (sum, amax, dot(W, W)): the fastest way this process can read those bytes.
+Rows marked ``proto:`` are candidate replacements for ``mixing.fisher_mix`` timed on
+the same data (a cache-blocked kernel; precomputed product stacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from soupsearch.ingredients import ParamLayout  # noqa: E402
+from soupsearch.mixing import Recipe, fisher_mix, mix  # noqa: E402
+
+GOAL_MIX_VS_READ = 0.85
+GOAL_MIX_VS_LOOP = 2.0
+GOAL_FISHER_VS_MIX = 3.0
+GOAL_MEM_SLACK = 1.10
+
+FULL = [(16, 25_000_000), (64, 4_000_000)]
+QUICK = [(8, 3_000_000), (32, 500_000)]
+
+
+# ----------------------------------------------------------------------------- synthetic model
+
+
+def synthetic_shapes(P: int, blocks: int = 12) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """A transformer-ish state dict of about ``P`` float parameters in ``blocks`` layer groups
+    (a square weight, a bias and a norm per block) plus one integer buffer."""
+    h = max(4, int(math.sqrt(P / blocks)))
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for b in range(blocks):
+        shapes[f"blocks.{b}.proj.weight"] = ((h, h), torch.float32)
+        shapes[f"blocks.{b}.proj.bias"] = ((h,), torch.float32)
+        shapes[f"blocks.{b}.norm.weight"] = ((h,), torch.float32)
+        shapes[f"blocks.{b}.norm.bias"] = ((h,), torch.float32)
+    used = sum(math.prod(s) for s, _ in shapes.values())
+    shapes["head.weight"] = ((max(1, P - used),), torch.float32)
+    shapes["norm.num_batches_tracked"] = ((), torch.int64)
+    return shapes
+
+
+def synthetic_layout(P: int) -> ParamLayout:
+    meta = {k: torch.empty(s, dtype=dt, device="meta") for k, (s, dt) in synthetic_shapes(P).items()}
+    return ParamLayout.from_state_dict(meta)
+
+
+def synthetic_state_dict(layout: ParamLayout, row: torch.Tensor) -> dict[str, torch.Tensor]:
+    sd = layout.unflatten(row, cast=False)
+    for name, shape, dt in layout.fixed:
+        sd[name] = torch.zeros(shape, dtype=getattr(torch, dt))
+    return sd
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def per_key_loop(sds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The straightforward soup: accumulate ``sd[k] / n`` model by model, key by key."""
+    n = len(sds)
+    acc = {k: torch.zeros_like(v) for k, v in sds[0].items() if v.is_floating_point()}
+    for sd in sds:
+        for k in acc:
+            acc[k] += sd[k] / n
+    return acc
+
+
+def fisher_mix_blocked(
+    W: torch.Tensor,
+    F: torch.Tensor,
+    recipe: Recipe,
+    layout: ParamLayout | None = None,
+    out: torch.Tensor | None = None,
+    block_bytes: int = 1 << 21,
+) -> torch.Tensor:
+    """Prototype for ``mixing.fisher_mix``: cache-sized column blocks, one scratch buffer,
+    in-place ops, and both sums as matrix-vector products with the coefficients.
+
+    Per block: ``f = max(F, eps)`` (scratch), ``den = c @ f``, ``f *= W``, ``num = c @ f``,
+    ``out = num / den``. The scratch stays in L2, so DRAM traffic is W and F read once
+    plus the output; per-layer recipes iterate over their column ranges instead of
+    materializing an ``[n, P]`` coefficient matrix.
+    """
+    n, P = W.shape
+    eps = recipe.fisher_floor
+    if out is None:
+        out = torch.empty(P, dtype=W.dtype)
+    chunk = max(1024, block_bytes // (n * W.element_size()))
+    if recipe.per_layer:
+        C = torch.tensor(recipe.layer_coeffs, dtype=W.dtype)
+        groups = layout.regroup(recipe.group_depth).groups()
+        segs = [(C[g], a, b) for g, (_, ranges) in enumerate(groups) for a, b in ranges]
+    else:
+        segs = [(torch.tensor(recipe.coeffs, dtype=W.dtype), 0, P)]
+    scratch = torch.empty(n * chunk, dtype=W.dtype)
+    den = torch.empty(chunk, dtype=W.dtype)
+    for c, a0, b0 in segs:
+        for a in range(a0, b0, chunk):
+            b = min(b0, a + chunk)
+            m = b - a
+            f = scratch[: n * m].view(n, m)
+            torch.clamp_min(F[:, a:b], eps, out=f)
+            torch.mv(f.t(), c, out=den[:m])
+            f.mul_(W[:, a:b])
+            o = out[a:b]
+            torch.mv(f.t(), c, out=o)
+            o.div_(den[:m])
+    return out
+
+
+def fisher_product_stacks(W: torch.Tensor, F: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prototype, precomputed once per Fisher stack: ``Fc = max(F, floor)`` (in place of F)
+    and ``FW = Fc * W`` (one more ``[n, P]`` stack)."""
+    Fc = F.clamp_min(floor)
+    return Fc, Fc * W
+
+
+def fisher_mix_products(
+    Fc: torch.Tensor, FW: torch.Tensor, recipe: Recipe, layout: ParamLayout | None = None,
+    out: torch.Tensor | None = None, den: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prototype: ``theta = (c @ FW) / (c @ Fc)`` -- two plain mixing passes, any recipe
+    shape (per-ingredient or per-layer), no temporaries beyond one ``[P]`` vector."""
+    plain = Recipe(recipe.coeffs, recipe.layer_coeffs, recipe.group_depth)
+    out = mix(FW, plain, layout, out=out)
+    den = mix(Fc, plain, layout, out=den)
+    return out.div_(den)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def interleaved(
+    kernels: dict[str, callable], repeats: int, warmup: int = 1, budget_s: float = 8.0, min_repeats: int = 3
+) -> dict[str, list[float]]:
+    """Time every kernel once per round, rounds interleaved (so load spikes hit all kernels
+    alike). A kernel that has used ``budget_s`` seconds stops being timed once it has
+    ``min_repeats`` runs (the slow baselines); the fast kernels run every round."""
+    times: dict[str, list[float]] = {k: [] for k in kernels}
+    spent = dict.fromkeys(kernels, 0.0)
+    for r in range(warmup + repeats):
+        for name, fn in kernels.items():
+            if len(times[name]) >= min_repeats and spent[name] > budget_s:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(dt)
+            spent[name] += dt
+    return times
+
+
+def check_kernels(n: int, P: int = 300_000, seed: int = 1) -> None:
+    """What is timed computes the right thing: float64 references on a small stack."""
+    layout = synthetic_layout(P)
+    P = layout.num_params
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn((n, P), generator=g)
+    F = torch.rand((n, P), generator=g) ** 4  # some values under the floor
+    c = torch.rand(n, generator=g)
+    groups = layout.groups()
+    C = torch.rand(len(groups), n, generator=g)
+    r = Recipe(tuple(c.tolist()))
+    rl = Recipe(layer_coeffs=tuple(tuple(row) for row in C.tolist()))
+    rf = Recipe(r.coeffs, fisher=True, fisher_floor=1e-3)
+    rfl = Recipe(layer_coeffs=rl.layer_coeffs, fisher=True, fisher_floor=1e-3)
+    c64 = torch.tensor(r.coeffs, dtype=torch.float64)
+    col = torch.empty((n, P), dtype=torch.float64)  # per-column coefficients of the per-layer recipe
+    for gi, (_, ranges) in enumerate(groups):
+        for a, b in ranges:
+            col[:, a:b] = torch.tensor(rl.layer_coeffs[gi], dtype=torch.float64)[:, None]
+    W64, F64 = W.double(), F.double().clamp_min(1e-3)
+
+    def close(x, ref):
+        assert torch.allclose(x.double(), ref, rtol=1e-4, atol=1e-5), (x.double() - ref).abs().max()
+
+    close(mix(W, r, layout), c64 @ W64)
+    close(mix(W, rl, layout), (col * W64).sum(0))
+    fref = (c64[:, None] * F64 * W64).sum(0) / (c64[:, None] * F64).sum(0)
+    flref = (col * F64 * W64).sum(0) / (col * F64).sum(0)
+    close(fisher_mix(W, F, rf), fref)
+    close(fisher_mix(W, F, rfl, layout), flref)
+    close(fisher_mix_blocked(W, F, rf, block_bytes=1 << 16), fref)
+    close(fisher_mix_blocked(W, F, rfl, layout, block_bytes=1 << 16), flref)
+    Fc, FW = fisher_product_stacks(W, F, 1e-3)
+    close(fisher_mix_products(Fc, FW, rf), fref)
+    close(fisher_mix_products(Fc, FW, rfl, layout), flref)
+    sds = [synthetic_state_dict(layout, W[i]) for i in range(n)]
+    loop = per_key_loop(sds)
+    close(layout.flatten(loop), W64.mean(0))
+
+
+def bench_compute(n: int, P: int, repeats: int, seed: int = 0, budget_s: float = 8.0) -> dict:
+    check_kernels(n)
+    layout = synthetic_layout(P)
+    P = layout.num_params
+    g = torch.Generator().manual_seed(seed)
+    W = torch.empty((n, P), dtype=torch.float32)
+    W.normal_(generator=g)
+    F = torch.empty_like(W)
+    F.uniform_(0.0, 1.0, generator=g)
+    x = W.view(-1)
+    nbytes = W.numel() * W.element_size()
+    groups = layout.groups()
+    coeffs = tuple(float(v) for v in torch.rand(n, generator=g) / n)
+    r_ing = Recipe(coeffs, label="per-ingredient")
+    lc = torch.rand(len(groups), n, generator=g) / n
+    r_layer = Recipe(layer_coeffs=tuple(tuple(float(v) for v in row) for row in lc), label="per-layer")
+    r_fisher = Recipe(coeffs, fisher=True)
+    out = torch.empty(P, dtype=torch.float32)
+    den = torch.empty(P, dtype=torch.float32)
+    Fc, FW = fisher_product_stacks(W, F, r_fisher.fisher_floor)
+    sds = [synthetic_state_dict(layout, W[i]) for i in range(n)]
+
+    read = {
+        "read: W.sum()": lambda: W.sum(),
+        "read: W.amax()": lambda: W.amax(),
+        "read: dot(W, W)": lambda: torch.dot(x, x),
+    }
+    kernels = {
+        **read,
+        "mix per-ingredient": lambda: mix(W, r_ing, layout, out=out),
+        f"mix per-layer-group ({len(groups)} groups)": lambda: mix(W, r_layer, layout, out=out),
+        "per-key state-dict loop": lambda: per_key_loop(sds),
+        "fisher_mix per-ingredient": lambda: fisher_mix(W, F, r_fisher, out=out),
+        "proto: fisher_mix_blocked": lambda: fisher_mix_blocked(W, F, r_fisher, out=out),
+        "proto: fisher via product stacks": lambda: fisher_mix_products(Fc, FW, r_fisher, out=out, den=den),
+    }
+    times = interleaved(kernels, repeats, budget_s=budget_s)
+    rows = {}
+    for name, ts in times.items():
+        best, med = min(ts), statistics.median(ts)
+        rows[name] = {"runs": len(ts), "best_s": best, "median_s": med,
+                      "best_GBps": nbytes / best / 1e9, "median_GBps": nbytes / med / 1e9}
+    read_name = max(read, key=lambda k: rows[k]["best_GBps"])
+    stream = rows[read_name]["best_GBps"]
+    mix_bw = rows["mix per-ingredient"]["best_GBps"]
+    layer_bw = rows[f"mix per-layer-group ({len(groups)} groups)"]["best_GBps"]
+    loop_bw = rows["per-key state-dict loop"]["best_GBps"]
+    ratios = {
+        "mix / streaming read": (mix_bw / stream, GOAL_MIX_VS_READ, ">="),
+        "mix per-layer / streaming read": (layer_bw / stream, GOAL_MIX_VS_READ, ">="),
+        "mix / per-key loop": (mix_bw / loop_bw, GOAL_MIX_VS_LOOP, ">="),
+        "fisher_mix time / mix time": (
+            rows["fisher_mix per-ingredient"]["best_s"] / rows["mix per-ingredient"]["best_s"], GOAL_FISHER_VS_MIX, "<="),
+        "proto fisher_mix_blocked time / mix time": (
+            rows["proto: fisher_mix_blocked"]["best_s"] / rows["mix per-ingredient"]["best_s"], GOAL_FISHER_VS_MIX, "<="),
+        "proto fisher product stacks time / mix time": (
+            rows["proto: fisher via product stacks"]["best_s"] / rows["mix per-ingredient"]["best_s"],
+            GOAL_FISHER_VS_MIX, "<="),
+    }
+    return {"n": n, "P": P, "stack_bytes": nbytes, "groups": len(groups), "rows": rows,
+            "stream_kernel": read_name, "stream_GBps": stream, "ratios": ratios}
+
+
+# ----------------------------------------------------------------------------- memory
+
+_CHILD = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(int(sys.argv[4]))
+from soupsearch.ingredients import IngredientStack
+from soupsearch.merge import build_stack, merge_files
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+mode, files = sys.argv[2], json.loads(sys.argv[3])
+import safetensors.torch  # noqa: F401  (warm up lazily imported modules and thread pools)
+torch.ones(1 << 16).mul(2).sum()
+# The imports peak above the RSS they leave; reset the high-water mark so the peak
+# measured is the operation's (Linux clear_refs 5). Fall back to ru_maxrss.
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    how = "VmHWM after clear_refs"
+except OSError:
+    how = "ru_maxrss (includes the import peak)"
+before = status("VmRSS")
+if mode == "IngredientStack.from_files":
+    s = IngredientStack.from_files(files)
+    extra = {"stack_bytes": s.nbytes}
+elif mode == "merge.build_stack":
+    s = build_stack(files)
+    extra = {"stack_bytes": s.nbytes}
+else:
+    res = merge_files(files, "uniform", out=sys.argv[5])
+    extra = {"output_bytes": 4 * res["num_params"]}
+hwm = status("VmHWM")
+maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm if how.startswith("VmHWM") else maxrss
+print(json.dumps({"before": before, "peak": peak, "ru_maxrss": maxrss, "how": how, **extra}))
+"""
+
+
+def bench_memory(n: int, P: int, tmpdir: Path, threads: int) -> list[dict]:
+    from safetensors.torch import save_file
+
+    layout = synthetic_layout(P)
+    P = layout.num_params
+    g = torch.Generator().manual_seed(1)
+    files = []
+    row = torch.empty(P, dtype=torch.float32)
+    for i in range(n):
+        row.normal_(generator=g)
+        sd = {k: v.contiguous() for k, v in synthetic_state_dict(layout, row).items()}
+        f = tmpdir / f"ingredient_{i:03d}.safetensors"
+        save_file(sd, str(f))
+        files.append(str(f))
+    ckpt = os.path.getsize(files[0])
+    stack = n * P * 4
+    out = []
+    for mode in ("IngredientStack.from_files", "merge.build_stack", "merge_files (streaming)"):
+        cmd = [sys.executable, "-c", _CHILD, str(REPO), mode, json.dumps(files), str(threads),
+               str(tmpdir / "soup.safetensors")]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            out.append({"mode": mode, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        delta = r["peak"] - r["before"]
+        if mode.startswith("merge_files"):
+            budget, what = r["output_bytes"] + ckpt, "output + one checkpoint"
+        else:
+            budget, what = stack + ckpt, "stack + one checkpoint"
+        out.append({"mode": mode, "peak_delta": delta, "budget": budget, "what": what, "stack": stack,
+                    "ckpt": ckpt, "ratio": delta / budget, "wall_s": wall, "baseline_rss": r["before"],
+                    "ru_maxrss": r["ru_maxrss"], "how": r["how"]})
+    for f in files:
+        os.unlink(f)
+    soup = tmpdir / "soup.safetensors"
+    if soup.exists():
+        soup.unlink()
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def gb(x: float) -> str:
+    return f"{x / 1e9:.3f} GB"
+
+
+def verdict(value: float, goal: float, op: str) -> str:
+    ok = value >= goal if op == ">=" else value <= goal
+    return "PASS" if ok else "FAIL"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds per kernel (best is reported)")
+    ap.add_argument("--budget", type=float, default=8.0,
+                    help="seconds after which a kernel stops being timed (once it has 3 runs)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the checkpoint-file memory measurement")
+    ap.add_argument("--json", default=str(REPO / "bench" / "results" / "merge.json"), help="where to write results")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    configs = QUICK if args.quick else FULL
+    repeats = args.repeats or (5 if args.quick else 15)
+    print(f"soupsearch merge benchmark -- torch {torch.__version__}, {threads} threads, "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, best of {repeats} interleaved rounds; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    results = {"torch": torch.__version__, "threads": threads, "repeats": repeats, "configs": []}
+    all_pass = True
+    for n, P in configs:
+        t0 = time.perf_counter()
+        r = bench_compute(n, P, repeats, budget_s=args.budget)
+        print()
+        print(f"== n = {n} ingredients x P = {r['P']:,} float32 parameters "
+              f"(stack {gb(r['stack_bytes'])}, {r['groups']} layer groups; {time.perf_counter() - t0:.0f}s)")
+        print(f"  {'kernel':42s} {'runs':>4s} {'best s':>8s} {'GB/s':>7s} {'median GB/s':>12s}")
+        for name, row in r["rows"].items():
+            mark = "  <- streaming read" if name == r["stream_kernel"] else ""
+            print(f"  {name:42s} {row['runs']:4d} {row['best_s']:8.4f} {row['best_GBps']:7.2f} "
+                  f"{row['median_GBps']:12.2f}{mark}")
+        print(f"  streaming-read bandwidth (best read kernel): {r['stream_GBps']:.2f} GB/s")
+        for name, (v, goal, op) in r["ratios"].items():
+            v_ = verdict(v, goal, op)
+            if not name.startswith("proto"):
+                all_pass &= v_ == "PASS"
+            print(f"  {name:42s} {v:6.2f}   goal {op} {goal:<5g} {v_}{'  (prototype)' if name.startswith('proto') else ''}")
+        if not args.no_memory:
+            with tempfile.TemporaryDirectory(prefix="soupsearch-bench-") as d:
+                mem = bench_memory(n, P, Path(d), threads)
+            r["memory"] = mem
+            how = next((m["how"] for m in mem if "how" in m), "?")
+            print(f"  memory (fresh subprocess, peak RSS above its baseline [{how}]; checkpoint "
+                  f"{gb(mem[0].get('ckpt', 0))}, stack {gb(n * r['P'] * 4)}):")
+            for m in mem:
+                if "error" in m:
+                    print(f"    {m['mode']:30s} ERROR {m['error']}")
+                    all_pass = False
+                    continue
+                v_ = verdict(m["ratio"], GOAL_MEM_SLACK, "<=")
+                if args.quick:  # a few MB of allocator overhead exceed 10% of a tiny stack
+                    v_ = f"({v_}: not judged at --quick sizes)"
+                else:
+                    all_pass &= v_ == "PASS"
+                print(f"    {m['mode']:28s} peak +{gb(m['peak_delta'])} (baseline {gb(m['baseline_rss'])}) vs "
+                      f"{m['what']} {gb(m['budget'])}: {m['ratio']:.3f}x  goal <= {GOAL_MEM_SLACK}  {v_}  "
+                      f"({m['wall_s']:.1f}s)")
+        r["ratios"] = {k: {"value": v, "goal": goal, "op": op} for k, (v, goal, op) in r["ratios"].items()}
+        results["configs"].append(r)
+    print()
+    print(f"load average at the end {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs: above that, other "
+          "processes shared the cores and the medians are noise; the best-of figures are the comparable ones)")
+    print("ALL GOALS PASS" if all_pass else "SOME GOALS FAIL (see above)")
+    try:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"results: {args.json}")
+    except OSError as e:  # pragma: no cover
+        print(f"could not write {args.json}: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
