@@ -434,9 +434,7 @@ class IngredientStack:
         first = load_state_dict(files[0])
         # the reference is shapes and dtypes only: holding `first` itself would keep the
         # first checkpoint resident (its memory-mapped pages) until the last one is loaded
-        ref = skeleton if skeleton is not None else {
-            k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in first.items()
-        }
+        ref = skeleton if skeleton is not None else meta_like(first)
         ref_name = "model skeleton" if skeleton is not None else str(files[0])
         layout = ParamLayout.from_state_dict(ref, group_depth)
         W = torch.empty((len(files), layout.num_params), dtype=torch.float32)
@@ -472,6 +470,12 @@ class IngredientStack:
         if len(keep) < len(files):
             W = W[keep].contiguous()
         return IngredientStack(W, layout, names, fixed, paths)
+
+
+def meta_like(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Shape/dtype-only copy of a state dict (meta tensors), for compatibility checks that
+    must not keep a checkpoint's memory alive."""
+    return {k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in sd.items()}
 
 
 def _first_nonfinite(row: torch.Tensor, layout: ParamLayout) -> str | None:

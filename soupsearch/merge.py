@@ -34,6 +34,8 @@ from torch import nn
 
 from .errors import CheckpointError, EvaluationError, RecipeError
 from .ingredients import (
+    _first_nonfinite,
+    meta_like,
     IngredientStack,
     ParamLayout,
     check_compatible,
@@ -191,12 +193,6 @@ def _resolve(x: Any, label: str) -> StateDict:
     )
 
 
-def _meta(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    """Shape/dtype-only copy of a state dict (meta tensors), for compatibility checks
-    that must not keep a checkpoint's memory alive."""
-    return {k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in sd.items()}
-
-
 def _meta_from_layout(layout: ParamLayout) -> StateDict:
     by_name = {s.name: (s.shape, s.dtype) for s in layout.specs}
     by_name.update({n: (shape, dt) for n, shape, dt in layout.fixed})
@@ -204,13 +200,6 @@ def _meta_from_layout(layout: ParamLayout) -> StateDict:
     return {k: torch.empty(by_name[k][0], dtype=getattr(torch, by_name[k][1]), device="meta") for k in order}
 
 
-def _first_nonfinite(row: torch.Tensor, layout: ParamLayout) -> str | None:
-    if bool(torch.isfinite(row).all()):
-        return None
-    for s in layout.specs:
-        if not bool(torch.isfinite(row[s.offset : s.offset + s.numel]).all()):
-            return s.name
-    return "?"  # pragma: no cover
 
 
 @torch.no_grad()
@@ -232,7 +221,7 @@ def _build_stack(
     layout = ParamLayout.from_state_dict(first, group_depth)
     if layout.num_params == 0:
         raise CheckpointError(f"{labels[0]}: has no floating-point tensors to mix")
-    ref = _meta(first)
+    ref = meta_like(first)
     fixed = {k: first[k].detach().clone() for k, _, _ in layout.fixed}
     W = torch.empty((len(items), layout.num_params), dtype=torch.float32)
     for i, x in enumerate(items):
@@ -590,7 +579,7 @@ def merge_files(
 
     # -- shapes first: the first checkpoint is the reference; safetensors headers are cheap
     sd = load_state_dict(files[0])
-    ref = _meta(sd)
+    ref = meta_like(sd)
     ref_name = str(files[0])
     float_keys = [k for k, t in sd.items() if t.is_floating_point()]
     if not float_keys:
@@ -685,7 +674,7 @@ def _stream_fisher(files, fisher_files, w, ref, ref_name, float_keys, floor, nor
     for ff in fisher_files:  # headers (and means, if normalizing) first
         label = f"Fisher {ff}"
         fsd = load_state_dict(ff)
-        keys = _check_fisher_meta(fsd, ref, label)
+        keys = _check_fishermeta_like(fsd, ref, label)
         if fkeys is None:
             fkeys, first_label = keys, label
         elif keys != fkeys:
@@ -729,7 +718,7 @@ def _stream_fisher(files, fisher_files, w, ref, ref_name, float_keys, floor, nor
     return num
 
 
-def _check_fisher_meta(fsd: Mapping[str, torch.Tensor], ref: StateDict, label: str) -> set[str]:
+def _check_fishermeta_like(fsd: Mapping[str, torch.Tensor], ref: StateDict, label: str) -> set[str]:
     for k, t in fsd.items():
         r = ref.get(k)
         if r is None or not r.is_floating_point():
