@@ -307,17 +307,6 @@ def import_floor_kib(num_params: int) -> dict[str, int]:
         return {}
 
 
-def machine_pss_kib() -> int:
-    """Sum of PSS over every process of the machine (this user's view of /proc)."""
-    total = 0
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            v = pss_kib(int(d))
-            if v:
-                total += v
-    return total
-
-
 def process_tree(root: int) -> set[int]:
     """``root`` and all its descendants (from /proc/*/stat parent links)."""
     children: dict[int, list[int]] = {}
@@ -338,15 +327,6 @@ def process_tree(root: int) -> set[int]:
         out.add(p)
         todo.extend(children.get(p, ()))
     return out
-
-
-def shm_used_kib() -> int:
-    """Bytes in tmpfs /dev/shm (Ray's plasma store may back its memory there)."""
-    try:
-        st = os.statvfs("/dev/shm")
-        return (st.f_blocks - st.f_bfree) * st.f_frsize // 1024
-    except OSError:
-        return 0
 
 
 def cpu_seconds(pids) -> float:

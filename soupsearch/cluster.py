@@ -59,16 +59,32 @@ def _start(tmp, env, port, dashboard_port, workers, cpus_per_node, timeout) -> d
     cpus = ["--num-cpus", str(cpus_per_node)] if cpus_per_node else []
     head = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={tmp}",
-            "--disable-usage-stats", *cpus]
+            "--disable-usage-stats", *cpus, *_node_ports()]
     _run(head, env, timeout)
     for _ in range(workers):
         _run([_ray_bin(), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-              "--disable-usage-stats", *cpus], env, timeout)
+              "--disable-usage-stats", *cpus, *_node_ports()], env, timeout)
     info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}",
             "temp_dir": str(tmp), "nodes": 1 + workers}
     (tmp / STATE).write_text(json.dumps(info))
     _wait_nodes(info, timeout)
     return info
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _node_ports() -> list[str]:
+    """Free ports for a node's agents: Ray's fixed defaults (e.g. the dashboard agent on
+    52365) collide with any other Ray on the machine, and a head whose job agent cannot bind
+    accepts no job ("No available agent to submit job")."""
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
 
 
 def _run(cmd, env, timeout):

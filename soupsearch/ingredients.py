@@ -479,7 +479,9 @@ def meta_like(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _first_nonfinite(row: torch.Tensor, layout: ParamLayout) -> str | None:
-    if bool(torch.isfinite(row).all()):
+    # fast path: one read-only reduction (a NaN/Inf anywhere makes the sum non-finite; a
+    # finite row whose sum overflows just takes the exact per-tensor path below)
+    if bool(torch.isfinite(row.sum())):
         return None
     for s in layout.specs:
         if not bool(torch.isfinite(row[s.offset : s.offset + s.numel]).all()):

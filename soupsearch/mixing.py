@@ -188,11 +188,42 @@ def mix(
     elif not recipe.per_layer:
         if out is None:
             out = torch.empty(P, dtype=W.dtype, device=W.device)
-        torch.mm(_coeff_tensor(recipe.coeffs, W)[None], W, out=out[None])
+        _mix_support(W, recipe.coeffs, out)
     else:
         out = _mix_per_layer(W, recipe, layout, out)
     if recipe.base_coeff:
         out.add_(base.to(out.dtype), alpha=recipe.base_coeff)
+    return out
+
+
+def _support_runs(coeffs) -> list[tuple[int, int]]:
+    """Maximal runs ``[a, b)`` of consecutive ingredients with a non-zero coefficient."""
+    runs: list[tuple[int, int]] = []
+    for i, c in enumerate(coeffs):
+        if c != 0.0:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+    return runs
+
+
+def _mix_support(W: torch.Tensor, coeffs, out: torch.Tensor) -> torch.Tensor:
+    """``out = c @ W`` reading only the rows with ``c_i != 0``: one ``mm`` per run of
+    consecutive non-zero rows (a one-hot is one row copy, a greedy candidate over k of n
+    ingredients reads k rows). Dense recipes (or many scattered runs) use one ``mm``."""
+    n = W.shape[0]
+    runs = _support_runs(coeffs)
+    c = _coeff_tensor(coeffs, W)
+    if not runs:
+        return out.zero_()
+    if len(runs) > max(1, n // 4) or runs == [(0, n)]:
+        torch.mm(c[None], W, out=out[None])
+        return out
+    a, b = runs[0]
+    torch.mm(c[a:b][None], W[a:b], out=out[None])
+    for a, b in runs[1:]:
+        out[None].addmm_(c[a:b][None], W[a:b])
     return out
 
 

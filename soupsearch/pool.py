@@ -250,6 +250,7 @@ class RayEvalPool(EvalPool):
         self._load = Counter()
         self._attempts = Counter()
         self._fisher_ref = None
+        self._last_key: dict[int, str] = {}  # actor index -> recipe key of the last shard sent to it
         # actors that failed and may be restarting: index -> [ping ref or None, time of next ping]
         self._suspect: dict[int, list] = {}
 
@@ -329,10 +330,35 @@ class RayEvalPool(EvalPool):
             a = min(alive, key=lambda i: (self._load[i], i))
             if self._load[a] >= self.max_in_flight:
                 break
-            t = self._pending.popleft()
+            t = self._take_for(a, alive)
+            self._last_key[a] = t.recipe.key
             extra = [self._fisher_ref] if (t.recipe.fisher and self._fisher_ref is not None) else None
             self._inflight[self.actors[a].evaluate.remote(t, extra)] = (t, a)
             self._load[a] += 1
+
+    def _take_for(self, a: int, alive: list[int]) -> ShardTask:
+        """The next shard for actor ``a``. When more recipes wait than there are actors (a
+        batch of independent candidates), keep each actor on one recipe so that every recipe
+        is mixed once: the oldest shard of the recipe ``a`` mixed last, else of a recipe no
+        other actor is on, else the oldest. With few recipes waiting (greedy's candidate and
+        its speculative successor), shards go in order: every actor helps the oldest recipe,
+        which is what a sequential strategy waits for."""
+        keys = {t.recipe.key for t in self._pending}
+        if len(keys) <= len(alive):
+            return self._pending.popleft()
+        mine = self._last_key.get(a)
+        others = {self._last_key.get(b) for b in alive if b != a}
+        pick = None
+        for j, t in enumerate(self._pending):
+            k = t.recipe.key
+            if k == mine:
+                pick = j
+                break
+            if pick is None and k not in others:
+                pick = j
+        t = self._pending[pick or 0]
+        del self._pending[pick or 0]
+        return t
 
     def _next_done(self):
         import ray

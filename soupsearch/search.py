@@ -585,8 +585,9 @@ def _log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: 
     rid = tracker.child_ids[best.name]
     tracker.log_artifact(rid, card_path)
     pkg_dir = str(Path(__file__).resolve().parent)
-    mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=rid):
+    from .tracking import use_tracking_uri
+
+    with use_tracking_uri(tracker.uri), mlflow.start_run(run_id=rid):
         mlflow.pytorch.log_model(
             model, name="model", input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"],

@@ -19,7 +19,7 @@ from .metrics import Counts
 
 # Bump when the meaning of a recipe or of a shard's counts changes (mixing, metrics,
 # input preparation): results stored by an older version are then not reused.
-EVAL_SEMANTICS_VERSION = 2
+EVAL_SEMANTICS_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shard_results (

@@ -10,6 +10,7 @@ metric keys, so a corruption set ``gaussian_noise@3`` is logged as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -39,6 +40,27 @@ def flatten_params(d: dict, prefix: str = "") -> dict[str, str]:
             s = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
             out[key] = s[:6000]
     return out
+
+
+@contextlib.contextmanager
+def use_tracking_uri(uri: str):
+    """Point MLflow's fluent API at ``uri`` for a block, then restore both its global URI
+    and ``MLFLOW_TRACKING_URI`` (``mlflow.set_tracking_uri`` sets that variable process-wide,
+    which would leak into the next search's default)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as _u
+
+    prev_env = os.environ.get("MLFLOW_TRACKING_URI")
+    prev_global = getattr(_u, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(prev_global)
+        if prev_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = prev_env
 
 
 class Tracker:

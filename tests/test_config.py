@@ -53,7 +53,8 @@ def test_missing_file():
         load_config("nope.yaml")
 
 
-def test_root_makes_relative_paths_absolute(tmp_path):
+def test_root_makes_relative_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     text = BASE.replace("name: t", "name: t\nroot: /data/proj") + "  shifts: [{name: s1, type: npz, path: s.npz}]\n"
     cfg = load_config(write(tmp_path, text))
     assert cfg.ingredients.path.rstrip("/") == "/data/proj/sweep"
@@ -70,3 +71,14 @@ def test_root_makes_relative_paths_absolute(tmp_path):
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.search.strategies and cfg.data.val and cfg.data.test
+
+
+def test_a_search_does_not_leak_its_tracking_uri(monkeypatch):
+    import mlflow
+
+    from soupsearch.tracking import use_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with use_tracking_uri("sqlite:////tmp/elsewhere.db"):
+        assert mlflow.get_tracking_uri() == "sqlite:////tmp/elsewhere.db"
+    assert "MLFLOW_TRACKING_URI" not in __import__("os").environ

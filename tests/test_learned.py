@@ -369,15 +369,33 @@ def _strategies(n_trials: int) -> list:
 
 
 def _complete(db: Path) -> list:
-    """COMPLETE trials of the study in ``db``, read without creating tables (a search may be writing)."""
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", skip_table_creation=True)
+    """COMPLETE trials of the (single) study in ``db`` as light records, read with sqlite3 in
+    read-only mode: polling must never create or migrate tables while a search is writing."""
+    import sqlite3
+    from types import SimpleNamespace
+
+    if not db.exists():
+        return []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        names = [s.study_name for s in storage.get_all_studies()]
-        if not names:
+        try:
+            rows = con.execute("SELECT trial_id, number FROM trials WHERE state='COMPLETE' ORDER BY number").fetchall()
+        except sqlite3.OperationalError:  # tables not created yet
             return []
-        return optuna.load_study(study_name=names[0], storage=storage).get_trials(states=(TrialState.COMPLETE,))
+        out = []
+        for tid, number in rows:
+            params = {}
+            for name, value, dist in con.execute(
+                    "SELECT param_name, param_value, distribution_json FROM trial_params WHERE trial_id=?", (tid,)):
+                params[name] = optuna.distributions.json_to_distribution(dist).to_external_repr(value)
+            attrs = {k: json.loads(v) for k, v in con.execute(
+                "SELECT key, value_json FROM trial_user_attributes WHERE trial_id=?", (tid,))}
+            value = con.execute("SELECT value FROM trial_values WHERE trial_id=? AND objective=0", (tid,)).fetchone()
+            out.append(SimpleNamespace(number=number, params=params, user_attrs=attrs,
+                                       value=None if value is None else value[0]))
+        return out
     finally:
-        storage.engine.dispose()
+        con.close()
 
 
 @pytest.mark.slow

@@ -307,7 +307,8 @@ class Learned(Strategy):
                 break
             except Exception as e:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                if attempt == 2 or "already exists" not in first:
+                racing = "already exists" in first or "UNIQUE constraint failed: alembic_version" in first
+                if attempt == 2 or not racing:
                     raise ConfigError(f"strategy {self.label}: Optuna storage {redact(url)!r} is unusable: "
                                       f"{first[:300]}") from None
                 time.sleep(0.5)
