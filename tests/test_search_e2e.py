@@ -66,7 +66,10 @@ def test_search_logs_strategies_to_mlflow(ray_session, tiny_sweep, tmp_path):
     from soupsearch.data.digits import digits_split
     from soupsearch.models import create_model
 
-    loaded = mlflow.pytorch.load_model(f"runs:/{children[best].info.run_id}/model")
+    from soupsearch.tracking import use_tracking_uri
+
+    with use_tracking_uri(cfg.tracking.resolved_uri()):
+        loaded = mlflow.pytorch.load_model(f"runs:/{children[best].info.run_id}/model")
     x, _ = digits_split("test", tiny_sweep / "splits.json")
     ref = create_model("builtin:digits_cnn")
     ref.load_state_dict(load_file(str(out.run_dir / "soups" / best / "soup.safetensors")))
