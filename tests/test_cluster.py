@@ -36,6 +36,9 @@ def two_node_cluster():
     finally:
         cluster.stop(temp)
         assert cluster.cluster_pids(temp) == []  # nothing left running
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_on_two_node_cluster(two_node_cluster, tiny_sweep, tmp_path, monkeypatch):
