@@ -243,16 +243,10 @@ def build_ray_pool(stack, splits: dict, num_evaluators: int, shard_size: int = 1
                    max_in_flight: int = 2, refs: dict | None = None):
     """A RayEvalPool exactly as ``soupsearch.search.make_pool`` builds one (stack and splits
     put once into the object store; evaluators get refs)."""
-    import ray
-
     from soupsearch.pool import RayEvalPool
 
-    if refs is None:
-        refs = {"W": ray.put(stack.W.numpy()), "splits": ray.put(splits)}
-    args = dict(model_factory=MODEL_FACTORY, model_kwargs=MODEL_KWARGS, W=refs["W"], layout=stack.layout,
-                fixed=stack.fixed, splits=refs["splits"], num_classes=NUM_CLASSES, batch_size=batch_size, base=None)
-    sizes = {n: len(s[1]) for n, s in splits.items()}
-    return RayEvalPool.create(num_evaluators, args, False, sizes, shard_size=shard_size, max_in_flight=max_in_flight)
+    return RayEvalPool.from_stack(stack, splits, MODEL_FACTORY, MODEL_KWARGS, num_evaluators, shard_size=shard_size,
+                                  batch_size=batch_size, max_in_flight=max_in_flight, refs=refs)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -260,14 +254,7 @@ def build_ray_pool(stack, splits: dict, num_evaluators: int, shard_size: int = 1
 
 def pss_kib(pid: int) -> int | None:
     """Proportional set size of ``pid`` in KiB (shared pages split among their users)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
+    return pss_parts_kib(pid).get("Pss")
 
 
 def pss_parts_kib(pid: int) -> dict[str, int]:

@@ -115,18 +115,17 @@ def main(argv=None) -> int:
               flush=True)
 
         # ---- memory: one evaluator, then a second one (both warm: stack mapped, one candidate scored)
-        p_a = C.build_ray_pool(stack, splits, 1, args.shard_size, args.batch_size, refs=refs)
-        pools.append(p_a)
-        p_a.evaluate([(r, "val") for r in random_recipes(1, stack.n, rng)])
-        settle()
-        m1, n1 = session_pss()
-        ev1 = C.pss_kib(p_a.actor_infos[0]["pid"]) or 0
-        p_b = C.build_ray_pool(stack, splits, 1, args.shard_size, args.batch_size, refs=refs)
-        pools.append(p_b)
-        p_b.evaluate([(r, "val") for r in random_recipes(1, stack.n, rng)])
-        settle()
-        m2, n2 = session_pss()
-        ev2 = C.pss_kib(p_b.actor_infos[0]["pid"]) or 0
+        def add_warm_evaluator():
+            """One more evaluator (as its own 1-actor pool), warm; then the session's PSS."""
+            p = C.build_ray_pool(stack, splits, 1, args.shard_size, args.batch_size, refs=refs)
+            pools.append(p)
+            p.evaluate([(r, "val") for r in random_recipes(1, stack.n, rng)])
+            settle()
+            m, n = session_pss()
+            return p, m, n, C.pss_kib(p.actor_infos[0]["pid"]) or 0
+
+        p_a, m1, n1, ev1 = add_warm_evaluator()
+        p_b, m2, n2, ev2 = add_warm_evaluator()
         ev2_parts = C.pss_parts_kib(p_b.actor_infos[0]["pid"])
         ev1_after = C.pss_kib(p_a.actor_infos[0]["pid"]) or 0
         delta = (m2 - m1) * 1024

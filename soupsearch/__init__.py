@@ -10,6 +10,7 @@ from .errors import (
     SoupSearchError,
     TrackingError,
 )
+from .merge import dare, fisher_soup, greedy_soup, uniform_soup, weighted_soup
 from .ingredients import IngredientStack, ParamLayout, discover, load_state_dict
 from .mixing import Recipe, fisher_mix, mix
 from .models import create_model, register_model
@@ -20,11 +21,5 @@ __all__ = [
     "IngredientStack", "ParamLayout", "discover", "load_state_dict",
     "Recipe", "mix", "fisher_mix",
     "create_model", "register_model",
+    "uniform_soup", "weighted_soup", "fisher_soup", "greedy_soup", "dare",
 ]
-
-try:  # the Ray-free merge API (soupsearch.merge)
-    from .merge import dare, fisher_soup, greedy_soup, uniform_soup, weighted_soup  # noqa: F401
-
-    __all__ += ["uniform_soup", "weighted_soup", "fisher_soup", "greedy_soup", "dare"]
-except ImportError:  # pragma: no cover - during development before merge.py exists
-    pass

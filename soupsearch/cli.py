@@ -98,12 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compare_subparser(sub)
 
-    try:
-        from .merge import add_merge_subparser
+    from .merge import add_merge_subparser
 
-        add_merge_subparser(sub)
-    except ImportError:  # pragma: no cover
-        pass
+    add_merge_subparser(sub)
     return p
 
 

@@ -71,7 +71,6 @@ class Evaluator:
         layout: ParamLayout,
         fixed: dict[str, torch.Tensor],
         splits: dict[str, tuple],
-        num_classes: int,
         batch_size: int = 256,
         device: str = "cpu",
         fisher=None,
@@ -81,7 +80,6 @@ class Evaluator:
     ):
         self.device = torch.device(device)
         self.layout = layout
-        self.num_classes = num_classes
         self.batch_size = batch_size
         W = _as_tensor(W)
         self.W = W.to(self.device) if self.device.type != "cpu" else W

@@ -44,7 +44,7 @@ def learn_coefficients(
     ranges = None
     G = 1
     if per_layer:
-        groups = layout.regroup(group_depth).groups()
+        groups = layout.groups_at(group_depth)
         G = len(groups)
         ranges = sorted((a, b, g) for g, (_, rs) in enumerate(groups) for a, b in rs)
     alpha = torch.zeros(G, n, dtype=W.dtype, device=W.device, requires_grad=True)

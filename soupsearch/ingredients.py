@@ -83,6 +83,14 @@ class ParamLayout:
                 ranges.append((s.offset, s.offset + s.numel))
         return list(out.items())
 
+    def groups_at(self, group_depth: int) -> list[tuple[str, list[tuple[int, int]]]]:
+        """:meth:`groups` of the layout regrouped at ``group_depth``, computed once per depth
+        (per-layer recipes need them on every mix)."""
+        cache = self.__dict__.setdefault("_groups_cache", {})  # frozen: bypass __setattr__
+        if group_depth not in cache:
+            cache[group_depth] = self.regroup(group_depth).groups()
+        return cache[group_depth]
+
     def regroup(self, group_depth: int) -> "ParamLayout":
         specs = tuple(
             TensorSpec(s.name, s.shape, s.dtype, s.offset, s.numel, group_of(s.name, group_depth))
@@ -488,10 +496,6 @@ def _first_nonfinite(row: torch.Tensor, layout: ParamLayout) -> str | None:
             return s.name
     return "?"  # pragma: no cover
 
-
-def stack_to_numpy(W: torch.Tensor) -> np.ndarray:
-    """The stack as a numpy array (for zero-copy sharing through Ray's object store)."""
-    return W.numpy()
 
 
 def format_bytes(n: float) -> str:

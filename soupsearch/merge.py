@@ -43,7 +43,8 @@ from .ingredients import (
     format_bytes,
     load_state_dict,
 )
-from .mixing import Recipe, mix
+from .mixing import Recipe, dare_generator, mix
+from .strategies.greedy import improves
 
 __all__ = [
     "METHODS",
@@ -400,9 +401,8 @@ def greedy_soup(
         cand = kept + [j]
         sd = _materialize(stack, mix(stack.W, Recipe.uniform_over(cand, n), stack.layout))
         s = _score(score_fn, sd, f"soup of ingredients {sorted(cand)}")
-        ok = (s >= best) if rule == ">=" else (s > best)
-        if math.isnan(best) and not math.isnan(s):
-            ok = True
+        # the search's keep rule; a NaN current score is beaten by any number
+        ok = improves(s, best, rule) or (math.isnan(best) and not math.isnan(s))
         if ok:
             kept, best, best_sd = cand, s, sd
         traj.append({"step": step, "index": j, "name": stack.names[j], "score": s, "kept": bool(ok)})
@@ -459,7 +459,7 @@ def _dare_keep_masks(i: int, numels: Sequence[int], p: float, seed: int):
     """Ingredient ``i``'s DARE keep-mask, tensor by tensor in layout order: the same
     values as ``mixing.dare_mask(i, P, p, seed)`` sliced at the tensors' offsets (one
     generator, consumed in order), without materializing a ``[P]`` mask."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i))
+    g = dare_generator(i, seed)
     for numel in numels:
         yield torch.rand(numel, generator=g) >= p
 
@@ -733,21 +733,16 @@ def _check_fishermeta_like(fsd: Mapping[str, torch.Tensor], ref: StateDict, labe
 
 
 def _write_atomic(sd: Mapping[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    from .fileio import atomic_path, save_safetensors_atomic
 
-            save_file(dict(sd), str(tmp), metadata=metadata)
+    try:
+        if out.suffix == ".safetensors":
+            save_safetensors_atomic(dict(sd), out, metadata=metadata)
         else:
-            torch.save(dict(sd), str(tmp))
-        os.replace(tmp, out)
+            with atomic_path(out) as tmp:
+                torch.save(dict(sd), str(tmp))
     except OSError as e:
         raise CheckpointError(f"output {out}: cannot write ({e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -29,16 +29,6 @@ class Counts:
     def n(self) -> int:
         return int(self.confusion.sum())
 
-    @staticmethod
-    def zeros(num_classes: int, bins: int = DEFAULT_ECE_BINS) -> "Counts":
-        return Counts(
-            np.zeros((num_classes, num_classes), np.int64),
-            0.0,
-            np.zeros(bins, np.int64),
-            np.zeros(bins, np.float64),
-            np.zeros(bins, np.int64),
-        )
-
     def __add__(self, o: "Counts") -> "Counts":
         return Counts(
             self.confusion + o.confusion,

@@ -11,6 +11,7 @@ what travels between the driver and the evaluators (a few hundred bytes), and th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -97,8 +98,8 @@ class Recipe:
     def per_layer(self) -> bool:
         return bool(self.layer_coeffs)
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # computed once: the pool looks it up for every shard
         payload = json.dumps(
             {
                 "c": self.coeffs,
@@ -233,7 +234,7 @@ def _mix_per_layer(W, recipe, layout, out):
         out = torch.empty(P, dtype=W.dtype, device=W.device)
     if layout is None:
         raise RecipeError("per-layer recipe needs the stack's layout")
-    groups = layout.regroup(recipe.group_depth).groups()
+    groups = layout.groups_at(recipe.group_depth)
     if len(groups) != len(recipe.layer_coeffs):
         raise RecipeError(
             f"recipe {recipe.label or recipe.key}: has {len(recipe.layer_coeffs)} layer groups, "
@@ -246,9 +247,15 @@ def _mix_per_layer(W, recipe, layout, out):
     return out
 
 
+def dare_generator(i: int, seed: int) -> torch.Generator:
+    """The random stream of ingredient ``i``'s DARE mask: one definition for the search
+    (:func:`dare_mask`) and the streaming ``soupsearch merge``, which must agree."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i))
+
+
 def dare_mask(i: int, P: int, p: float, seed: int, device=None) -> torch.Tensor:
     """The keep-mask of ingredient ``i`` (independent of how many evaluators there are)."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i))
+    g = dare_generator(i, seed)
     return (torch.rand(P, generator=g) >= p).to(device)
 
 
@@ -338,7 +345,7 @@ def fisher_mix(
     if out is None:
         out = torch.empty(P, dtype=W.dtype, device=W.device)
     if recipe.per_layer:
-        groups = layout.regroup(recipe.group_depth).groups()
+        groups = layout.groups_at(recipe.group_depth)
         C = _coeff_tensor(recipe.layer_coeffs, W)
         segs = [(C[g], a, b) for g, (_, ranges) in enumerate(groups) for a, b in ranges]
     else:

@@ -85,10 +85,11 @@ def _figure(w: float, h: float):
 
 
 def _save(fig, path: Path) -> Path:
+    from .fileio import atomic_path
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # the temp name does not end in .png: say the format
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return path
 
 

@@ -255,6 +255,24 @@ class RayEvalPool(EvalPool):
         self._suspect: dict[int, list] = {}
 
     @staticmethod
+    def from_stack(stack, splits: dict, model_factory: str, model_kwargs: dict, num_evaluators: int, *,
+                   use_gpu: bool = False, shard_size: int = 128, batch_size: int = 256, store=None,
+                   max_attempts: int = 3, max_in_flight: int = 2, base=None, normalize=None, subsets=None,
+                   refs: dict | None = None) -> "RayEvalPool":
+        """Put the stack and the splits into the object store once (every actor on a node maps
+        the same memory) and start evaluators holding refs to them. ``refs`` (``{"W": ...,
+        "splits": ...}``) reuses objects already put, e.g. for several pools over one stack."""
+        import ray
+
+        refs = refs or {"W": ray.put(stack.W.numpy()), "splits": ray.put(splits)}
+        args = dict(model_factory=model_factory, model_kwargs=model_kwargs, W=refs["W"], layout=stack.layout,
+                    fixed=stack.fixed, splits=refs["splits"], batch_size=batch_size,
+                    base=None if base is None else ray.put(base.numpy()), normalize=normalize, subsets=subsets)
+        sizes = {n: len(y) for n, (_, y) in splits.items()}
+        return RayEvalPool.create(num_evaluators, args, use_gpu, sizes, shard_size=shard_size, store=store,
+                                  max_attempts=max_attempts, max_in_flight=max_in_flight)
+
+    @staticmethod
     def create(num_evaluators: int, evaluator_args: dict, use_gpu: bool, split_sizes, shard_size, store=None,
                max_attempts=3, max_in_flight=2, max_restarts=3) -> "RayEvalPool":
         """Start ``num_evaluators`` actors. ``evaluator_args`` holds object refs for the big

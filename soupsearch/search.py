@@ -47,13 +47,14 @@ class Context:
 
     def __init__(self, pool: EvalPool, stack: IngredientStack, suite: EvalSuite, selection_metric: str,
                  run_dir: Path | None = None, fingerprint: str = "", seed: int = 0, group_depth: int = 1,
-                 fisher_config=None, stack_base=None, hparams: list[dict] | None = None):
+                 fisher_config=None, stack_base=None, hparams: list[dict] | None = None,
+                 param_names: list[str] | None = None):
         self.pool = pool
         self.run_dir = Path(run_dir) if run_dir is not None else Path(".")
         self.fingerprint = fingerprint
         self.seed = seed
         self.group_depth = group_depth
-        self.layer_groups = [g for g, _ in stack.layout.regroup(group_depth).groups()]
+        self.layer_groups = [g for g, _ in stack.layout.groups_at(group_depth)]
         self.stack = stack
         self.suite = suite
         self.n = stack.n
@@ -69,6 +70,8 @@ class Context:
         self.fisher_config = fisher_config
         self.stack_base = stack_base
         self.hparams: list[dict] = list(hparams or [{} for _ in range(stack.n)])
+        # trainable-parameter columns (DARE leaves buffers alone); None: every column
+        self.param_cols = stack.layout.param_cols(param_names) if param_names is not None else None
 
     def evaluate(self, recipes: Sequence[Recipe], split: str = "val") -> list[dict[str, float]]:
         return self.pool.evaluate([(self._prepare(r), split) for r in recipes])
@@ -126,6 +129,12 @@ class Context:
             say(f"Fisher of {self.n} ingredients on {min(fc.num_examples, len(self.suite.splits[fc.split]))} "
                 f"examples ({fc.mode}) in {time.time() - t:.1f}s")
         return self._fisher_tag
+
+    def soup_state_dict(self, recipe: Recipe) -> dict:
+        """The soup of ``recipe`` as a state dict, mixed here on the driver (for logging)."""
+        theta = mix(self.stack.W, recipe, self.layout, fisher=self.fisher_stack, base=self.stack_base,
+                    param_cols=self.param_cols)
+        return self.layout.unflatten(theta, self.stack.fixed)
 
     def run_on_evaluator(self, method: str, *args, **kwargs):
         """Run a whole job (e.g. gradient-learned coefficients) on one evaluator."""
@@ -234,21 +243,15 @@ def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: Resu
         import torch
 
         ev = Evaluator(cfg.model.factory, cfg.model.kwargs, stack.W, stack.layout, stack.fixed, suite.arrays(),
-                       suite.num_classes, cfg.eval.batch_size,
+                       cfg.eval.batch_size,
                        device="cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and torch.cuda.is_available()) else "cpu",
                        base=base, normalize=cfg.data.normalize, subsets=suite.subsets())
         return LocalEvalPool(ev, sizes, **common)
-    import ray
-
     n, use_gpu = resolve_evaluators(cfg)
-    W_ref = ray.put(stack.W.numpy())  # once; every actor on a node maps the same memory
-    splits_ref = ray.put(suite.arrays())
-    args = dict(model_factory=cfg.model.factory, model_kwargs=cfg.model.kwargs, W=W_ref, layout=stack.layout,
-                fixed=stack.fixed, splits=splits_ref, num_classes=suite.num_classes,
-                batch_size=cfg.eval.batch_size, base=None if base is None else ray.put(base.numpy()),
-                normalize=cfg.data.normalize, subsets=suite.subsets())
     say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'}")
-    return RayEvalPool.create(n, args, use_gpu, sizes, max_in_flight=cfg.eval.max_in_flight_per_evaluator, **common)
+    return RayEvalPool.from_stack(stack, suite.arrays(), cfg.model.factory, cfg.model.kwargs, n, use_gpu=use_gpu,
+                                  batch_size=cfg.eval.batch_size, max_in_flight=cfg.eval.max_in_flight_per_evaluator,
+                                  base=base, normalize=cfg.data.normalize, subsets=suite.subsets(), **common)
 
 
 # ----------------------------------------------------------------------------- outcome
@@ -329,7 +332,9 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
     say(f"MLflow: {tracker.uri} (experiment {tracker.experiment_name!r})")
 
     # ---- ingredients
-    skeleton = create_model(cfg.model.factory, **cfg.model.kwargs).state_dict()
+    skeleton_model = create_model(cfg.model.factory, **cfg.model.kwargs)
+    skeleton = skeleton_model.state_dict()
+    param_names = [n for n, _ in skeleton_model.named_parameters()]
     files = discover(cfg.ingredients.path, cfg.ingredients.glob)
     say(f"loading {len(files)} checkpoints from {cfg.ingredients.path}")
     stack = IngredientStack.from_files(files, skeleton, group_depth=cfg.ingredients.group_depth,
@@ -381,7 +386,7 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
         tracker.log_artifact(parent, run_dir / "config.resolved.yaml")
         if manifest_path:
             tracker.log_artifact(parent, manifest_path)
-        outcome = _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat)
+        outcome = _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat, param_names)
         _log_plots(tracker, parent, outcome, run_dir)
         outcome.seconds = time.time() - t0
         tracker.log_metrics(parent, {"search_seconds": outcome.seconds,
@@ -407,13 +412,13 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
             ray.shutdown()
 
 
-def _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat=None) -> SearchOutcome:
+def _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat=None, param_names=None) -> SearchOutcome:
     eval_splits = suite.eval_names
     shifts = suite.shift_names
     ctx = Context(pool, stack, suite, cfg.eval.selection_metric, run_dir=run_dir,
                   fingerprint=pool.store.stack_fp if pool.store is not None else "", seed=cfg.seed,
                   group_depth=cfg.ingredients.group_depth, fisher_config=cfg.fisher, stack_base=base_flat,
-                  hparams=[hparams.get(nm, {}) for nm in stack.names])
+                  hparams=[hparams.get(nm, {}) for nm in stack.names], param_names=param_names)
 
     # ---- every ingredient on every split (independent candidates: all evaluators busy);
     # with an ensemble strategy, the per-example predictions are kept (Parquet) for it
@@ -568,10 +573,7 @@ def _log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: 
     best = max(cands, key=lambda r: sign * r.metrics["val"][metric])  # first of equals wins
     res = ctx.results[best.name]
     model = create_model(cfg.model.factory, **cfg.model.kwargs)
-    params = [n for n, _ in model.named_parameters()]
-    theta = mix(stack.W, res.recipe, stack.layout, fisher=ctx.fisher_stack, base=ctx.stack_base,
-                param_cols=stack.layout.param_cols(params))
-    model.load_state_dict(stack.layout.unflatten(theta.clone(), stack.fixed))
+    model.load_state_dict(ctx.soup_state_dict(res.recipe))
     model.eval()
     x = suite.splits["val"].x[:2]
     example = (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
@@ -598,7 +600,7 @@ def _log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: 
     say(f"best soup by val/{metric}: {best.name}, logged as an MLflow model (runs:/{rid}/model)")
 
 
-def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, run_dir: Path, ctx=None) -> None:
+def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, run_dir: Path, ctx: Context) -> None:
     rid = tracker.start_child(res.name, params={"strategy": res.name, **res.params})
     tracker.log_metrics(rid, _mlflow_metrics(row, suite))
     if res.info.get("extra_metrics"):
@@ -618,10 +620,7 @@ def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, ru
         write_json_atomic(run_dir / "soups" / res.name / "coefficients.json", coeffs)
         tracker.log_artifact(rid, run_dir / "soups" / res.name / "coefficients.json")
         if cfg.tracking.log_soup_weights:
-            params = [n for n, _ in create_model(cfg.model.factory, **cfg.model.kwargs).named_parameters()]
-            theta = mix(stack.W, res.recipe, stack.layout, fisher=getattr(ctx, "fisher_stack", None),
-                        base=getattr(ctx, "stack_base", None), param_cols=stack.layout.param_cols(params))
-            sd = stack.layout.unflatten(theta, stack.fixed)
+            sd = ctx.soup_state_dict(res.recipe)
             path = run_dir / "soups" / res.name / "soup.safetensors"
             save_safetensors_atomic(sd, path, metadata={"soupsearch.recipe": json.dumps(res.recipe.to_dict())})
             tracker.log_artifact(rid, path)

@@ -50,22 +50,9 @@ def tiny_sweep(tmp_path_factory) -> Path:
     from soupsearch.demo import make_sweep
 
     out = tmp_path_factory.mktemp("sweep")
-    make_sweep(out, n=4, seed=1, progress=False, **_fast_sweep_kwargs())
+    make_sweep(out, n=4, seed=1, pretrain_epochs=4, max_epochs=2, progress=False)
     return out
 
-
-def _fast_sweep_kwargs() -> dict:
-    import inspect
-
-    from soupsearch.demo import make_sweep
-
-    params = inspect.signature(make_sweep).parameters
-    kw = {}
-    if "pretrain_epochs" in params:
-        kw["pretrain_epochs"] = 4
-    if "max_epochs" in params:
-        kw["max_epochs"] = 2
-    return kw
 
 
 def tiny_config(sweep: Path, tmp_path: Path, **overrides) -> dict:
@@ -91,6 +78,15 @@ def tiny_config(sweep: Path, tmp_path: Path, **overrides) -> dict:
             cur = cur.setdefault(kk, {})
         cur[keys[-1]] = v
     return cfg
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for servers the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def random_split(n: int = 100, seed: int = 0, classes: int = 10):

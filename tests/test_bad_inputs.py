@@ -1,6 +1,5 @@
 """Bad input: one-line errors naming what and where, exit code 2, no traceback, nothing evaluated."""
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +10,8 @@ from safetensors.torch import save_file
 
 from soupsearch.cli import main
 
-from .conftest import perturbed_state_dicts, random_split
+from .conftest import free_port, perturbed_state_dicts, random_split
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -161,13 +155,13 @@ def case_bad_value(tmp, ck, cfg):
 
 
 def case_mlflow_unreachable(tmp, ck, cfg):
-    cfg["tracking"]["tracking_uri"] = f"http://127.0.0.1:{_free_port()}"
+    cfg["tracking"]["tracking_uri"] = f"http://127.0.0.1:{free_port()}"
     return ["MLflow tracking URI", "unreachable"]
 
 
 def case_ray_unreachable(tmp, ck, cfg):
     cfg["eval"]["backend"] = "ray"
-    cfg["ray"] = {"address": f"127.0.0.1:{_free_port()}"}
+    cfg["ray"] = {"address": f"127.0.0.1:{free_port()}"}
     return ["Ray address", "unreachable"]
 
 

@@ -2,7 +2,6 @@
 a Ray job, MLflow checked, evaluators on both nodes. Stops every process it started."""
 
 import os
-import socket
 import sqlite3
 import uuid
 
@@ -13,23 +12,18 @@ import yaml
 from soupsearch import cluster
 from soupsearch.jobs import submit
 
-from .conftest import tiny_config
+from .conftest import free_port, tiny_config
 
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def two_node_cluster():
     temp = f"/tmp/ssray-{uuid.uuid4().hex[:6]}"
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     info = cluster.start(temp, port=port, dashboard_port=dash, workers=1, cpus_per_node=1, timeout=180)
     try:
         yield info

@@ -1,3 +1,6 @@
+import glob
+import os
+
 import pytest
 
 from soupsearch.config import load_config
@@ -18,11 +21,14 @@ def write(tmp_path, text):
     return p
 
 
-def test_defaults_and_overrides(tmp_path):
+def test_defaults_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(write(tmp_path, BASE), ["eval.num_evaluators=3", "search.strategies=[uniform]"])
     assert cfg.eval.num_evaluators == 3
     assert [s.name for s in cfg.search.strategies] == ["uniform"]
-    assert cfg.tracking.resolved_uri().startswith("sqlite:///") or cfg.tracking.resolved_uri()
+    assert cfg.tracking.resolved_uri() == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert cfg.tracking.resolved_uri() == "http://127.0.0.1:5000"
     assert str(cfg.resolved_run_dir()) == "runs/t"
 
 
@@ -66,8 +72,7 @@ def test_root_makes_relative_paths_absolute(tmp_path, monkeypatch):
     assert cfg.ingredients.path == "/abs/x" and cfg.tracking.tracking_uri == "http://127.0.0.1:5000"
 
 
-@pytest.mark.parametrize("path", sorted(__import__("glob").glob(
-    __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "configs", "*.yaml"))))
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml"))))
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.search.strategies and cfg.data.val and cfg.data.test
@@ -81,4 +86,4 @@ def test_a_search_does_not_leak_its_tracking_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with use_tracking_uri("sqlite:////tmp/elsewhere.db"):
         assert mlflow.get_tracking_uri() == "sqlite:////tmp/elsewhere.db"
-    assert "MLFLOW_TRACKING_URI" not in __import__("os").environ
+    assert "MLFLOW_TRACKING_URI" not in os.environ

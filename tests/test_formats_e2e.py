@@ -127,6 +127,13 @@ def test_search_with_torchvision_model_mixed_formats(image_data, tmp_path):
     for row in out.ingredients + out.soups:
         assert set(row.metrics) == {"val", "test", "subset_shift", "contrast@2", "ood_mean"}
         assert 0.0 <= row.metrics["subset_shift"]["accuracy"] <= 1.0
-    # the subset split is scored on 2 logits: its confusion matrix is 2x2
-    pool_counts = out.pool_stats
-    assert pool_counts["shards_evaluated"] > 0
+    # the subset split is scored on its 2 logits only: every stored shard has a 2x2 confusion matrix
+    import sqlite3
+
+    from soupsearch.metrics import Counts
+
+    rows = sqlite3.connect(out.run_dir / "results.sqlite").execute(
+        "SELECT counts FROM shard_results WHERE split='subset_shift'").fetchall()
+    assert rows and all(Counts.from_dict(json.loads(c)).confusion.shape == (2, 2) for (c,) in rows)
+    assert all(Counts.from_dict(json.loads(c)).confusion.shape == (3, 3) for (c,) in sqlite3.connect(
+        out.run_dir / "results.sqlite").execute("SELECT counts FROM shard_results WHERE split='val'").fetchall())

@@ -86,15 +86,23 @@ def test_nonfinite_ingredient_error_or_excluded(tmp_path):
     assert stack.n == 1 and stack.names == ["a"]
 
 
-def test_pickle_with_arbitrary_object_is_refused(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
 
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_with_arbitrary_object_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
     f = tmp_path / "evil.pt"
-    torch.save({"weight": torch.zeros(2), "x": Evil()}, f)
+    torch.save({"weight": torch.zeros(2), "x": _Evil(str(marker))}, f)
     with pytest.raises(CheckpointError, match=r"evil.pt.*refused"):
         load_state_dict(f)
+    assert not marker.exists()  # refused without running the payload
 
 
 def test_pt_wrapped_and_ddp_prefix(tmp_path):

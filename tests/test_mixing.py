@@ -10,7 +10,7 @@ from .conftest import perturbed_state_dicts, random_split
 
 
 def _evaluator(stack, x, y):
-    return Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, {"s": (x, y)}, 10, 32)
+    return Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, {"s": (x, y)}, 32)
 
 
 def test_one_hot_recipe_reproduces_ingredient_outputs_exactly():

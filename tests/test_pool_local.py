@@ -14,7 +14,7 @@ from .conftest import perturbed_state_dicts, random_split
 def _pool(store=None):
     stack = IngredientStack.from_state_dicts(perturbed_state_dicts(3, scale=0.2))
     splits = {"val": random_split(100, 0), "test": random_split(50, 1)}
-    ev = Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, splits, 10, 16)
+    ev = Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, splits, 16)
     return LocalEvalPool(ev, {"val": 100, "test": 50}, shard_size=30, store=store), stack, splits
 
 

@@ -25,9 +25,7 @@ def setup():
 
 
 def _ray_pool(ray, stack, splits, k):
-    args = dict(model_factory="builtin:digits_cnn", model_kwargs={"width": 4}, W=ray.put(stack.W.numpy()),
-                layout=stack.layout, fixed=stack.fixed, splits=ray.put(splits), num_classes=10, batch_size=32)
-    return RayEvalPool.create(k, args, False, {n: len(s[1]) for n, s in splits.items()}, shard_size=32)
+    return RayEvalPool.from_stack(stack, splits, "builtin:digits_cnn", {"width": 4}, k, shard_size=32, batch_size=32)
 
 
 def _all(pool, recipes):
@@ -37,7 +35,7 @@ def _all(pool, recipes):
 def test_identical_results_with_1_2_3_evaluators_and_in_process(ray_session, setup):
     stack, splits, recipes = setup
     local = LocalEvalPool(Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed,
-                                    splits, 10, 32), {n: len(s[1]) for n, s in splits.items()}, shard_size=32)
+                                    splits, 32), {n: len(s[1]) for n, s in splits.items()}, shard_size=32)
     ref = _all(local, recipes)
     for k in (1, 2, 3):
         pool = _ray_pool(ray_session, stack, splits, k)
@@ -104,7 +102,8 @@ def test_shard_failing_on_every_evaluator_names_candidate_and_split(ray_session,
     bad = {"val": splits["val"], "rgb": (rng.random((20, 3, 16, 16), dtype=np.float32), np.zeros(20, np.int64))}
     pool = _ray_pool(ray_session, stack, bad, 2)
     try:
-        assert pool.evaluate([(recipes[0], "val")])  # the good split still works
+        [m] = pool.evaluate([(recipes[0], "val")])  # the good split still works
+        assert 0.0 <= m["accuracy"] <= 1.0 and np.isfinite(m["nll"])
         with pytest.raises(EvaluationError, match=r"candidate .* on split 'rgb' \(shard 0\) failed 3 times"):
             pool.evaluate([(Recipe.one_hot(1, 5, label="m1"), "rgb")])
         assert pool.stats["resubmitted"] == 2  # tried on the evaluators, then gave up

@@ -52,9 +52,11 @@ def test_search_logs_strategies_to_mlflow(ray_session, tiny_sweep, tmp_path):
         a.path for a in client.list_artifacts(out.parent_run_id)}
     table = pq.read_table(out.run_dir / "ingredients.parquet").to_pylist()
     assert len(table) == len(out.ingredients) and "hparams" in table[0] and json.loads(table[0]["hparams"])
-    # the logged soup loads into the model and scores what the search reported
+    # the logged coefficients are the greedy recipe that was scored
     coeffs = json.loads((out.run_dir / "soups" / "greedy" / "coefficients.json").read_text())
-    assert sorted(coeffs["info"]["kept"]) == coeffs["info"]["kept"]
+    assert coeffs["recipe"]["key"] == out.results["greedy"].recipe.key
+    assert coeffs["info"]["kept"] == out.results["greedy"].recipe.support()
+    assert len(coeffs["info"]["kept"]) == by["greedy"].num_ingredients
 
     # the best soup (by val) is an MLflow model that loads and computes the soup's outputs
     best = parent.data.tags["soupsearch.best_soup"]

@@ -40,7 +40,7 @@ def test_greedy_picks_expected_set_on_hand_made_table():
          frozenset([2, 0]): 0.91,        # kept (improves)
          frozenset([2, 0, 3]): 0.91,     # kept with >= (tie), rejected with >
          frozenset([2, 0, 3, 1]): 0.89,  # rejected
-         frozenset([2, 0, 1]): 0.95}     # (only reached with >) -- rejected? no: improves
+         frozenset([2, 0, 1]): 0.95}     # reached only with '>': improves to 0.95, kept
     ctx = TableContext(t, 4)
     [res] = create_strategy("greedy").run(ctx)
     assert res.info["kept"] == [0, 2, 3]

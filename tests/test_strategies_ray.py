@@ -58,9 +58,17 @@ def test_ensemble(searched):
     assert len(preds) == n
     t = pq.read_table(preds[0])
     assert set(t.column("split").unique().to_pylist()) == {"val", "test", "gaussian_noise@3", "rotation@3"}
-    # an ensemble of one member is that member
-    if soups["greedy"].num_ingredients == 1:
-        assert soups["ensemble_greedy"].metrics["test"]["accuracy"] == soups["greedy"].metrics["test"]["accuracy"]
+    # the ensemble's test accuracy is that of the mean of the cached member probabilities
+    import numpy as np
+
+    probs, labels = [], None
+    for f in preds:
+        tt = pq.read_table(f).to_pandas()
+        tt = tt[tt.split == "test"].sort_values("index")
+        probs.append(np.exp(np.stack(tt.logprobs.to_numpy())))
+        labels = tt.label.to_numpy()
+    acc = float((np.mean(probs, axis=0).argmax(1) == labels).mean())
+    assert soups["ensemble"].metrics["test"]["accuracy"] == pytest.approx(acc)
 
 
 def test_gradient(searched):
@@ -75,6 +83,7 @@ def test_dare(searched):
     _common(children, "dare")
     _common(children, "dare_greedy")
     assert children["dare"].data.params["p"] == "0.3"
+    assert soups["dare"].metrics["val"] != soups["uniform"].metrics["val"]  # dropping 30% changed the soup
 
 
 def test_ema(searched):
@@ -98,3 +107,5 @@ def test_greedy_uniform_baselines(searched):
     out, soups, children, _ = searched
     for name in ("best_individual", "uniform", "greedy"):
         _common(children, name)
+    assert soups["greedy"].metrics["val"]["accuracy"] >= soups["best_individual"].metrics["val"]["accuracy"]
+    assert soups["uniform"].num_ingredients == len(out.ingredients)

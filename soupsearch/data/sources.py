@@ -87,6 +87,8 @@ def load_source(
     lim = None if limit is None else int(limit)
     if kind == "torchvision":
         x, y, src = _load_torchvision(name, root, split, lim)
+        if lim is not None:  # before mapping and resizing: limit=100 must not resize 60k images
+            x, y = x[:lim], y[:lim]
         if class_map is not None:
             y = _map_labels(y.tolist(), _norm_class_map(class_map, f"dataset {src}"), f"dataset {src}")
         if size is not None:

@@ -117,8 +117,8 @@ def _sqlite_engine_kwargs(url: str) -> dict:
 class _Space:
     """Trial params <-> coefficient rows (one row, or one per layer group)."""
 
-    def __init__(self, n: int, groups: list[str], opts, group_depth: int, label: str):
-        self.n, self.opts, self.group_depth, self.label = n, opts, group_depth, label
+    def __init__(self, n: int, groups: list[str], opts, group_depth: int):
+        self.n, self.opts, self.group_depth = n, opts, group_depth
         self.per_layer = opts.parameterization == "per_layer"
         G = len(groups) if self.per_layer else 1
         self.names = [[f"g{g}_w{i}" if self.per_layer else f"w{i}" for i in range(n)] for g in range(G)]
@@ -369,7 +369,7 @@ class Learned(Strategy):
 
         opts = self.options
         objs, dirs = self._objectives(ctx)
-        space = _Space(ctx.n, list(ctx.layer_groups), opts, getattr(ctx, "group_depth", 1), self.label)
+        space = _Space(ctx.n, list(ctx.layer_groups), opts, getattr(ctx, "group_depth", 1))
         storage, study, url = self._open(ctx, objs, dirs)
         try:
             stale = self._fail_stale(storage, study)
