@@ -4,15 +4,20 @@
 A stack of 24 resnet18 ingredients (11.2M params each, ~1 GiB; the benchmark sweep of
 ``bench/common.py``) is put once into Ray's object store; evaluators map it zero-copy.
 
+Evaluators are deployed as soupsearch does on a CPU node (``eval.evaluators_per_actor:
+auto``): the node's evaluators are threads of one actor process, each with its own model
+and ``theta``, sharing the mapped stack and splits.
+
 * **throughput**: a batch of 16 independent random recipes (dense Dirichlet
-  coefficients) scored on val with ``RayEvalPool.evaluate``, with 1 and with 2
-  evaluators. Rounds alternate 1 / 2 evaluators (fresh recipes every round, so nothing
-  is served from the cache), best of ``--rounds``. Goal: >= 1.7x with 2.
+  coefficients) scored on val with ``RayEvalPool.evaluate``, with 1 evaluator (a 1-slot
+  actor) and with 2 (a 2-slot actor). Rounds alternate 1 / 2 evaluators (fresh recipes
+  every round, so nothing is served from the cache), best of ``--rounds``. Goal: >= 1.7x.
 * **memory**: the sum of PSS (``/proc/PID/smaps_rollup``: shared pages split among
   the processes that map them, so the object store counts once) over every process of
-  this Ray session (driver, GCS, raylet + plasma, workers), measured once one evaluator
-  has loaded the stack and scored a candidate, then again once a second one has.
-  Goal: the second evaluator adds < 25% of the stack size.
+  this Ray session (driver, GCS, raylet + plasma, workers), with 1 evaluator warm (stack
+  mapped, a candidate scored), then with 2 evaluators warm in one actor (the 1-evaluator
+  actor gone); for reference also 2 evaluators as 2 actor processes. Goal: the second
+  evaluator adds < 25% of the stack size.
 
 Run ``python bench/scaling.py`` (``--quick`` for a smoke run). Exit status 0 always.
 """
@@ -105,7 +110,9 @@ def main(argv=None) -> int:
           f"{time.perf_counter() - t:.1f}s", flush=True)
 
     rng = np.random.default_rng(args.seed)
-    C.ray_init(2)
+    # 3 logical CPUs: the 1-evaluator actor (1 CPU) and the 2-evaluator actor (2 CPUs) both stay up for
+    # the alternating throughput rounds; only one of them works at a time (2 physical cores)
+    C.ray_init(3)
     pools = []
     try:
         refs = {"W": ray.put(stack.W.numpy()), "splits": ray.put(splits)}
@@ -114,34 +121,46 @@ def main(argv=None) -> int:
         print(f"# session PSS after ray.put of the stack (no evaluator): {m0 / 2**20:.2f} GiB in {n0} processes",
               flush=True)
 
-        # ---- memory: one evaluator, then a second one (both warm: stack mapped, one candidate scored)
-        def add_warm_evaluator():
-            """One more evaluator (as its own 1-actor pool), warm; then the session's PSS."""
-            p = C.build_ray_pool(stack, splits, 1, args.shard_size, args.batch_size, refs=refs)
+        # ---- memory. The deployment soupsearch uses on a CPU node (eval.evaluators_per_actor
+        # = auto): the node's evaluators are threads of ONE actor process sharing the mapped
+        # stack. Measured: 1 evaluator warm, then (that actor gone) 2 evaluators warm in one
+        # actor; and, for reference, 2 evaluators as 2 actor processes.
+        def warm_pool(k: int, per_actor: int):
+            p = C.build_ray_pool(stack, splits, k, args.shard_size, args.batch_size, refs=refs, per_actor=per_actor)
             pools.append(p)
-            p.evaluate([(r, "val") for r in random_recipes(1, stack.n, rng)])
+            p.evaluate([(r, "val") for r in random_recipes(k, stack.n, rng)])  # every slot mixes + runs
             settle()
             m, n = session_pss()
-            return p, m, n, C.pss_kib(p.actor_infos[0]["pid"]) or 0
+            return p, m, n
 
-        p_a, m1, n1, ev1 = add_warm_evaluator()
-        p_b, m2, n2, ev2 = add_warm_evaluator()
-        ev2_parts = C.pss_parts_kib(p_b.actor_infos[0]["pid"])
-        ev1_after = C.pss_kib(p_a.actor_infos[0]["pid"]) or 0
+        def drop(p):
+            p.close()
+            pools.remove(p)
+            settle(2.0)
+
+        p1, m1, n1 = warm_pool(1, 1)
+        ev1 = C.pss_kib(p1.actor_infos[0]["pid"]) or 0
+        drop(p1)
+        p2, m2, n2 = warm_pool(2, 2)
+        ev2 = C.pss_parts_kib(p2.actor_infos[0]["pid"])
+        drop(p2)
+        p3, m3, n3 = warm_pool(2, 1)
+        drop(p3)
         delta = (m2 - m1) * 1024
+        delta_procs = (m3 - m1) * 1024
 
-        # ---- throughput: the same two actors as a 1-evaluator and a 2-evaluator pool
-        actors = p_a.actors + p_b.actors
-        sizes = {"val": len(splits["val"][1])}
-        one = RayEvalPool(actors[:1], sizes, args.shard_size)
-        two = RayEvalPool(actors, sizes, args.shard_size)
+        # ---- throughput: 1 evaluator (a 1-slot actor) vs 2 evaluators (a 2-slot actor), alternating
+        one = C.build_ray_pool(stack, splits, 1, args.shard_size, args.batch_size, refs=refs)
+        two = C.build_ray_pool(stack, splits, 2, args.shard_size, args.batch_size, refs=refs, per_actor=2)
+        pools += [one, two]
+        actors = one.actors + two.actors
         times = {1: [], 2: []}
         cpu = {1: [], 2: []}
-        ev_pids = [p_a.actor_infos[0]["pid"], p_b.actor_infos[0]["pid"]]
+        ev_pids = {1: [one.actor_infos[0]["pid"]], 2: [two.actor_infos[0]["pid"]]}
         for r in range(d["rounds"]):
             for k, pool in ((1, one), (2, two)):
                 recipes = random_recipes(d["candidates"], stack.n, rng)
-                with C.CpuMeter(ev_pids[:k]) as cm:
+                with C.CpuMeter(ev_pids[k]) as cm:
                     pool.evaluate([(rc, "val") for rc in recipes])
                 times[k].append(cm.wall)
                 cpu[k].append(cm)
@@ -174,22 +193,24 @@ def main(argv=None) -> int:
     print(f"cores the evaluators got: {got[1]:.2f} (1 evaluator), {got[2]:.2f} (2 evaluators); machine busy "
           f"{busy:.2f} of {os.cpu_count()} cores on average during the rounds")
     print(f"work-normalized ratio (2 free cores): 2 x {cs[1]:.3f} / {cs[2]:.3f} = {2 * cs[1] / cs[2]:.2f}x")
-    print(f"mixes per evaluator: {[i['mix_count'] for i in infos]} "
+    print(f"mixes per actor (1 slot, 2 slots): {[i['mix_count'] for i in infos]} "
           f"(candidates scored: {d['candidates'] * d['rounds'] * 2 + 2})")
     print()
     print(f"stack size:                                  {format_bytes(stack_bytes)}")
     print(f"session PSS, no evaluator:                   {m0 / 2**20:.3f} GiB ({n0} processes)")
     print(f"session PSS, 1 evaluator warm:               {m1 / 2**20:.3f} GiB ({n1} processes)")
-    print(f"session PSS, 2 evaluators warm:              {m2 / 2**20:.3f} GiB ({n2} processes)")
-    print(f"second evaluator adds:                       {format_bytes(max(delta, 0))} = {100 * frac:.1f}% of the stack")
-    print(f"evaluator PSS: first {ev1 / 2**10:.0f} MiB alone, {ev1_after / 2**10:.0f} MiB once the second "
-          f"shares the stack; second {ev2 / 2**10:.0f} MiB = private (anon) {ev2_parts.get('Pss_Anon', 0) / 2**10:.0f}"
-          f" + its share of the object store (shmem) {ev2_parts.get('Pss_Shmem', 0) / 2**10:.0f}"
-          f" + of libraries (file) {ev2_parts.get('Pss_File', 0) / 2**10:.0f} MiB")
+    print(f"session PSS, 2 evaluators in 1 actor warm:   {m2 / 2**20:.3f} GiB ({n2} processes)")
+    print(f"session PSS, 2 evaluators in 2 actors warm:  {m3 / 2**20:.3f} GiB ({n3} processes)")
+    print(f"second evaluator adds, same actor (default): {format_bytes(max(delta, 0))} = {100 * frac:.1f}% of the stack")
+    print(f"second evaluator adds, own process:          {format_bytes(max(delta_procs, 0))} = "
+          f"{100 * delta_procs / stack_bytes:.1f}% of the stack")
+    print(f"evaluator actor PSS: 1 slot {ev1 / 2**10:.0f} MiB; 2 slots {ev2.get('Pss', 0) / 2**10:.0f} MiB = private "
+          f"(anon) {ev2.get('Pss_Anon', 0) / 2**10:.0f} + its share of the object store (shmem) "
+          f"{ev2.get('Pss_Shmem', 0) / 2**10:.0f} + of libraries (file) {ev2.get('Pss_File', 0) / 2**10:.0f} MiB")
     print(f"a fresh process importing torch, torchvision, ray, soupsearch.evaluator with the model and a theta "
           f"({format_bytes(stack.num_params * 4)}): private {floor.get('Pss_Anon', 0) / 2**10:.0f} MiB, "
-          f"PSS {floor.get('Pss', 0) / 2**10:.0f} MiB: the per-process floor of an evaluator, "
-          f"{100 * floor.get('Pss_Anon', 0) * 1024 / stack_bytes:.0f}% of this stack before it holds any of it")
+          f"PSS {floor.get('Pss', 0) / 2**10:.0f} MiB: what every extra evaluator PROCESS costs, "
+          f"{100 * floor.get('Pss_Anon', 0) * 1024 / stack_bytes:.0f}% of this stack")
     print()
     print(f"throughput 2 vs 1 evaluators {speedup:.2f}x >= {GOAL_SPEEDUP}x:         {C.verdict(speedup >= GOAL_SPEEDUP)}")
     print(f"second evaluator adds {100 * frac:.1f}% < {100 * GOAL_MEM_FRACTION:.0f}% of the stack:  "

@@ -121,6 +121,10 @@ class DataConfig(_Strict):
 
 class EvalConfig(_Strict):
     num_evaluators: Union[int, Literal["auto"]] = "auto"  # auto: one per GPU, else one per CPU
+    # evaluators (threads) per actor process: they share one copy of the stack and one
+    # interpreter with torch loaded. auto: one actor per node on CPU (as many evaluators as
+    # the largest node has CPUs), one per GPU on GPUs
+    evaluators_per_actor: Union[int, Literal["auto"]] = "auto"
     shard_size: int = Field(default=128, gt=0)  # fixed: results do not depend on #evaluators
     batch_size: int = Field(default=256, gt=0)
     max_in_flight_per_evaluator: int = Field(default=2, gt=0)
@@ -129,11 +133,11 @@ class EvalConfig(_Strict):
     selection_metric: Literal["accuracy", "nll", "macro_f1"] = "accuracy"
     backend: Literal["ray", "local"] = "ray"  # local: in-process, no Ray (debugging)
 
-    @field_validator("num_evaluators")
+    @field_validator("num_evaluators", "evaluators_per_actor")
     @classmethod
-    def _ne(cls, v):
+    def _ne(cls, v, info):
         if isinstance(v, int) and v < 1:
-            raise ValueError(f"num_evaluators must be >= 1 or 'auto', got {v}")
+            raise ValueError(f"{info.field_name} must be >= 1 or 'auto', got {v}")
         return v
 
 

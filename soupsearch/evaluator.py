@@ -10,6 +10,7 @@ everything it holds is rebuilt from its constructor arguments, so Ray can restar
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -61,7 +62,8 @@ def _as_tensor(a) -> torch.Tensor:
 
 
 class Evaluator:
-    """Scores recipes on shards of the eval splits. Not thread-safe (one per process)."""
+    """Scores recipes on shards of the eval splits. Not thread-safe: one shard at a time
+    (threads of one process use :meth:`sibling` evaluators, one each)."""
 
     def __init__(
         self,
@@ -81,10 +83,11 @@ class Evaluator:
         self.device = torch.device(device)
         self.layout = layout
         self.batch_size = batch_size
+        self._factory = (model_factory, dict(model_kwargs or {}))
         W = _as_tensor(W)
         self.W = W.to(self.device) if self.device.type != "cpu" else W
         self.F = None
-        self._fisher_products = None
+        self._fisher_cache = _FisherCache()
         self._fisher_id = None
         if fisher is not None:
             self.set_fisher(fisher)
@@ -93,40 +96,46 @@ class Evaluator:
             b = _as_tensor(base)
             self.base = b.to(self.device) if self.device.type != "cpu" else b
         self.fixed = fixed
-        self.model = create_model(model_factory, **(model_kwargs or {})).to(self.device).eval()
-        self.theta = torch.empty(layout.num_params, dtype=torch.float32, device=self.device)
-        self.param_cols = layout.param_cols(n for n, _ in self.model.named_parameters()).to(self.device)
-        fixed = {k: v.to(self.device) for k, v in fixed.items()}
-        bind_flat(self.model, layout, self.theta, fixed)
         self.splits = {name: (_as_tensor(x), _as_tensor(y)) for name, (x, y) in splits.items()}
         self.mean = self.std = None
         if normalize:
             self.mean = torch.tensor(normalize["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
             self.std = torch.tensor(normalize["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.subsets = {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in (subsets or {}).items()}
+        self._build_model()
+
+    def _build_model(self) -> None:
+        """The per-evaluator state: a model whose mixed tensors are views of its own ``theta``."""
+        factory, kwargs = self._factory
+        self.model = create_model(factory, **kwargs).to(self.device).eval()
+        self.theta = torch.empty(self.layout.num_params, dtype=torch.float32, device=self.device)
+        self.param_cols = self.layout.param_cols(n for n, _ in self.model.named_parameters()).to(self.device)
+        bind_flat(self.model, self.layout, self.theta, {k: v.to(self.device) for k, v in self.fixed.items()})
         self._mixed_key: str | None = None
         self.mix_count = 0
+
+    def sibling(self) -> "Evaluator":
+        """Another evaluator over the *same* stack, splits, base and Fisher data (nothing big
+        is copied): only the model and its ``theta`` are its own. Siblings may run
+        concurrently in threads of one process, one shard at a time each."""
+        ev = object.__new__(Evaluator)
+        ev.__dict__.update({k: v for k, v in self.__dict__.items()
+                            if k not in ("model", "theta", "param_cols", "_mixed_key", "mix_count")})
+        ev._build_model()
+        return ev
 
     def set_fisher(self, F, fisher_id: str | None = None) -> None:
         F = _as_tensor(F)
         self.F = F.to(self.device) if self.device.type != "cpu" else F
-        self._fisher_products = None  # built on first use for the recipes' floor
         self._fisher_id = fisher_id
         self._mixed_key = None
 
     def _fisher_for(self, recipe: Recipe):
         """The Fisher operand for ``recipe``: precomputed products (two plain mixing passes)
         when the floor matches, else the raw stack (blocked kernel)."""
-        from .mixing import FisherProducts
-
         if self.F is None or not recipe.fisher:
             return self.F
-        fp = self._fisher_products
-        if fp is None or fp.floor != recipe.fisher_floor:
-            if fp is not None:
-                return self.F  # a second floor: rare, use the blocked kernel
-            fp = self._fisher_products = FisherProducts.build(self.W, self.F, recipe.fisher_floor)
-        return fp
+        return self._fisher_cache.get(self.W, self.F, recipe.fisher_floor)
 
     def load_recipe(self, recipe: Recipe) -> None:
         if recipe.key != self._mixed_key:
@@ -191,6 +200,27 @@ class Evaluator:
                                       **options)
 
 
+class _FisherCache:
+    """Fisher products of one Fisher stack, built on first use and shared by siblings."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._F = None
+        self._fp = None
+
+    def get(self, W, F, floor: float):
+        from .mixing import FisherProducts
+
+        with self._lock:
+            if self._F is not F:  # a new Fisher stack: products of the old one are stale
+                self._F, self._fp = F, None
+            if self._fp is None:
+                self._fp = FisherProducts.build(W, F, floor)
+            elif self._fp.floor != floor:
+                return F  # a second floor: rare, use the blocked kernel on the raw stack
+            return self._fp
+
+
 def _node_info() -> tuple[str, int]:
     try:
         import ray
@@ -201,30 +231,95 @@ def _node_info() -> tuple[str, int]:
 
 
 class EvaluatorActor:
-    """Ray actor around :class:`Evaluator`. Methods are idempotent: a retried shard gives
-    the same counts. Created via ``ray.remote(...)(EvaluatorActor)`` in :mod:`pool`."""
+    """Ray actor holding ``slots`` evaluators (threads) over one copy of the stack.
 
-    def __init__(self, *args, torch_threads: int = 1, **kwargs):
-        torch.set_num_threads(max(1, torch_threads))
-        self.ev = Evaluator(*args, **kwargs)
+    Each slot is an :class:`Evaluator` (its own model and ``theta``, one torch thread);
+    all slots share the stack, the splits and the Fisher data, so a second evaluator in
+    the same process costs one model, not one more interpreter with torch loaded. The
+    actor is threaded (``max_concurrency``): the pool addresses each shard to a slot, so
+    every slot keeps its own recipe mixed; a call without a slot takes a free one,
+    preferring one that already holds its recipe. A call waits for its slot to be free.
+    Methods are idempotent: a retried shard gives the same counts. Everything is rebuilt
+    from the constructor arguments, so Ray can restart the actor. Created via
+    ``ray.remote(...)(EvaluatorActor)`` in :mod:`pool`."""
+
+    def __init__(self, *args, torch_threads: int = 1, slots: int = 1, **kwargs):
+        self.torch_threads = max(1, torch_threads)
+        torch.set_num_threads(self.torch_threads)
+        first = Evaluator(*args, **kwargs)
+        self.slots = [first] + [first.sibling() for _ in range(max(1, slots) - 1)]
+        self._free = list(self.slots)
+        self._cond = threading.Condition()
+        self._fisher_lock = threading.Lock()
         self.node_id, self.pid = _node_info()
 
-    def evaluate(self, task: ShardTask, fisher: list | None = None) -> tuple[dict, str, int, np.ndarray | None]:
-        """Counts of one shard. ``fisher`` is ``[ObjectRef]`` (nested, so Ray does not resolve
-        it eagerly) for Fisher recipes; fetched once and kept, so a restarted actor simply
-        fetches it again."""
-        if fisher is not None and self.ev._fisher_id != fisher[0].hex():
+    def _acquire(self, key: str | None = None, slot: int | None = None) -> Evaluator:
+        """A free evaluator: slot ``slot`` if given (waits for it), else one already holding
+        recipe ``key`` if any is free, else any free one."""
+        with self._cond:
+            if slot is not None:
+                ev = self.slots[slot]
+                while ev not in self._free:
+                    self._cond.wait()
+                self._free.remove(ev)
+                return ev
+            while not self._free:
+                self._cond.wait()
+            for k, ev in enumerate(self._free):
+                if ev._mixed_key == key:
+                    return self._free.pop(k)
+            return self._free.pop(0)
+
+    def _release(self, ev: Evaluator) -> None:
+        with self._cond:
+            self._free.append(ev)
+            self._cond.notify_all()
+
+    def _run(self, key, fn, slot: int | None = None):
+        # the OpenMP thread count is per calling thread (Ray's pool threads start with
+        # OMP_NUM_THREADS = the actor's CPUs): set it on every call
+        torch.set_num_threads(self.torch_threads)
+        ev = self._acquire(key, slot)
+        try:
+            return fn(ev)
+        finally:
+            self._release(ev)
+
+    def evaluate(self, task: ShardTask, fisher: list | None = None,
+                 slot: int | None = None) -> tuple[dict, str, int, np.ndarray | None]:
+        """Counts of one shard, on evaluator ``slot`` (any free one if None). ``fisher`` is
+        ``[ObjectRef]`` (nested, so Ray does not resolve it eagerly) for Fisher recipes;
+        fetched once and kept, so a restarted actor simply fetches it again."""
+        if fisher is not None:
+            self._ensure_fisher(fisher[0])
+
+        def run(ev):
+            c, lp = ev.evaluate_with_logprobs(task)
+            return c.to_dict(), self.node_id, self.pid, lp
+
+        return self._run(task.recipe.key, run, slot)
+
+    def _ensure_fisher(self, ref) -> None:
+        with self._fisher_lock:
+            if self.slots[0]._fisher_id == ref.hex():
+                return
             import ray
 
-            self.ev.set_fisher(ray.get(fisher[0]), fisher[0].hex())
-        c, lp = self.ev.evaluate_with_logprobs(task)
-        return c.to_dict(), self.node_id, self.pid, lp
+            F = ray.get(ref)
+            held = [self._acquire() for _ in self.slots]  # no slot may be mixing while F changes
+            try:
+                for ev in held:
+                    ev.set_fisher(F, ref.hex())
+            finally:
+                for ev in held:
+                    self._release(ev)
 
     def fisher(self, *args, **kwargs) -> np.ndarray:
-        return self.ev.fisher(*args, **kwargs)
+        return self._run(None, lambda ev: ev.fisher(*args, **kwargs))
 
     def learn_coefficients(self, *args, **kwargs) -> dict:
-        return self.ev.learn_coefficients(*args, **kwargs)
+        return self._run(None, lambda ev: ev.learn_coefficients(*args, **kwargs))
 
     def info(self) -> dict:
-        return {"node_id": self.node_id, "pid": self.pid, "device": str(self.ev.device), "mix_count": self.ev.mix_count}
+        return {"node_id": self.node_id, "pid": self.pid, "device": str(self.slots[0].device),
+                "slots": len(self.slots), "mix_count": sum(ev.mix_count for ev in self.slots)}

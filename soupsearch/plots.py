@@ -226,14 +226,19 @@ def plot_trajectory(res, path: Path, metric: str = METRIC, label: str | None = N
     fig = _figure(min(_MAX_WIDTH, max(6.5, 0.45 * len(traj) + 3)), 4.8)
     ax = fig.add_subplot()
     ax.step(steps, soup, where="post", color="tab:blue", lw=2, label="soup after the step", zorder=2)
+    early = [bool(s.get("stopped_early")) for s in traj]
     ks = [i for i, k in enumerate(kept) if k]
-    rs = [i for i, k in enumerate(kept) if not k]
+    rs = [i for i, k in enumerate(kept) if not k and not early[i]]
+    es = [i for i, e in enumerate(early) if e]
     if ks:
         ax.scatter([steps[i] for i in ks], [cand[i] for i in ks], marker="o", s=50, color="tab:green",
                    edgecolors="black", linewidths=0.5, label=f"candidate kept ({len(ks)})", zorder=3)
     if rs:
         ax.scatter([steps[i] for i in rs], [cand[i] for i in rs], marker="x", s=50, color="tab:red",
                    label=f"candidate rejected ({len(rs)})", zorder=3)
+    if es:  # scoring stopped once the candidate could not reach the soup: the mark is an upper bound
+        ax.scatter([steps[i] for i in es], [cand[i] for i in es], marker="v", s=40, color="tab:orange",
+                   label=f"rejected early, upper bound ({len(es)})", zorder=3)
     ax.set_xticks(steps)
     ax.set_xticklabels([f"{s}: {n}" for s, n in zip(steps, names)], rotation=60, ha="right",
                        fontsize=7 if len(steps) <= 50 else 4)

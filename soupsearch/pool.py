@@ -42,6 +42,16 @@ class _Request:
     split: str
     missing: set[int] = field(default_factory=set)
     want_logprobs: bool = False
+    max_errors: int | None = None  # stop early once more examples than this are misclassified
+    errors: int = 0  # misclassified examples in the shards seen so far (with max_errors)
+
+
+def _drop_task(queue: deque, key: tuple[str, str, int]) -> bool:
+    for j, t in enumerate(queue):
+        if (t.recipe.key, t.split, t.shard) == key:
+            del queue[j]
+            return True
+    return False
 
 
 class EvalPool:
@@ -64,6 +74,7 @@ class EvalPool:
         self._queued: set[tuple[str, str, int]] = set()  # shard keys scheduled or running
         self._done: deque[int] = deque()
         self._logprobs: dict[tuple[str, str, int], "np.ndarray"] = {}
+        self.rejected: set[int] = set()  # tickets stopped early by ``max_errors`` (partial counts)
 
     # ------------------------------------------------------------------ sharding
     def shard_bounds(self, split: str) -> list[tuple[int, int]]:
@@ -84,24 +95,38 @@ class EvalPool:
         return c
 
     # ------------------------------------------------------------------ async API
-    def submit(self, recipe: Recipe, split: str, want_logprobs: bool = False) -> int:
+    def submit(self, recipe: Recipe, split: str, want_logprobs: bool = False, max_errors: int | None = None) -> int:
         """Schedule ``recipe`` on ``split``; returns a ticket for :meth:`wait`. With
-        ``want_logprobs`` the per-example log-probabilities are kept (see :meth:`logprobs`)."""
+        ``want_logprobs`` the per-example log-probabilities are kept (see :meth:`logprobs`).
+
+        ``max_errors``: the request may stop early, as soon as its finished shards hold more
+        than ``max_errors`` misclassified examples. Its accuracy is then known to be below
+        ``1 - (max_errors + 1) / N`` whatever the other shards hold; :meth:`wait` returns the
+        counts of the shards seen and puts the ticket in :attr:`rejected`. Shards nobody else
+        waits for are dropped from the queue (those already running finish and are cached)."""
         if split not in self.split_sizes:
             raise EvaluationError(f"unknown split {split!r}; known: {', '.join(self.split_sizes)}")
         t = next(self._tickets)
-        req = _Request(recipe, split, want_logprobs=want_logprobs)
+        req = _Request(recipe, split, want_logprobs=want_logprobs, max_errors=max_errors)
         self._requests[t] = req
         new = []
         for i, (a, b) in enumerate(self.shard_bounds(split)):
             key = (recipe.key, split, i)
-            have = self._lookup(recipe, split, i, a, b) is not None
-            if have and (not want_logprobs or key in self._logprobs):
+            c = self._lookup(recipe, split, i, a, b)
+            if c is not None and (not want_logprobs or key in self._logprobs):
+                if max_errors is not None:
+                    req.errors += c.n - int(c.confusion.trace())
                 continue
             req.missing.add(i)
+        if max_errors is not None and req.errors > max_errors:
+            req.missing.clear()
+            self.rejected.add(t)
+        for i in sorted(req.missing):
+            key = (recipe.key, split, i)
             self._waiting.setdefault(key, set()).add(t)
             if key not in self._queued:
                 self._queued.add(key)
+                a, b = self.shard_bounds(split)[i]
                 new.append(ShardTask(recipe, split, i, a, b, want_logprobs))
         if not req.missing:
             self._done.append(t)
@@ -122,7 +147,11 @@ class EvalPool:
             while self._done:
                 t = self._done.popleft()
                 req = self._requests.pop(t)
-                parts = [self._cache[(req.recipe.key, req.split, i)] for i in range(len(self.shard_bounds(req.split)))]
+                keys = [(req.recipe.key, req.split, i) for i in range(len(self.shard_bounds(req.split)))]
+                if t in self.rejected:  # stopped early: the shards seen
+                    parts = [self._cache[k] for k in keys if k in self._cache]
+                else:
+                    parts = [self._cache[k] for k in keys]
                 out.append((t, req.recipe, req.split, reduce_counts(parts)))
             if len(out) >= num_returns:
                 break
@@ -152,8 +181,29 @@ class EvalPool:
             if req is None:
                 continue
             req.missing.discard(task.shard)
+            if req.max_errors is not None and req.missing:
+                req.errors += counts.n - int(counts.confusion.trace())
+                if req.errors > req.max_errors:
+                    self._reject(t, req)
             if not req.missing:
                 self._done.append(t)
+
+    def _reject(self, t: int, req: _Request) -> None:
+        """Stop request ``t`` early: it no longer waits for its missing shards; shards that
+        nobody else waits for and that have not started are dropped."""
+        self.rejected.add(t)
+        self.stats["rejected_early"] += 1
+        for i in sorted(req.missing):
+            key = (req.recipe.key, req.split, i)
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting.discard(t)
+                if not waiting:
+                    del self._waiting[key]
+                    if self._cancel(key):
+                        self._queued.discard(key)
+                        self.stats["shards_skipped"] += 1
+        req.missing.clear()
 
     def _abandon(self, key) -> list[int]:
         """Forget the requests waiting on a shard that failed for good; returns their tickets."""
@@ -198,6 +248,10 @@ class EvalPool:
     def _launch(self, tasks: list[ShardTask]) -> None:
         raise NotImplementedError
 
+    def _cancel(self, key: tuple[str, str, int]) -> bool:
+        """Drop the not-yet-started shard ``key``; False if it is already running."""
+        return False
+
     def _next_done(self) -> tuple[ShardTask, Counts, str, int]:
         raise NotImplementedError
 
@@ -217,6 +271,9 @@ class LocalEvalPool(EvalPool):
     def _launch(self, tasks):
         self._queue.extend(tasks)
 
+    def _cancel(self, key):
+        return _drop_task(self._queue, key)
+
     def _next_done(self):
         if not self._queue:  # pragma: no cover - internal invariant
             raise RuntimeError("no shard in flight")
@@ -235,22 +292,29 @@ class LocalEvalPool(EvalPool):
 
 
 class RayEvalPool(EvalPool):
-    """Evaluator actors on Ray, each kept busy with up to ``max_in_flight`` shards."""
+    """Evaluator actors on Ray. Actor ``i`` holds ``slots[i]`` evaluators (threads sharing
+    one copy of the stack) and is kept busy with up to ``max_in_flight`` shards per slot."""
 
     def __init__(self, actors: list, split_sizes, shard_size, store=None, max_attempts=3, max_in_flight=2,
-                 max_restarts=3):
+                 max_restarts=3, slots: list[int] | None = None):
         super().__init__(split_sizes, shard_size, store, max_attempts)
         self.actors = list(actors)
-        self.num_evaluators = len(actors)
+        self.slots = list(slots) if slots is not None else [1] * len(self.actors)
+        if len(self.slots) != len(self.actors):
+            raise ValueError("one slot count per actor expected")
+        self.num_evaluators = sum(self.slots)
+        # evaluator e = slot j of actor a: shards are addressed to evaluators, so each keeps
+        # its own recipe mixed (two slots of one actor never mix the same recipe twice)
+        self._evs: list[tuple[int, int]] = [(a, j) for a, k in enumerate(self.slots) for j in range(k)]
         self.max_in_flight = max_in_flight
         self.max_restarts = max_restarts
         self.actor_failures = Counter()
         self._pending: deque[ShardTask] = deque()
-        self._inflight: dict = {}  # ObjectRef -> (task, actor index)
-        self._load = Counter()
+        self._inflight: dict = {}  # ObjectRef -> (task, evaluator index)
+        self._load = Counter()  # evaluator index -> shards in flight
         self._attempts = Counter()
         self._fisher_ref = None
-        self._last_key: dict[int, str] = {}  # actor index -> recipe key of the last shard sent to it
+        self._last_key: dict[int, str] = {}  # evaluator index -> recipe key of the last shard sent to it
         # actors that failed and may be restarting: index -> [ping ref or None, time of next ping]
         self._suspect: dict[int, list] = {}
 
@@ -258,7 +322,7 @@ class RayEvalPool(EvalPool):
     def from_stack(stack, splits: dict, model_factory: str, model_kwargs: dict, num_evaluators: int, *,
                    use_gpu: bool = False, shard_size: int = 128, batch_size: int = 256, store=None,
                    max_attempts: int = 3, max_in_flight: int = 2, base=None, normalize=None, subsets=None,
-                   refs: dict | None = None) -> "RayEvalPool":
+                   refs: dict | None = None, per_actor: int = 1) -> "RayEvalPool":
         """Put the stack and the splits into the object store once (every actor on a node maps
         the same memory) and start evaluators holding refs to them. ``refs`` (``{"W": ...,
         "splits": ...}``) reuses objects already put, e.g. for several pools over one stack."""
@@ -270,24 +334,27 @@ class RayEvalPool(EvalPool):
                     base=None if base is None else ray.put(base.numpy()), normalize=normalize, subsets=subsets)
         sizes = {n: len(y) for n, (_, y) in splits.items()}
         return RayEvalPool.create(num_evaluators, args, use_gpu, sizes, shard_size=shard_size, store=store,
-                                  max_attempts=max_attempts, max_in_flight=max_in_flight)
+                                  max_attempts=max_attempts, max_in_flight=max_in_flight, per_actor=per_actor)
 
     @staticmethod
     def create(num_evaluators: int, evaluator_args: dict, use_gpu: bool, split_sizes, shard_size, store=None,
-               max_attempts=3, max_in_flight=2, max_restarts=3) -> "RayEvalPool":
-        """Start ``num_evaluators`` actors. ``evaluator_args`` holds object refs for the big
-        inputs (stack ``W``, splits), put once by the caller."""
+               max_attempts=3, max_in_flight=2, max_restarts=3, per_actor: int = 1) -> "RayEvalPool":
+        """Start ``num_evaluators`` evaluators, ``per_actor`` of them (threads) per actor
+        process. ``evaluator_args`` holds object refs for the big inputs (stack ``W``,
+        splits), put once by the caller."""
         import ray
 
+        per_actor = max(1, min(per_actor, num_evaluators))
+        slots = [min(per_actor, num_evaluators - a) for a in range(0, num_evaluators, per_actor)]
         Actor = ray.remote(
-            num_cpus=0 if use_gpu else 1,
-            num_gpus=1 if use_gpu else 0,
             max_restarts=max_restarts,
             max_task_retries=0,  # the pool resubmits shards itself (to any live actor)
         )(EvaluatorActor)
         actors = [
-            Actor.options(scheduling_strategy="SPREAD").remote(**evaluator_args, device="cuda" if use_gpu else "cpu")
-            for _ in range(num_evaluators)
+            Actor.options(scheduling_strategy="SPREAD", num_cpus=0 if use_gpu else k, num_gpus=1 if use_gpu else 0,
+                          max_concurrency=k * max_in_flight)  # a queued shard waits for its slot, not a thread
+            .remote(**evaluator_args, slots=k, device="cuda" if use_gpu else "cpu")
+            for k in slots
         ]
         # surface constructor errors (bad factory, bad data) before any search starts
         try:
@@ -295,7 +362,8 @@ class RayEvalPool(EvalPool):
         except ray.exceptions.RayActorError as e:
             cause = str(e).strip().splitlines()
             raise EvaluationError(f"evaluator actors failed to start: {cause[-1] if cause else e}") from None
-        pool = RayEvalPool(actors, split_sizes, shard_size, store, max_attempts, max_in_flight, max_restarts)
+        pool = RayEvalPool(actors, split_sizes, shard_size, store, max_attempts, max_in_flight, max_restarts,
+                           slots=slots)
         pool.actor_infos = infos
         # keep the constructor's object refs alive: Ray needs them to restart an actor
         pool._refs = [v for v in evaluator_args.values() if isinstance(v, ray.ObjectRef)]
@@ -305,7 +373,9 @@ class RayEvalPool(EvalPool):
         return [i for i in range(len(self.actors)) if self.actor_failures[i] <= self.max_restarts]
 
     def _available(self) -> list[int]:
-        return [i for i in self._alive() if i not in self._suspect]
+        """Evaluators (indices into ``_evs``) of live actors that are not quarantined."""
+        ok = set(self._alive()) - set(self._suspect)
+        return [e for e, (a, _) in enumerate(self._evs) if a in ok]
 
     def _quarantine(self, a: int) -> None:
         """Send nothing to actor ``a`` until it answers a ping (Ray may be restarting it)."""
@@ -339,33 +409,37 @@ class RayEvalPool(EvalPool):
         self._pending.extend(tasks)
         self._fill()
 
+    def _cancel(self, key):
+        return _drop_task(self._pending, key)
+
     def _fill(self) -> None:
         alive = self._available()
         if not self._alive():
             raise EvaluationError("every evaluator actor died; cannot continue the search")
-        # round-robin over the least-loaded live actors
+        # round-robin over the least-loaded available evaluators
         while self._pending and alive:
-            a = min(alive, key=lambda i: (self._load[i], i))
-            if self._load[a] >= self.max_in_flight:
+            e = min(alive, key=lambda i: (self._load[i], i))
+            if self._load[e] >= self.max_in_flight:
                 break
-            t = self._take_for(a, alive)
-            self._last_key[a] = t.recipe.key
+            t = self._take_for(e, alive)
+            self._last_key[e] = t.recipe.key
             extra = [self._fisher_ref] if (t.recipe.fisher and self._fisher_ref is not None) else None
-            self._inflight[self.actors[a].evaluate.remote(t, extra)] = (t, a)
-            self._load[a] += 1
+            a, slot = self._evs[e]
+            self._inflight[self.actors[a].evaluate.remote(t, extra, slot)] = (t, e)
+            self._load[e] += 1
 
-    def _take_for(self, a: int, alive: list[int]) -> ShardTask:
-        """The next shard for actor ``a``. When more recipes wait than there are actors (a
-        batch of independent candidates), keep each actor on one recipe so that every recipe
-        is mixed once: the oldest shard of the recipe ``a`` mixed last, else of a recipe no
-        other actor is on, else the oldest. With few recipes waiting (greedy's candidate and
-        its speculative successor), shards go in order: every actor helps the oldest recipe,
-        which is what a sequential strategy waits for."""
+    def _take_for(self, e: int, alive: list[int]) -> ShardTask:
+        """The next shard for evaluator ``e``. When more recipes wait than there are
+        evaluators (a batch of independent candidates), keep each evaluator on one recipe so
+        that every recipe is mixed once: the oldest shard of the recipe ``e`` mixed last,
+        else of a recipe no other evaluator is on, else the oldest. With few recipes waiting
+        (greedy's candidate and its speculative successor), shards go in order: every
+        evaluator helps the oldest recipe, which is what a sequential strategy waits for."""
         keys = {t.recipe.key for t in self._pending}
         if len(keys) <= len(alive):
             return self._pending.popleft()
-        mine = self._last_key.get(a)
-        others = {self._last_key.get(b) for b in alive if b != a}
+        mine = self._last_key.get(e)
+        others = {self._last_key.get(b) for b in alive if b != e}
         pick = None
         for j, t in enumerate(self._pending):
             k = t.recipe.key
@@ -393,8 +467,9 @@ class RayEvalPool(EvalPool):
             ref = ready[0]
             if self._ping_done(ref):
                 continue
-            t, a = self._inflight.pop(ref)
-            self._load[a] -= 1
+            t, e = self._inflight.pop(ref)
+            self._load[e] -= 1
+            a = self._evs[e][0]
             try:
                 counts, node_id, pid, lp = ray.get(ref)
             except (RayActorError, RayTaskError, ObjectLostError) as e:
@@ -422,8 +497,8 @@ class RayEvalPool(EvalPool):
         self._fisher_ref = ray.put(F)
 
     def map_evaluators(self, method, calls):
-        """One call per evaluator at a time (whole-ingredient jobs are heavy); a call whose
-        evaluator died is resubmitted, up to ``max_attempts``."""
+        """One call per evaluator (slot) at a time (whole-ingredient jobs are heavy); a call
+        whose evaluator died is resubmitted, up to ``max_attempts``."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -431,19 +506,19 @@ class RayEvalPool(EvalPool):
         todo = deque(range(len(calls)))
         attempts = Counter()
         inflight: dict = {}
-        busy: set[int] = set()
+        busy = Counter()
         while todo or inflight:
             for a in self._alive():
-                if a not in busy and todo:
+                while busy[a] < self.slots[a] and todo:
                     k = todo.popleft()
                     args, kw = calls[k]
                     inflight[getattr(self.actors[a], method).remote(*args, **kw)] = (k, a)
-                    busy.add(a)
+                    busy[a] += 1
             if not inflight:
                 raise EvaluationError("every evaluator actor died; cannot continue the search")
             ready, _ = ray.wait(list(inflight), num_returns=1)
             k, a = inflight.pop(ready[0])
-            busy.discard(a)
+            busy[a] -= 1
             try:
                 results[k] = ray.get(ready[0])
             except RayActorError as e:

@@ -151,15 +151,35 @@ class Context:
                 recipe = dataclasses.replace(recipe, fisher_tag=tag)
         return recipe
 
-    def submit(self, recipe: Recipe, split: str = "val") -> int:
-        """Start scoring ``recipe`` on ``split``; collect it with :meth:`wait`."""
-        return self.pool.submit(self._prepare(recipe), split)
+    def submit(self, recipe: Recipe, split: str = "val", must_reach: tuple[float, bool] | None = None) -> int:
+        """Start scoring ``recipe`` on ``split``; collect it with :meth:`wait`.
+
+        ``must_reach=(score, strict)``: the caller only needs to know whether the selection
+        metric reaches ``score`` (``> score`` when ``strict``). With accuracy, scoring stops
+        as soon as that is impossible (more misclassified examples than the bound allows:
+        exact, whatever the remaining shards hold); :meth:`wait` then returns an upper bound
+        of the accuracy, below ``score``, with ``"stopped_early": True``."""
+        max_errors = None
+        if must_reach is not None and self.selection_metric == "accuracy":
+            n = self.pool.split_sizes[split]
+            need = round(must_reach[0] * n) + (1 if must_reach[1] else 0)  # correct examples needed
+            max_errors = n - need
+        return self.pool.submit(self._prepare(recipe), split, max_errors=max_errors)
 
     def wait(self, num_returns: int = 1) -> list[tuple[int, Recipe, dict[str, float]]]:
         """Completed submissions as ``(ticket, recipe, metrics)``, at least ``num_returns``."""
         from .metrics import compute_metrics
 
-        return [(t, r, compute_metrics(c)) for t, r, _, c in self.pool.wait(num_returns)]
+        out = []
+        for t, r, split, c in self.pool.wait(num_returns):
+            if t in self.pool.rejected:
+                self.pool.rejected.discard(t)
+                n = self.pool.split_sizes[split]
+                errors = c.n - int(c.confusion.trace())
+                out.append((t, r, {"accuracy": (n - errors) / n, "stopped_early": True, "examples_seen": c.n}))
+            else:
+                out.append((t, r, compute_metrics(c)))
+        return out
 
     def pending(self) -> int:
         return self.pool.pending()
@@ -219,8 +239,10 @@ def init_ray(cfg: Config) -> bool:
         raise SoupSearchError(f"Ray address {address or 'local'!r} is unreachable: {first[:300]}") from None
 
 
-def resolve_evaluators(cfg: Config) -> tuple[int, bool]:
-    """``auto``: one evaluator per GPU if the cluster has GPUs, else one per CPU."""
+def resolve_evaluators(cfg: Config) -> tuple[int, bool, int]:
+    """``(evaluators, use_gpu, evaluators per actor)``. ``auto``: one evaluator per GPU if
+    the cluster has GPUs, else one per CPU; on CPU the evaluators of a node share one actor
+    process (as many as the largest node has CPUs), on GPU one actor per GPU."""
     import ray
 
     res = ray.cluster_resources()
@@ -232,7 +254,14 @@ def resolve_evaluators(cfg: Config) -> tuple[int, bool]:
         n = gpus if use_gpu else max(1, int(res.get("CPU", 1)))
     else:
         n = int(cfg.eval.num_evaluators)
-    return n, use_gpu
+    per_actor = cfg.eval.evaluators_per_actor
+    if per_actor == "auto":
+        if use_gpu:
+            per_actor = 1
+        else:
+            node_cpus = [int(nd.get("Resources", {}).get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")]
+            per_actor = max([1, *node_cpus])
+    return n, use_gpu, min(int(per_actor), n)
 
 
 def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: ResultStore | None,
@@ -247,11 +276,13 @@ def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: Resu
                        device="cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and torch.cuda.is_available()) else "cpu",
                        base=base, normalize=cfg.data.normalize, subsets=suite.subsets())
         return LocalEvalPool(ev, sizes, **common)
-    n, use_gpu = resolve_evaluators(cfg)
-    say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'}")
+    n, use_gpu, per_actor = resolve_evaluators(cfg)
+    actors = -(-n // per_actor)
+    say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'} in {actors} actor process(es)")
     return RayEvalPool.from_stack(stack, suite.arrays(), cfg.model.factory, cfg.model.kwargs, n, use_gpu=use_gpu,
                                   batch_size=cfg.eval.batch_size, max_in_flight=cfg.eval.max_in_flight_per_evaluator,
-                                  base=base, normalize=cfg.data.normalize, subsets=suite.subsets(), **common)
+                                  base=base, normalize=cfg.data.normalize, subsets=suite.subsets(),
+                                  per_actor=per_actor, **common)
 
 
 # ----------------------------------------------------------------------------- outcome

@@ -51,3 +51,125 @@ def test_store_resume_evaluates_nothing_again(tmp_path):
     pool3, _, _ = _pool(ResultStore(tmp_path / "r.sqlite", "other", fps))
     pool3.evaluate(reqs[:1])
     assert pool3.stats["shards_evaluated"] == 4
+
+
+def test_sibling_evaluators_share_the_stack_and_run_concurrently_in_threads():
+    """Evaluators of one actor process: the stack and the splits are the same memory, each
+    has its own model/theta, and threads scoring different recipes at once give exactly
+    the counts of one evaluator scoring them in turn."""
+    import threading
+
+    import torch
+
+    from soupsearch.evaluator import EvaluatorActor, ShardTask
+
+    pool, stack, splits = _pool()
+    a = pool.evaluator
+    b = a.sibling()
+    assert b.W.data_ptr() == a.W.data_ptr()
+    assert b.splits["val"][0].data_ptr() == a.splits["val"][0].data_ptr()
+    assert b.theta.data_ptr() != a.theta.data_ptr()
+    assert next(b.model.parameters()).data_ptr() != next(a.model.parameters()).data_ptr()
+    recipes = [Recipe.one_hot(0, 3), Recipe.uniform_over([0, 1, 2], 3), Recipe((0.2, 0.0, 0.8))]
+    tasks = [ShardTask(r, "val", 0, 0, 100) for r in recipes]
+    ref = [a.evaluate(t) for t in tasks]
+    got = {}
+
+    def work(ev, ts):
+        torch.set_num_threads(1)
+        for _ in range(3):  # interleave mixes and forwards of the two threads
+            for t in ts:
+                got.setdefault(t.recipe.key, []).append(ev.evaluate(t))
+
+    th = [threading.Thread(target=work, args=(ev, ts)) for ev, ts in ((a, tasks[::-1]), (b, tasks))]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join()
+    for t, r in zip(tasks, ref):
+        assert len(got[t.recipe.key]) == 6
+        for c in got[t.recipe.key]:
+            assert np.array_equal(c.confusion, r.confusion) and c.nll_sum == r.nll_sum
+
+    # the actor class (used in-process here): two slots over one stack; a call takes the slot
+    # that already holds its recipe, so repeated shards of one recipe are not mixed again
+    actor = EvaluatorActor("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, splits, 16,
+                           slots=2)
+    assert len(actor.slots) == 2 and actor.slots[1].W.data_ptr() == actor.slots[0].W.data_ptr()
+    for t in tasks[:2] + tasks[:2] + tasks[:2]:
+        assert actor.evaluate(t)[0] == ref[tasks.index(t)].to_dict()
+    assert actor.info()["mix_count"] == 2
+
+
+def _labelled_by_uniform_soup(n=6, size=120, scale=0.3):
+    """Ingredients around a base, and val labels = the uniform soup's own predictions: good
+    soups score high, bad ones fail early, so early stopping has something to stop."""
+    stack = IngredientStack.from_state_dicts(perturbed_state_dicts(n, scale=scale))
+    x, _ = random_split(size, 3)
+    ev = Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed,
+                   {"val": (x, np.zeros(size, np.int64))}, 32)
+    logits, _ = ev.logits(Recipe.uniform_over(range(n), n), "val", 0, size)
+    return stack, {"val": (x, logits.argmax(1).numpy())}
+
+
+def test_max_errors_stops_exactly_when_the_bound_is_passed():
+    """A request with ``max_errors`` is rejected iff its full error count exceeds it (the
+    boundary both ways), reports only shards it saw, and skips shards nobody needs."""
+    stack, splits = _labelled_by_uniform_soup()
+    n_val = len(splits["val"][1])
+
+    def fresh():
+        ev = Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, splits, 32)
+        return LocalEvalPool(ev, {"val": n_val}, shard_size=20)
+
+    stopped = 0
+    for i in range(stack.n):
+        r = Recipe.one_hot(i, stack.n)
+        full = fresh().counts([(r, "val")])[0]
+        errors = full.n - int(full.confusion.trace())
+        assert errors > 0  # one-hot ingredients disagree with the soup somewhere
+        shards = -(-n_val // 20)
+        for bound in (0, errors - 1, errors, errors + 5):
+            pool = fresh()
+            t = pool.submit(r, "val", max_errors=bound)
+            [(t2, _, _, c)] = pool.wait(1)
+            seen_errors = c.n - int(c.confusion.trace())
+            assert t2 == t
+            if t in pool.rejected:  # stopped early: only possible past the bound, and on partial data
+                assert bound < errors and seen_errors > bound and c.n < n_val
+                stopped += 1
+                # it stopped at the first shard that passed the bound: the rest were skipped
+                assert pool.stats["shards_evaluated"] == c.n // 20 + (c.n % 20 > 0)
+                assert pool.stats["shards_skipped"] == shards - pool.stats["shards_evaluated"]
+            else:  # complete counts, identical to a plain request
+                assert np.array_equal(c.confusion, full.confusion) and c.nll_sum == full.nll_sum
+                assert bound >= errors or seen_errors > bound  # passed the bound only on the last shard
+                assert pool.stats["shards_skipped"] == 0
+    assert stopped >= stack.n  # bound 0 stops every ingredient before its last shard here
+
+
+def test_greedy_early_stop_keeps_the_same_soup_with_fewer_shards():
+    from soupsearch.data import EvalSuite, TensorSplit
+    from soupsearch.search import Context
+    from soupsearch.strategies import create_strategy
+
+    stack, splits = _labelled_by_uniform_soup(n=8, size=160, scale=0.4)
+    suite = EvalSuite({"val": TensorSplit("val", *splits["val"], "val")}, num_classes=10)
+    runs = {}
+    for early in (False, True):
+        ev = Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, splits, 32)
+        pool = LocalEvalPool(ev, {"val": 160}, shard_size=16)
+        ctx = Context(pool, stack, suite, "accuracy")
+        ctx.individual_scores()
+        before = pool.stats["shards_evaluated"]
+        [res] = create_strategy("greedy", early_stop=early).run(ctx)
+        runs[early] = (res, pool.stats["shards_evaluated"] - before)
+    (plain, shards_plain), (fast, shards_fast) = runs[False], runs[True]
+    assert fast.info["kept"] == plain.info["kept"] and fast.recipe == plain.recipe
+    assert fast.info["stopped_early"] > 0 and shards_fast < shards_plain
+    for a, b in zip(fast.trajectory, plain.trajectory):
+        assert a["kept"] == b["kept"]
+        if a.get("stopped_early"):  # an upper bound of the exact score, below the soup it had to reach
+            assert a["candidate_score"] >= b["candidate_score"] and a["candidate_score"] < a["soup_score"] + 1e-12
+        else:
+            assert a["candidate_score"] == b["candidate_score"]

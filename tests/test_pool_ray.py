@@ -24,8 +24,9 @@ def setup():
     return stack, splits, recipes
 
 
-def _ray_pool(ray, stack, splits, k):
-    return RayEvalPool.from_stack(stack, splits, "builtin:digits_cnn", {"width": 4}, k, shard_size=32, batch_size=32)
+def _ray_pool(ray, stack, splits, k, per_actor=1):
+    return RayEvalPool.from_stack(stack, splits, "builtin:digits_cnn", {"width": 4}, k, shard_size=32, batch_size=32,
+                                  per_actor=per_actor)
 
 
 def _all(pool, recipes):
@@ -37,13 +38,15 @@ def test_identical_results_with_1_2_3_evaluators_and_in_process(ray_session, set
     local = LocalEvalPool(Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed,
                                     splits, 32), {n: len(s[1]) for n, s in splits.items()}, shard_size=32)
     ref = _all(local, recipes)
-    for k in (1, 2, 3):
-        pool = _ray_pool(ray_session, stack, splits, k)
+    # (evaluators, evaluators per actor process): one process each, or threads sharing a process
+    for k, per_actor in ((1, 1), (2, 1), (3, 1), (2, 2), (3, 2)):
+        pool = _ray_pool(ray_session, stack, splits, k, per_actor)
         try:
             got = _all(pool, recipes)
             assert pool.stats["shards_evaluated"] == len(recipes) * (5 + 4)  # ceil(150/32) + ceil(97/32)
-            if k > 1:
-                assert len({i["pid"] for i in pool.actor_infos}) == k
+            assert pool.num_evaluators == k
+            assert [i["slots"] for i in pool.actor_infos] == pool.slots
+            assert len({i["pid"] for i in pool.actor_infos}) == -(-k // per_actor)
         finally:
             pool.close()
         for a, b in zip(ref, got):
@@ -64,9 +67,10 @@ def test_cache_serves_repeated_requests(ray_session, setup):
         pool.close()
 
 
-def test_killed_evaluator_is_restarted_and_results_identical(ray_session, setup):
+@pytest.mark.parametrize("k,per_actor", [(2, 1), (3, 2)])
+def test_killed_evaluator_is_restarted_and_results_identical(ray_session, setup, k, per_actor):
     stack, splits, recipes = setup
-    pool = _ray_pool(ray_session, stack, splits, 2)
+    pool = _ray_pool(ray_session, stack, splits, k, per_actor)  # (3, 2): the victim holds two evaluators
     try:
         ref = _all(pool, recipes[:2])
         victim = pool.actor_infos[0]["pid"]

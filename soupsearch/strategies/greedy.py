@@ -36,6 +36,9 @@ class Greedy(Strategy):
         model_config = ConfigDict(extra="forbid", frozen=True)
         rule: Literal[">=", ">"] = ">="  # keep a candidate if its soup's val score is >= (or >) the current
         lookahead: Union[Literal["auto"], int] = "auto"  # candidates in flight; auto = number of evaluators
+        # stop scoring a candidate as soon as it cannot reach the current soup (accuracy only:
+        # exact, the kept set is the same); its trajectory score is then an upper bound
+        early_stop: bool = True
 
     def run(self, ctx):
         hib = ctx.higher_is_better
@@ -48,8 +51,8 @@ class Greedy(Strategy):
         current = scores[order[0]]
         traj = [{"step": 0, "index": order[0], "name": ctx.names[order[0]], "candidate_score": current,
                  "kept": True, "soup_score": current, "soup_size": 1}]
-        stats = {"evaluated": 0, "discarded": 0}
-        if lookahead > 1 and hasattr(ctx, "submit"):
+        stats = {"evaluated": 0, "discarded": 0, "stopped_early": 0}
+        if hasattr(ctx, "submit"):  # lookahead 1: the same loop, one candidate at a time
             step_scores = self._speculative(ctx, order, kept, current, lookahead, metric, hib, traj, stats)
         else:
             for step, i in enumerate(order[1:], start=1):
@@ -62,14 +65,23 @@ class Greedy(Strategy):
                                                         "num_ingredients": len(kept), "lookahead": lookahead},
                            trajectory=traj, info={"kept": sorted(kept), "order": order, **stats})]
 
-    def _decide(self, ctx, step, i, score, current, kept, traj, hib) -> float:
-        keep = improves(score, current, self.options.rule, hib)
+    def _decide(self, ctx, step, i, score, current, kept, traj, hib, stopped_early=False) -> float:
+        keep = not stopped_early and improves(score, current, self.options.rule, hib)
         if keep:
             kept.append(i)
             current = score
-        traj.append({"step": step, "index": i, "name": ctx.names[i], "candidate_score": score,
-                     "kept": keep, "soup_score": current, "soup_size": len(kept)})
+        row = {"step": step, "index": i, "name": ctx.names[i], "candidate_score": score,
+               "kept": keep, "soup_score": current, "soup_size": len(kept)}
+        if stopped_early:
+            row["stopped_early"] = True  # candidate_score is an upper bound
+        traj.append(row)
         return current
+
+    def _reach(self, current: float) -> dict:
+        """``must_reach`` for a candidate against the current soup (when early stop is on)."""
+        if not self.options.early_stop:
+            return {}
+        return {"must_reach": (current, self.options.rule == ">")}
 
     def _speculative(self, ctx, order, kept, current, lookahead, metric, hib, traj, stats):
         n_steps = len(order)
@@ -83,7 +95,7 @@ class Greedy(Strategy):
             while nxt < n_steps and nxt < step + lookahead:
                 if submitted.get(nxt) != version:
                     cand = Recipe.uniform_over(kept + [order[nxt]], ctx.n, label=f"{self.label}_step{nxt}")
-                    inflight[ctx.submit(cand, "val")] = (nxt, version)
+                    inflight[ctx.submit(cand, "val", **self._reach(current))] = (nxt, version)
                     submitted[nxt] = version
                     stats["evaluated"] += 1
                 nxt += 1
@@ -93,11 +105,14 @@ class Greedy(Strategy):
                     if s is None:
                         continue
                     if v == version:
-                        results[s] = m[metric]
+                        results[s] = m
                     else:
                         stats["discarded"] += 1
             before = len(kept)
-            current = self._decide(ctx, step, order[step], results.pop(step), current, kept, traj, hib)
+            m = results.pop(step)
+            stats["stopped_early"] += bool(m.get("stopped_early"))
+            current = self._decide(ctx, step, order[step], m[metric], current, kept, traj, hib,
+                                   bool(m.get("stopped_early")))
             if len(kept) != before:  # accepted: speculative results behind it are stale
                 version += 1
                 stats["discarded"] += len(results)
