@@ -16,9 +16,11 @@ images labelled by the base, val/test and 3 shifted sets):
   per-sample ``ToTensor`` + ``Normalize``.
 * **soupsearch**: ``IngredientStack.from_files`` over ``.safetensors`` files, the PNG
   splits decoded once into tensor splits, a ``RayEvalPool`` with 2 evaluators built like
-  ``search.make_pool`` does, a ``search.Context`` and the real ``greedy`` strategy
-  (speculative, lookahead = number of evaluators). No MLflow (the pool/context are built
-  directly; ``run_search`` would add its tracking time).
+  ``search.make_pool`` does on one node (two threads of one actor sharing the stack), a
+  ``search.Context`` and the real ``greedy`` strategy with its defaults (speculative,
+  lookahead = number of evaluators; early stop of candidates that cannot reach the soup).
+  No MLflow (the pool/context are built directly; ``run_search`` would add its tracking
+  time).
 
 Goal: soupsearch >= 4x faster (everything from ``ray.init`` to ``ray.shutdown`` counted),
 with the SAME kept set (asserted). Run ``python bench/e2e.py`` (``--quick`` for a smoke

@@ -37,8 +37,10 @@ class SearchContext(Protocol):
     layer_groups: list[str]  # names of the layer groups at the configured group depth
     group_depth: int  # module depth of those layer groups
 
-    def submit(self, recipe: Recipe, split: str = "val") -> int:
-        """Start scoring a recipe asynchronously; returns a ticket."""
+    def submit(self, recipe: Recipe, split: str = "val", must_reach: tuple[float, bool] | None = None) -> int:
+        """Start scoring a recipe asynchronously; returns a ticket. ``must_reach=(score,
+        strict)``: only whether the selection metric reaches ``score`` matters, so scoring
+        may stop early and report a bound (``"stopped_early": True``) when it cannot."""
 
     def wait(self, num_returns: int = 1) -> list[tuple[int, Recipe, dict[str, float]]]:
         """Block until >= ``num_returns`` submissions completed; ``(ticket, recipe, metrics)``."""
