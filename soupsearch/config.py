@@ -122,8 +122,8 @@ class DataConfig(_Strict):
 class EvalConfig(_Strict):
     num_evaluators: Union[int, Literal["auto"]] = "auto"  # auto: one per GPU, else one per CPU
     # evaluators (threads) per actor process: they share one copy of the stack and one
-    # interpreter with torch loaded. auto: one actor per node on CPU (as many evaluators as
-    # the largest node has CPUs), one per GPU on GPUs
+    # interpreter with torch loaded. auto: on CPU one actor per node holding as many
+    # evaluators as the node has CPUs; on GPU one actor per GPU (see pool.plan_actors)
     evaluators_per_actor: Union[int, Literal["auto"]] = "auto"
     shard_size: int = Field(default=128, gt=0)  # fixed: results do not depend on #evaluators
     batch_size: int = Field(default=256, gt=0)

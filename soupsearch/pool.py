@@ -291,6 +291,43 @@ class LocalEvalPool(EvalPool):
         return [getattr(self.evaluator, method)(*a, **kw) for a, kw in calls]
 
 
+def plan_actors(num_evaluators: int, node_cpus: list[float], per_actor: int | str = "auto",
+                use_gpu: bool = False) -> list[tuple[int, float]]:
+    """How ``num_evaluators`` evaluators are grouped into actor processes: ``[(evaluators,
+    CPUs to reserve)]`` per actor, biggest first.
+
+    * GPU: one evaluator per actor by default (each actor holds its own copy of the stack on
+      its GPU), reserving no CPU; an int ``per_actor`` groups evaluators on one GPU.
+    * CPU, int ``per_actor``: groups of that size, each reserving one CPU per evaluator.
+    * CPU, ``"auto"``: one actor per node (``node_cpus``: CPUs of each live node) with as
+      many evaluators as the node has CPUs, largest nodes first, so every actor fits the node
+      it was sized for. Evaluators beyond the cluster's CPUs (an explicit
+      ``num_evaluators``) are added round-robin to those actors without reserving more.
+    """
+    n = int(num_evaluators)
+    if n < 1:
+        raise ValueError(f"num_evaluators must be >= 1, got {num_evaluators}")
+    if per_actor == "auto" and use_gpu:
+        per_actor = 1
+    if per_actor != "auto":
+        k = max(1, min(int(per_actor), n))
+        return [(min(k, n - a), 0 if use_gpu else min(k, n - a)) for a in range(0, n, k)]
+    cpus = sorted((int(c) for c in node_cpus if int(c) > 0), reverse=True)
+    if not cpus:
+        return [(n, n)]
+    plan: list[list] = []
+    left = n
+    for c in cpus:
+        if left == 0:
+            break
+        k = min(c, left)
+        plan.append([k, k])
+        left -= k
+    for i in range(left):  # oversubscribed: more evaluator threads on the same reservations
+        plan[i % len(plan)][0] += 1
+    return [(k, c) for k, c in plan]
+
+
 class RayEvalPool(EvalPool):
     """Evaluator actors on Ray. Actor ``i`` holds ``slots[i]`` evaluators (threads sharing
     one copy of the stack) and is kept busy with up to ``max_in_flight`` shards per slot."""
@@ -322,7 +359,8 @@ class RayEvalPool(EvalPool):
     def from_stack(stack, splits: dict, model_factory: str, model_kwargs: dict, num_evaluators: int, *,
                    use_gpu: bool = False, shard_size: int = 128, batch_size: int = 256, store=None,
                    max_attempts: int = 3, max_in_flight: int = 2, base=None, normalize=None, subsets=None,
-                   refs: dict | None = None, per_actor: int = 1) -> "RayEvalPool":
+                   refs: dict | None = None, per_actor: int = 1,
+                   actor_plan: list[tuple[int, float]] | None = None) -> "RayEvalPool":
         """Put the stack and the splits into the object store once (every actor on a node maps
         the same memory) and start evaluators holding refs to them. ``refs`` (``{"W": ...,
         "splits": ...}``) reuses objects already put, e.g. for several pools over one stack."""
@@ -334,27 +372,33 @@ class RayEvalPool(EvalPool):
                     base=None if base is None else ray.put(base.numpy()), normalize=normalize, subsets=subsets)
         sizes = {n: len(y) for n, (_, y) in splits.items()}
         return RayEvalPool.create(num_evaluators, args, use_gpu, sizes, shard_size=shard_size, store=store,
-                                  max_attempts=max_attempts, max_in_flight=max_in_flight, per_actor=per_actor)
+                                  max_attempts=max_attempts, max_in_flight=max_in_flight, per_actor=per_actor,
+                                  actor_plan=actor_plan)
 
     @staticmethod
     def create(num_evaluators: int, evaluator_args: dict, use_gpu: bool, split_sizes, shard_size, store=None,
-               max_attempts=3, max_in_flight=2, max_restarts=3, per_actor: int = 1) -> "RayEvalPool":
+               max_attempts=3, max_in_flight=2, max_restarts=3, per_actor: int = 1,
+               actor_plan: list[tuple[int, float]] | None = None) -> "RayEvalPool":
         """Start ``num_evaluators`` evaluators, ``per_actor`` of them (threads) per actor
-        process. ``evaluator_args`` holds object refs for the big inputs (stack ``W``,
-        splits), put once by the caller."""
+        process, or as ``actor_plan`` says (``[(evaluators, cpus)]`` per actor, see
+        :func:`plan_actors`). ``evaluator_args`` holds object refs for the big inputs (stack
+        ``W``, splits), put once by the caller."""
         import ray
 
-        per_actor = max(1, min(per_actor, num_evaluators))
-        slots = [min(per_actor, num_evaluators - a) for a in range(0, num_evaluators, per_actor)]
+        if actor_plan is None:
+            actor_plan = plan_actors(num_evaluators, [], per_actor, use_gpu)
+        if sum(k for k, _ in actor_plan) != num_evaluators:
+            raise ValueError(f"actor plan {actor_plan} does not hold {num_evaluators} evaluators")
+        slots = [k for k, _ in actor_plan]
         Actor = ray.remote(
             max_restarts=max_restarts,
             max_task_retries=0,  # the pool resubmits shards itself (to any live actor)
         )(EvaluatorActor)
         actors = [
-            Actor.options(scheduling_strategy="SPREAD", num_cpus=0 if use_gpu else k, num_gpus=1 if use_gpu else 0,
+            Actor.options(scheduling_strategy="SPREAD", num_cpus=cpus, num_gpus=1 if use_gpu else 0,
                           max_concurrency=k * max_in_flight)  # a queued shard waits for its slot, not a thread
             .remote(**evaluator_args, slots=k, device="cuda" if use_gpu else "cpu")
-            for k in slots
+            for k, cpus in actor_plan  # biggest first: first-fit decreasing onto the nodes
         ]
         # surface constructor errors (bad factory, bad data) before any search starts
         try:

@@ -239,11 +239,13 @@ def init_ray(cfg: Config) -> bool:
         raise SoupSearchError(f"Ray address {address or 'local'!r} is unreachable: {first[:300]}") from None
 
 
-def resolve_evaluators(cfg: Config) -> tuple[int, bool, int]:
-    """``(evaluators, use_gpu, evaluators per actor)``. ``auto``: one evaluator per GPU if
-    the cluster has GPUs, else one per CPU; on CPU the evaluators of a node share one actor
-    process (as many as the largest node has CPUs), on GPU one actor per GPU."""
+def resolve_evaluators(cfg: Config) -> tuple[int, bool, list[tuple[int, float]]]:
+    """``(evaluators, use_gpu, actor plan)``. ``auto``: one evaluator per GPU if the cluster
+    has GPUs, else one per CPU; grouped into actor processes by :func:`pool.plan_actors`
+    (on CPU: one actor per node holding that node's evaluators; on GPU: one per GPU)."""
     import ray
+
+    from .pool import plan_actors
 
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
@@ -254,14 +256,8 @@ def resolve_evaluators(cfg: Config) -> tuple[int, bool, int]:
         n = gpus if use_gpu else max(1, int(res.get("CPU", 1)))
     else:
         n = int(cfg.eval.num_evaluators)
-    per_actor = cfg.eval.evaluators_per_actor
-    if per_actor == "auto":
-        if use_gpu:
-            per_actor = 1
-        else:
-            node_cpus = [int(nd.get("Resources", {}).get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")]
-            per_actor = max([1, *node_cpus])
-    return n, use_gpu, min(int(per_actor), n)
+    node_cpus = [nd.get("Resources", {}).get("CPU", 0) for nd in ray.nodes() if nd.get("Alive")]
+    return n, use_gpu, plan_actors(n, node_cpus, cfg.eval.evaluators_per_actor, use_gpu)
 
 
 def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: ResultStore | None,
@@ -276,13 +272,13 @@ def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: Resu
                        device="cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and torch.cuda.is_available()) else "cpu",
                        base=base, normalize=cfg.data.normalize, subsets=suite.subsets())
         return LocalEvalPool(ev, sizes, **common)
-    n, use_gpu, per_actor = resolve_evaluators(cfg)
-    actors = -(-n // per_actor)
-    say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'} in {actors} actor process(es)")
+    n, use_gpu, plan = resolve_evaluators(cfg)
+    say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'} in {len(plan)} actor process(es) "
+        f"({', '.join(str(k) for k, _ in plan)} per actor)")
     return RayEvalPool.from_stack(stack, suite.arrays(), cfg.model.factory, cfg.model.kwargs, n, use_gpu=use_gpu,
                                   batch_size=cfg.eval.batch_size, max_in_flight=cfg.eval.max_in_flight_per_evaluator,
                                   base=base, normalize=cfg.data.normalize, subsets=suite.subsets(),
-                                  per_actor=per_actor, **common)
+                                  actor_plan=plan, **common)
 
 
 # ----------------------------------------------------------------------------- outcome

@@ -173,3 +173,24 @@ def test_greedy_early_stop_keeps_the_same_soup_with_fewer_shards():
             assert a["candidate_score"] >= b["candidate_score"] and a["candidate_score"] < a["soup_score"] + 1e-12
         else:
             assert a["candidate_score"] == b["candidate_score"]
+
+
+def test_plan_actors_fits_every_actor_on_a_node():
+    from soupsearch.pool import plan_actors
+
+    # one node of 2 CPUs (this machine): one actor with both evaluators
+    assert plan_actors(2, [2.0], "auto") == [(2, 2)]
+    # two 1-CPU nodes (the cluster test): one actor per node
+    assert plan_actors(2, [1, 1], "auto") == [(1, 1), (1, 1)]
+    # uneven nodes: one actor per node sized to it, largest first (placed first-fit decreasing)
+    assert plan_actors(8, [2, 4, 2], "auto") == [(4, 4), (2, 2), (2, 2)]
+    assert plan_actors(3, [2, 4], "auto") == [(3, 3)]
+    assert plan_actors(5, [2, 4], "auto") == [(4, 4), (1, 1)]
+    # more evaluators than CPUs: extra threads go round-robin onto the same reservations
+    assert plan_actors(7, [2, 2], "auto") == [(4, 2), (3, 2)]
+    # explicit groups, and GPUs (one actor per GPU, no CPU reserved)
+    assert plan_actors(3, [2], 2) == [(2, 2), (1, 1)]
+    assert plan_actors(3, [16], 1) == [(1, 1)] * 3
+    assert plan_actors(2, [16], "auto", use_gpu=True) == [(1, 0), (1, 0)]
+    for n, nodes in ((1, [1]), (5, [3, 1, 1]), (9, [2, 2]), (4, [])):
+        assert sum(k for k, _ in plan_actors(n, nodes, "auto")) == n
