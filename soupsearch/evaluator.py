@@ -305,7 +305,9 @@ class EvaluatorActor:
                 return
             import ray
 
-            F = ray.get(ref)
+            first = self.slots[0]
+            F = _as_tensor(ray.get(ref))  # one tensor (one device copy) shared by every slot
+            F = F.to(first.device) if first.device.type != "cpu" else F
             held = [self._acquire() for _ in self.slots]  # no slot may be mixing while F changes
             try:
                 for ev in held:

@@ -118,9 +118,10 @@ class EvalPool:
                     req.errors += c.n - int(c.confusion.trace())
                 continue
             req.missing.add(i)
-        if max_errors is not None and req.errors > max_errors:
-            req.missing.clear()
+        if max_errors is not None and req.errors > max_errors and req.errors and req.missing:
+            req.missing.clear()  # the stored shards already decide it
             self.rejected.add(t)
+            self.stats["rejected_early"] += 1
         for i in sorted(req.missing):
             key = (recipe.key, split, i)
             self._waiting.setdefault(key, set()).add(t)
@@ -341,7 +342,7 @@ class RayEvalPool(EvalPool):
             raise ValueError("one slot count per actor expected")
         self.num_evaluators = sum(self.slots)
         # evaluator e = slot j of actor a: shards are addressed to evaluators, so each keeps
-        # its own recipe mixed (two slots of one actor never mix the same recipe twice)
+        # its own recipe mixed (with many recipes waiting, each evaluator stays on one)
         self._evs: list[tuple[int, int]] = [(a, j) for a, k in enumerate(self.slots) for j in range(k)]
         self.max_in_flight = max_in_flight
         self.max_restarts = max_restarts
@@ -378,7 +379,8 @@ class RayEvalPool(EvalPool):
     @staticmethod
     def create(num_evaluators: int, evaluator_args: dict, use_gpu: bool, split_sizes, shard_size, store=None,
                max_attempts=3, max_in_flight=2, max_restarts=3, per_actor: int = 1,
-               actor_plan: list[tuple[int, float]] | None = None) -> "RayEvalPool":
+               actor_plan: list[tuple[int, float]] | None = None,
+               start_timeout: float = 600.0) -> "RayEvalPool":
         """Start ``num_evaluators`` evaluators, ``per_actor`` of them (threads) per actor
         process, or as ``actor_plan`` says (``[(evaluators, cpus)]`` per actor, see
         :func:`plan_actors`). ``evaluator_args`` holds object refs for the big inputs (stack
@@ -402,10 +404,17 @@ class RayEvalPool(EvalPool):
         ]
         # surface constructor errors (bad factory, bad data) before any search starts
         try:
-            infos = ray.get([a.info.remote() for a in actors])
+            infos = ray.get([a.info.remote() for a in actors], timeout=start_timeout)
         except ray.exceptions.RayActorError as e:
             cause = str(e).strip().splitlines()
             raise EvaluationError(f"evaluator actors failed to start: {cause[-1] if cause else e}") from None
+        except ray.exceptions.GetTimeoutError:
+            for a in actors:
+                ray.kill(a)
+            need = ", ".join(f"{k} evaluator(s)/{'1 GPU' if use_gpu else f'{c:g} CPU'}" for k, c in actor_plan)
+            raise EvaluationError(f"evaluator actors did not start within {start_timeout:g}s: the cluster "
+                                  f"({ray.available_resources()}) cannot place actors of {need}; set "
+                                  f"eval.num_evaluators / eval.evaluators_per_actor to fit it") from None
         pool = RayEvalPool(actors, split_sizes, shard_size, store, max_attempts, max_in_flight, max_restarts,
                            slots=slots)
         pool.actor_infos = infos
@@ -420,6 +429,13 @@ class RayEvalPool(EvalPool):
         """Evaluators (indices into ``_evs``) of live actors that are not quarantined."""
         ok = set(self._alive()) - set(self._suspect)
         return [e for e, (a, _) in enumerate(self._evs) if a in ok]
+
+    def _count_death(self, a: int) -> None:
+        """Actor ``a`` died: one failure per death (not one per lost call), then quarantine."""
+        if a not in self._suspect:
+            self.actor_failures[a] += 1
+            self.stats["actor_failures"] += 1
+        self._quarantine(a)
 
     def _quarantine(self, a: int) -> None:
         """Send nothing to actor ``a`` until it answers a ping (Ray may be restarting it)."""
@@ -511,20 +527,21 @@ class RayEvalPool(EvalPool):
             ref = ready[0]
             if self._ping_done(ref):
                 continue
-            t, e = self._inflight.pop(ref)
-            self._load[e] -= 1
-            a = self._evs[e][0]
+            t, ev = self._inflight.pop(ref)
+            self._load[ev] -= 1
+            a = self._evs[ev][0]
             try:
                 counts, node_id, pid, lp = ray.get(ref)
-            except (RayActorError, RayTaskError, ObjectLostError) as e:
+            except (RayActorError, RayTaskError, ObjectLostError) as err:
                 self._attempts[t] += 1
-                lines = str(e).strip().splitlines()
-                msg = lines[-1] if lines else type(e).__name__
-                if isinstance(e, RayActorError):
-                    if a not in self._suspect:  # one failure per death, not one per lost shard
-                        self.actor_failures[a] += 1
-                        self.stats["actor_failures"] += 1
-                    self._quarantine(a)
+                lines = str(err).strip().splitlines()
+                msg = lines[-1] if lines else type(err).__name__
+                if isinstance(err, RayActorError):
+                    self._count_death(a)
+                key = (t.recipe.key, t.split, t.shard)
+                if key not in self._waiting:  # nobody needs it any more (its request stopped early)
+                    self._queued.discard(key)
+                    continue
                 log.warning("shard %s/%d of %s failed on evaluator %d (attempt %d): %s",
                             t.split, t.shard, t.recipe.label or t.recipe.key, a, self._attempts[t], msg)
                 if self._attempts[t] >= self.max_attempts:
@@ -566,7 +583,7 @@ class RayEvalPool(EvalPool):
             try:
                 results[k] = ray.get(ready[0])
             except RayActorError as e:
-                self.actor_failures[a] += 1
+                self._count_death(a)  # several calls of one actor fail together: one death
                 attempts[k] += 1
                 if attempts[k] >= self.max_attempts:
                     raise EvaluationError(f"{method} call {k} failed {attempts[k]} times: {e}") from None

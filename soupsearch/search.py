@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -160,10 +161,13 @@ class Context:
         exact, whatever the remaining shards hold); :meth:`wait` then returns an upper bound
         of the accuracy, below ``score``, with ``"stopped_early": True``."""
         max_errors = None
-        if must_reach is not None and self.selection_metric == "accuracy":
+        if must_reach is not None and self.selection_metric == "accuracy" and split in self.pool.split_sizes:
             n = self.pool.split_sizes[split]
-            need = round(must_reach[0] * n) + (1 if must_reach[1] else 0)  # correct examples needed
-            max_errors = n - need
+            score, strict = must_reach
+            # correct examples needed: accuracy >= score (or > score); exact for score = k/n
+            need = math.floor(score * n + 1e-9) + 1 if strict else math.ceil(score * n - 1e-9)
+            if need <= n:  # else nothing can reach it: scored in full, never kept
+                max_errors = n - max(need, 0)
         return self.pool.submit(self._prepare(recipe), split, max_errors=max_errors)
 
     def wait(self, num_returns: int = 1) -> list[tuple[int, Recipe, dict[str, float]]]:

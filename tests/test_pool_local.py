@@ -141,6 +141,12 @@ def test_max_errors_stops_exactly_when_the_bound_is_passed():
                 # it stopped at the first shard that passed the bound: the rest were skipped
                 assert pool.stats["shards_evaluated"] == c.n // 20 + (c.n % 20 > 0)
                 assert pool.stats["shards_skipped"] == shards - pool.stats["shards_evaluated"]
+                # asked again (e.g. a resumed search): decided from the cached shards, nothing re-run
+                n_eval = pool.stats["shards_evaluated"]
+                t3 = pool.submit(r, "val", max_errors=bound)
+                [(t4, _, _, c2)] = pool.wait(1)
+                assert t4 == t3 and t3 in pool.rejected and pool.stats["shards_evaluated"] == n_eval
+                assert np.array_equal(c2.confusion, c.confusion)
             else:  # complete counts, identical to a plain request
                 assert np.array_equal(c.confusion, full.confusion) and c.nll_sum == full.nll_sum
                 assert bound >= errors or seen_errors > bound  # passed the bound only on the last shard
@@ -164,6 +170,13 @@ def test_greedy_early_stop_keeps_the_same_soup_with_fewer_shards():
         before = pool.stats["shards_evaluated"]
         [res] = create_strategy("greedy", early_stop=early).run(ctx)
         runs[early] = (res, pool.stats["shards_evaluated"] - before)
+    # a bar nothing can clear (a perfect soup with the strict rule): scored in full, exact
+    r = Recipe.one_hot(0, stack.n)
+    exact = ctx.evaluate([r], "val")[0]["accuracy"]
+    for bar in ((1.0, True), (1.0, False), (exact, False), (exact, True)):
+        ctx.submit(r, "val", must_reach=bar)
+        [(_, _, m)] = ctx.wait(1)
+        assert m["accuracy"] == exact and not m.get("stopped_early")  # cached shards: all seen
     (plain, shards_plain), (fast, shards_fast) = runs[False], runs[True]
     assert fast.info["kept"] == plain.info["kept"] and fast.recipe == plain.recipe
     assert fast.info["stopped_early"] > 0 and shards_fast < shards_plain

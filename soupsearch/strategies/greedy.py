@@ -86,7 +86,7 @@ class Greedy(Strategy):
     def _speculative(self, ctx, order, kept, current, lookahead, metric, hib, traj, stats):
         n_steps = len(order)
         inflight: dict[int, tuple[int, int]] = {}  # ticket -> (step, soup version)
-        results: dict[int, float] = {}  # step -> score against the current soup version
+        results: dict[int, dict] = {}  # step -> metrics against the current soup version
         version = 0
         submitted: dict[int, int] = {}  # step -> version it was submitted against
         nxt = 1
