@@ -189,11 +189,30 @@ class EvalPool:
             if not req.missing:
                 self._done.append(t)
 
+    def cancel(self, ticket: int) -> None:
+        """Forget a submitted request (e.g. a speculative candidate made stale): :meth:`wait`
+        never returns it, and its shards that nobody else waits for and that have not
+        started are dropped (those running finish and are cached)."""
+        req = self._requests.pop(ticket, None)
+        if req is None:
+            return
+        self.stats["cancelled"] += 1
+        self._drop_missing(ticket, req)
+        self.rejected.discard(ticket)
+        try:
+            self._done.remove(ticket)
+        except ValueError:
+            pass
+
     def _reject(self, t: int, req: _Request) -> None:
-        """Stop request ``t`` early: it no longer waits for its missing shards; shards that
-        nobody else waits for and that have not started are dropped."""
+        """Stop request ``t`` early: it no longer waits for its missing shards."""
         self.rejected.add(t)
         self.stats["rejected_early"] += 1
+        self._drop_missing(t, req)
+
+    def _drop_missing(self, t: int, req: _Request) -> None:
+        """Request ``t`` no longer waits for its missing shards; shards that nobody else
+        waits for and that have not started are dropped."""
         for i in sorted(req.missing):
             key = (req.recipe.key, req.split, i)
             waiting = self._waiting.get(key)

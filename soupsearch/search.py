@@ -185,6 +185,10 @@ class Context:
                 out.append((t, r, compute_metrics(c)))
         return out
 
+    def cancel(self, ticket: int) -> None:
+        """Drop a submission whose result is no longer wanted (its unstarted shards too)."""
+        self.pool.cancel(ticket)
+
     def pending(self) -> int:
         return self.pool.pending()
 

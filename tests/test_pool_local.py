@@ -207,3 +207,23 @@ def test_plan_actors_fits_every_actor_on_a_node():
     assert plan_actors(2, [16], "auto", use_gpu=True) == [(1, 0), (1, 0)]
     for n, nodes in ((1, [1]), (5, [3, 1, 1]), (9, [2, 2]), (4, [])):
         assert sum(k for k, _ in plan_actors(n, nodes, "auto")) == n
+
+
+def test_cancel_forgets_a_request_and_drops_its_unstarted_shards():
+    pool, _, _ = _pool()
+    keep = pool.submit(Recipe.one_hot(0, 3), "val")
+    drop = pool.submit(Recipe.one_hot(1, 3), "val")
+    shared = pool.submit(Recipe.one_hot(2, 3), "test")
+    also = pool.submit(Recipe.one_hot(2, 3), "test")  # same shards as `shared`
+    pool.cancel(drop)
+    pool.cancel(shared)  # its shards are still wanted by `also`
+    pool.cancel(drop)  # twice: no effect
+    assert pool.pending() == 2
+    got = {}
+    while pool.pending():
+        for t, _, split, c in pool.wait(1):
+            got[t] = (split, c)
+    assert sorted(got) == [keep, also] and got[also][1].n == 50
+    # 4 val shards of `keep` + 2 test shards; the 4 shards of `drop` never ran
+    assert pool.stats["shards_evaluated"] == 6 and pool.stats["shards_skipped"] == 4
+    assert pool.stats["cancelled"] == 2

@@ -45,6 +45,9 @@ class SearchContext(Protocol):
     def wait(self, num_returns: int = 1) -> list[tuple[int, Recipe, dict[str, float]]]:
         """Block until >= ``num_returns`` submissions completed; ``(ticket, recipe, metrics)``."""
 
+    def cancel(self, ticket: int) -> None:
+        """Optional: drop a submission whose result is no longer wanted."""
+
     def individual_scores(self) -> list[float]:
         """Selection metric of every ingredient on val (cached after the first call)."""
 

@@ -118,6 +118,11 @@ class Greedy(Strategy):
                 stats["discarded"] += len(results)
                 results.clear()
                 nxt = step + 1
+                if hasattr(ctx, "cancel"):  # stop the stale ones still being scored
+                    for ticket in list(inflight):
+                        ctx.cancel(ticket)
+                        del inflight[ticket]
+                        stats["discarded"] += 1
         while inflight:  # drain stale work so no later strategy sees it
             for ticket, _, _ in ctx.wait(1):
                 if inflight.pop(ticket, None) is not None:
