@@ -237,8 +237,8 @@ class EvaluatorActor:
     all slots share the stack, the splits and the Fisher data, so a second evaluator in
     the same process costs one model, not one more interpreter with torch loaded. The
     actor is threaded (``max_concurrency``): the pool addresses each shard to a slot, so
-    every slot keeps its own recipe mixed; a call without a slot takes a free one,
-    preferring one that already holds its recipe. A call waits for its slot to be free.
+    every slot keeps its own recipe mixed; a call without a slot takes any free one. A
+    call waits for its slot to be free.
     Methods are idempotent: a retried shard gives the same counts. Everything is rebuilt
     from the constructor arguments, so Ray can restart the actor. Created via
     ``ray.remote(...)(EvaluatorActor)`` in :mod:`pool`."""
@@ -251,35 +251,30 @@ class EvaluatorActor:
         self._free = list(self.slots)
         self._cond = threading.Condition()
         self._fisher_lock = threading.Lock()
+        self._thread = threading.local()
         self.node_id, self.pid = _node_info()
 
-    def _acquire(self, key: str | None = None, slot: int | None = None) -> Evaluator:
-        """A free evaluator: slot ``slot`` if given (waits for it), else one already holding
-        recipe ``key`` if any is free, else any free one."""
+    def _acquire(self, slot: int | None = None) -> Evaluator:
+        """Evaluator ``slot`` once it is free, or (``None``) the first free one."""
         with self._cond:
-            if slot is not None:
-                ev = self.slots[slot]
-                while ev not in self._free:
-                    self._cond.wait()
-                self._free.remove(ev)
-                return ev
-            while not self._free:
+            while not self._free or (slot is not None and self.slots[slot] not in self._free):
                 self._cond.wait()
-            for k, ev in enumerate(self._free):
-                if ev._mixed_key == key:
-                    return self._free.pop(k)
-            return self._free.pop(0)
+            ev = self.slots[slot] if slot is not None else self._free[0]
+            self._free.remove(ev)
+            return ev
 
     def _release(self, ev: Evaluator) -> None:
         with self._cond:
             self._free.append(ev)
             self._cond.notify_all()
 
-    def _run(self, key, fn, slot: int | None = None):
+    def _run(self, fn, slot: int | None = None):
         # the OpenMP thread count is per calling thread (Ray's pool threads start with
-        # OMP_NUM_THREADS = the actor's CPUs): set it on every call
-        torch.set_num_threads(self.torch_threads)
-        ev = self._acquire(key, slot)
+        # OMP_NUM_THREADS = the actor's CPUs): set it once in each thread that runs a call
+        if not getattr(self._thread, "ready", False):
+            torch.set_num_threads(self.torch_threads)
+            self._thread.ready = True
+        ev = self._acquire(slot)
         try:
             return fn(ev)
         finally:
@@ -297,7 +292,7 @@ class EvaluatorActor:
             c, lp = ev.evaluate_with_logprobs(task)
             return c.to_dict(), self.node_id, self.pid, lp
 
-        return self._run(task.recipe.key, run, slot)
+        return self._run(run, slot)
 
     def _ensure_fisher(self, ref) -> None:
         with self._fisher_lock:
@@ -317,10 +312,10 @@ class EvaluatorActor:
                     self._release(ev)
 
     def fisher(self, *args, **kwargs) -> np.ndarray:
-        return self._run(None, lambda ev: ev.fisher(*args, **kwargs))
+        return self._run(lambda ev: ev.fisher(*args, **kwargs))
 
     def learn_coefficients(self, *args, **kwargs) -> dict:
-        return self._run(None, lambda ev: ev.learn_coefficients(*args, **kwargs))
+        return self._run(lambda ev: ev.learn_coefficients(*args, **kwargs))
 
     def info(self) -> dict:
         return {"node_id": self.node_id, "pid": self.pid, "device": str(self.slots[0].device),

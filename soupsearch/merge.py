@@ -71,6 +71,17 @@ _SUM_TOL = 1e-6
 # ----------------------------------------------------------------------------- weights
 
 
+def _weights_or_uniform(weights: Any, n: int, normalize: bool) -> list[float]:
+    return check_weights([1.0] * n if weights is None else weights, n, normalize)
+
+
+def _weights_before_reading(weights: Any, items, normalize: bool) -> list[float] | None:
+    """Validated weights (uniform if None) when the number of ingredients is known without
+    reading any checkpoint, so bad weights fail before any I/O; else None."""
+    n = _count(items)
+    return None if n is None else _weights_or_uniform(weights, n, normalize)
+
+
 def check_weights(weights: Any, n: int, normalize: bool = True, what: str = "weights") -> list[float]:
     """Validate ``n`` mixing weights and return them as floats (normalized to sum 1 if asked).
 
@@ -302,22 +313,20 @@ def fisher_soup(
     floor = float(floor)
     if not (math.isfinite(floor) and floor > 0):
         raise RecipeError(f"fisher floor is {floor}, expected a finite number > 0")
-    n = _count(state_dicts)
-    if weights is not None and n is not None:
-        check_weights(weights, n, True)
+    w = _weights_before_reading(weights, state_dicts, True)
     stack = build_stack(state_dicts, names)
     n, layout = stack.n, stack.layout
     fishers = list(fishers) if not _is_path(fishers) else list(discover(fishers))
     if len(fishers) != n:
         raise RecipeError(f"fishers: expected {n} values (one per ingredient), got {len(fishers)}")
-    w = check_weights([1.0] * n if weights is None else weights, n, True)
+    w = w or _weights_or_uniform(weights, n, True)
     F = torch.empty_like(stack.W)
     present: set[str] | None = None
     first_label = ""
     for i, f in enumerate(fishers):
         label = f"Fisher {f}" if _is_path(f) else f"Fisher fishers[{i}]"
         fsd = _resolve(f, label)
-        keys = _check_fisher(fsd, layout, label)
+        keys = _check_fisher(fsd, {sp.name: sp.shape for sp in layout.specs}, label, "ingredients")
         if present is None:
             present, first_label = keys, label
         elif keys != present:
@@ -348,21 +357,23 @@ def fisher_soup(
     return _materialize(stack, theta)
 
 
-def _check_fisher(fsd: Mapping[str, torch.Tensor], layout: ParamLayout, label: str) -> set[str]:
-    specs = {s.name: s for s in layout.specs}
+def _check_fisher(fsd: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple], label: str, what: str,
+                  values: bool = True) -> set[str]:
+    """Check a Fisher state dict against the float tensors of the ingredients (``shapes``:
+    name -> shape); with ``values`` also that it is finite and >= 0. Returns its keys."""
     for k, t in fsd.items():
-        s = specs.get(k)
-        if s is None:
-            raise CheckpointError(f"{label}: tensor {k!r} is not a floating-point tensor of the ingredients")
-        if tuple(t.shape) != tuple(s.shape):
+        shape = shapes.get(k)
+        if shape is None:
+            raise CheckpointError(f"{label}: tensor {k!r} is not a floating-point tensor of the {what}")
+        if tuple(t.shape) != tuple(shape):
             raise CheckpointError(
-                f"{label}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(s.shape)} like the ingredients"
+                f"{label}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(shape)} like the {what}"
             )
         if not t.is_floating_point():
             raise CheckpointError(f"{label}: tensor {k!r} has dtype {t.dtype}, expected a float dtype")
-        if not bool(torch.isfinite(t).all()):
+        if values and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{label}: tensor {k!r} contains NaN or Inf")
-        if bool((t < 0).any()):
+        if values and bool((t < 0).any()):
             raise CheckpointError(f"{label}: tensor {k!r} has negative values; a diagonal Fisher is >= 0")
     return set(fsd.keys())
 
@@ -440,12 +451,10 @@ def dare(
     Float tensors are merged; integer buffers come from the first ingredient.
     """
     p = _check_p(p)
-    n = _count(state_dicts)
-    if weights is not None and n is not None:
-        check_weights(weights, n, normalize)
+    w = _weights_before_reading(weights, state_dicts, normalize)
     stack, labels = _build_stack(state_dicts, names)
     n, layout = stack.n, stack.layout
-    w = check_weights([1.0] * n if weights is None else weights, n, normalize)
+    w = w or _weights_or_uniform(weights, n, normalize)
     base_label = f"base {base}" if _is_path(base) else "base"
     bsd = _resolve(base, base_label)
     check_compatible(bsd, _meta_from_layout(layout), base_label, labels[0])
@@ -558,7 +567,7 @@ def merge_files(
             raise RecipeError("method weighted needs weights, one per checkpoint")
         w = check_weights(weights, n, normalize)
     else:
-        w = check_weights([1.0] * n if weights is None else weights, n, normalize)
+        w = _weights_or_uniform(weights, n, normalize)
     if method == "fisher":
         floor = float(fisher_floor)
         if not (math.isfinite(floor) and floor > 0):
@@ -625,8 +634,7 @@ def merge_files(
             del sd
         del bsd
     else:  # fisher
-        first = None
-        acc = _stream_fisher(files, fisher_files, w, ref, ref_name, float_keys, floor, normalize_fisher, acc)
+        acc = _stream_fisher(load, fisher_files, w, ref, float_keys, floor, normalize_fisher, acc)
 
     for k in float_keys:
         if not bool(torch.isfinite(acc[k]).all()):
@@ -667,14 +675,17 @@ def _load_checked(f: Path, ref: StateDict, ref_name: str, what: str = "") -> Sta
     return sd
 
 
-def _stream_fisher(files, fisher_files, w, ref, ref_name, float_keys, floor, normalize_fisher, num):
+def _stream_fisher(load, fisher_files, w, ref, float_keys, floor, normalize_fisher, num):
+    """Fisher merge tensor by tensor: ``load(i)`` gives checkpoint ``i`` (checked)."""
     fkeys: set[str] | None = None
     first_label = ""
     scales: list[float] = []
     for ff in fisher_files:  # headers (and means, if normalizing) first
         label = f"Fisher {ff}"
         fsd = load_state_dict(ff)
-        keys = _check_fishermeta_like(fsd, ref, label)
+        # values are checked tensor by tensor in the mixing pass below (one read of each file)
+        keys = _check_fisher(fsd, {k: t.shape for k, t in ref.items() if t.is_floating_point()}, label,
+                             "checkpoints", values=False)
         if fkeys is None:
             fkeys, first_label = keys, label
         elif keys != fkeys:
@@ -692,10 +703,10 @@ def _stream_fisher(files, fisher_files, w, ref, ref_name, float_keys, floor, nor
             scales.append(1.0)
         del fsd
     den = {k: torch.zeros_like(num[k]) for k in float_keys}
-    for i, (f, ff) in enumerate(zip(files, fisher_files)):
+    for i, ff in enumerate(fisher_files):
         if w[i] == 0.0:
             continue
-        sd = _load_checked(f, ref, ref_name)
+        sd = load(i)
         fsd = load_state_dict(ff)
         label = f"Fisher {ff}"
         for k in float_keys:
@@ -716,20 +727,6 @@ def _stream_fisher(files, fisher_files, w, ref, ref_name, float_keys, floor, nor
     for k in float_keys:
         num[k].div_(den.pop(k))
     return num
-
-
-def _check_fishermeta_like(fsd: Mapping[str, torch.Tensor], ref: StateDict, label: str) -> set[str]:
-    for k, t in fsd.items():
-        r = ref.get(k)
-        if r is None or not r.is_floating_point():
-            raise CheckpointError(f"{label}: tensor {k!r} is not a floating-point tensor of the checkpoints")
-        if tuple(t.shape) != tuple(r.shape):
-            raise CheckpointError(
-                f"{label}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(r.shape)} like the checkpoints"
-            )
-        if not t.is_floating_point():
-            raise CheckpointError(f"{label}: tensor {k!r} has dtype {t.dtype}, expected a float dtype")
-    return set(fsd.keys())
 
 
 def _write_atomic(sd: Mapping[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:

@@ -91,14 +91,16 @@ def test_sibling_evaluators_share_the_stack_and_run_concurrently_in_threads():
         for c in got[t.recipe.key]:
             assert np.array_equal(c.confusion, r.confusion) and c.nll_sum == r.nll_sum
 
-    # the actor class (used in-process here): two slots over one stack; a call takes the slot
-    # that already holds its recipe, so repeated shards of one recipe are not mixed again
+    # the actor class (used in-process here): two slots over one stack; shards addressed to a
+    # slot run there, so a slot that keeps one recipe never mixes it again
     actor = EvaluatorActor("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, splits, 16,
                            slots=2)
     assert len(actor.slots) == 2 and actor.slots[1].W.data_ptr() == actor.slots[0].W.data_ptr()
-    for t in tasks[:2] + tasks[:2] + tasks[:2]:
-        assert actor.evaluate(t)[0] == ref[tasks.index(t)].to_dict()
-    assert actor.info()["mix_count"] == 2
+    for _ in range(3):
+        for slot, t in enumerate(tasks[:2]):
+            assert actor.evaluate(t, None, slot)[0] == ref[tasks.index(t)].to_dict()
+    assert [ev.mix_count for ev in actor.slots] == [1, 1]
+    assert actor.evaluate(tasks[2])[0] == ref[2].to_dict()  # no slot given: any free one
 
 
 def _labelled_by_uniform_soup(n=6, size=120, scale=0.3):
