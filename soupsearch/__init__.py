@@ -10,16 +10,17 @@ from .errors import (
     SoupSearchError,
     TrackingError,
 )
-from .merge import dare, fisher_soup, greedy_soup, uniform_soup, weighted_soup
+from .merge import dare, fisher_soup, greedy_soup, merge, uniform_soup, weighted_soup
 from .ingredients import IngredientStack, ParamLayout, discover, load_state_dict
-from .mixing import Recipe, fisher_mix, mix
+from .methods import MergeMethod, get_method, list_methods, register_method
+from .mixing import Recipe, mix
 from .models import create_model, register_model
 
 __all__ = [
     "SoupSearchError", "ConfigError", "CheckpointError", "DataError", "ModelFactoryError", "RecipeError",
     "EvaluationError", "TrackingError",
     "IngredientStack", "ParamLayout", "discover", "load_state_dict",
-    "Recipe", "mix", "fisher_mix",
+    "Recipe", "mix", "MergeMethod", "list_methods", "get_method", "register_method",
     "create_model", "register_model",
-    "uniform_soup", "weighted_soup", "fisher_soup", "greedy_soup", "dare",
+    "merge", "uniform_soup", "weighted_soup", "fisher_soup", "greedy_soup", "dare",
 ]

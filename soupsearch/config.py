@@ -174,7 +174,12 @@ class StrategySpec(_Strict):
 
     @property
     def run_name(self) -> str:
-        return self.label or self.name
+        if self.label:
+            return self.label
+        from .strategies import get_strategy_class
+
+        cls = get_strategy_class(self.name)
+        return cls.default_label(cls.validate_options(self.options))
 
 
 class SearchConfig(_Strict):
@@ -204,14 +209,14 @@ class SearchConfig(_Strict):
 
         if not v:
             raise ValueError("at least one strategy is needed")
-        labels = [s.run_name for s in v]
-        dup = {x for x in labels if labels.count(x) > 1}
-        if dup:
-            raise ValueError(f"strategy run name {sorted(dup)[0]!r} is used twice; give one a 'label'")
         for s in v:
             if s.name not in list_strategies():
                 raise ValueError(f"unknown strategy {s.name!r}; valid: {', '.join(list_strategies())}")
             get_strategy_class(s.name).validate_options(s.options)
+        labels = [s.run_name for s in v]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise ValueError(f"strategy run name {sorted(dup)[0]!r} is used twice; give one a 'label'")
         return v
 
 
@@ -231,11 +236,15 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross(self):
-        names = {s.name for s in self.search.strategies}
-        if names & {"fisher", "fisher_learned"} and self.fisher.split == "fisher" and self.data.fisher is None:
-            raise ValueError("strategies fisher/fisher_learned need data.fisher (a split disjoint from val/test)")
-        if names & {"dare"} and not self.ingredients.base:
-            raise ValueError("strategy dare needs ingredients.base (the pre-trained model)")
+        from .strategies import get_strategy_class
+
+        for s in self.search.strategies:
+            cls = get_strategy_class(s.name)
+            needs = cls.requirements(cls.validate_options(s.options))
+            if "base" in needs and not self.ingredients.base:
+                raise ValueError(f"strategy {s.run_name} needs ingredients.base (the pre-trained model)")
+            if "fisher" in needs and self.fisher.split == "fisher" and self.data.fisher is None:
+                raise ValueError(f"strategy {s.run_name} needs data.fisher (a split disjoint from val/test)")
         return self
 
     def resolved_run_dir(self) -> Path:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .ingredients import ParamLayout
 from .metrics import Counts, counts_from_logits
-from .mixing import Recipe, mix
+from .mixing import Recipe, StatsCache, mix
 from .models import create_model
 
 
@@ -86,11 +86,9 @@ class Evaluator:
         self._factory = (model_factory, dict(model_kwargs or {}))
         W = _as_tensor(W)
         self.W = W.to(self.device) if self.device.type != "cpu" else W
-        self.F = None
-        self._fisher_cache = _FisherCache()
-        self._fisher_id = None
+        self.stats = StatsCache()  # per-ingredient statistics (Fisher) and what methods prepare from them
         if fisher is not None:
-            self.set_fisher(fisher)
+            self.set_stats("fisher", fisher)
         self.base = None
         if base is not None:
             b = _as_tensor(base)
@@ -109,7 +107,7 @@ class Evaluator:
         factory, kwargs = self._factory
         self.model = create_model(factory, **kwargs).to(self.device).eval()
         self.theta = torch.empty(self.layout.num_params, dtype=torch.float32, device=self.device)
-        self.param_cols = self.layout.param_cols(n for n, _ in self.model.named_parameters()).to(self.device)
+        self.param_names = frozenset(n for n, _ in self.model.named_parameters())
         bind_flat(self.model, self.layout, self.theta, {k: v.to(self.device) for k, v in self.fixed.items()})
         self._mixed_key: str | None = None
         self.mix_count = 0
@@ -120,27 +118,20 @@ class Evaluator:
         concurrently in threads of one process, one shard at a time each."""
         ev = object.__new__(Evaluator)
         ev.__dict__.update({k: v for k, v in self.__dict__.items()
-                            if k not in ("model", "theta", "param_cols", "_mixed_key", "mix_count")})
+                            if k not in ("model", "theta", "_mixed_key", "mix_count")})
         ev._build_model()
         return ev
 
-    def set_fisher(self, F, fisher_id: str | None = None) -> None:
-        F = _as_tensor(F)
-        self.F = F.to(self.device) if self.device.type != "cpu" else F
-        self._fisher_id = fisher_id
+    def set_stats(self, name: str, values, tag: str = "") -> None:
+        """Per-ingredient statistics ``[n, P]`` (e.g. ``"fisher"``), shared with the siblings."""
+        v = _as_tensor(values)
+        self.stats.set(name, v.to(self.device) if self.device.type != "cpu" else v, tag)
         self._mixed_key = None
-
-    def _fisher_for(self, recipe: Recipe):
-        """The Fisher operand for ``recipe``: precomputed products (two plain mixing passes)
-        when the floor matches, else the raw stack (blocked kernel)."""
-        if self.F is None or not recipe.fisher:
-            return self.F
-        return self._fisher_cache.get(self.W, self.F, recipe.fisher_floor)
 
     def load_recipe(self, recipe: Recipe) -> None:
         if recipe.key != self._mixed_key:
-            mix(self.W, recipe, self.layout, out=self.theta, fisher=self._fisher_for(recipe), base=self.base,
-                param_cols=self.param_cols)
+            mix(self.W, recipe, self.layout, out=self.theta, base=self.base,
+                stats=self.stats.for_recipe(self.W, recipe), param_names=self.param_names)
             self._mixed_key = recipe.key
             self.mix_count += 1
 
@@ -200,27 +191,6 @@ class Evaluator:
                                       **options)
 
 
-class _FisherCache:
-    """Fisher products of one Fisher stack, built on first use and shared by siblings."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._F = None
-        self._fp = None
-
-    def get(self, W, F, floor: float):
-        from .mixing import FisherProducts
-
-        with self._lock:
-            if self._F is not F:  # a new Fisher stack: products of the old one are stale
-                self._F, self._fp = F, None
-            if self._fp is None:
-                self._fp = FisherProducts.build(W, F, floor)
-            elif self._fp.floor != floor:
-                return F  # a second floor: rare, use the blocked kernel on the raw stack
-            return self._fp
-
-
 def _node_info() -> tuple[str, int]:
     try:
         import ray
@@ -250,7 +220,7 @@ class EvaluatorActor:
         self.slots = [first] + [first.sibling() for _ in range(max(1, slots) - 1)]
         self._free = list(self.slots)
         self._cond = threading.Condition()
-        self._fisher_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
         self._thread = threading.local()
         self.node_id, self.pid = _node_info()
 
@@ -280,13 +250,14 @@ class EvaluatorActor:
         finally:
             self._release(ev)
 
-    def evaluate(self, task: ShardTask, fisher: list | None = None,
+    def evaluate(self, task: ShardTask, stats: dict | None = None,
                  slot: int | None = None) -> tuple[dict, str, int, np.ndarray | None]:
-        """Counts of one shard, on evaluator ``slot`` (any free one if None). ``fisher`` is
-        ``[ObjectRef]`` (nested, so Ray does not resolve it eagerly) for Fisher recipes;
-        fetched once and kept, so a restarted actor simply fetches it again."""
-        if fisher is not None:
-            self._ensure_fisher(fisher[0])
+        """Counts of one shard, on evaluator ``slot`` (any free one if None). ``stats`` maps a
+        statistic's name to ``[ObjectRef]`` (nested, so Ray does not resolve it eagerly) for
+        recipes whose method needs it (Fisher); fetched once and kept, so a restarted actor
+        simply fetches it again."""
+        for name, ref in (stats or {}).items():
+            self._ensure_stats(name, ref[0])
 
         def run(ev):
             c, lp = ev.evaluate_with_logprobs(task)
@@ -294,19 +265,19 @@ class EvaluatorActor:
 
         return self._run(run, slot)
 
-    def _ensure_fisher(self, ref) -> None:
-        with self._fisher_lock:
-            if self.slots[0]._fisher_id == ref.hex():
+    def _ensure_stats(self, name: str, ref) -> None:
+        with self._stats_lock:
+            first = self.slots[0]
+            if first.stats.tags.get(name) == ref.hex():
                 return
             import ray
 
-            first = self.slots[0]
-            F = _as_tensor(ray.get(ref))  # one tensor (one device copy) shared by every slot
-            F = F.to(first.device) if first.device.type != "cpu" else F
-            held = [self._acquire() for _ in self.slots]  # no slot may be mixing while F changes
+            values = ray.get(ref)  # one tensor (one device copy) in the cache every slot shares
+            held = [self._acquire() for _ in self.slots]  # no slot may be mixing while it changes
             try:
+                first.set_stats(name, values, ref.hex())
                 for ev in held:
-                    ev.set_fisher(F, ref.hex())
+                    ev._mixed_key = None
             finally:
                 for ev in held:
                     self._release(ev)

@@ -49,6 +49,9 @@ class ParamLayout:
     specs: tuple[TensorSpec, ...]
     fixed: tuple[tuple[str, tuple[int, ...], str], ...] = ()  # (name, shape, dtype) of non-float tensors
     order: tuple[str, ...] = ()  # state-dict key order (mixed and fixed interleaved)
+    # a column shard of a larger layout: every float tensor name of the full layout, in order
+    # (layer groups are numbered over the full layout, so a shard reads the right coefficients)
+    parent: tuple[str, ...] = ()
 
     @property
     def num_params(self) -> int:
@@ -91,12 +94,39 @@ class ParamLayout:
             cache[group_depth] = self.regroup(group_depth).groups()
         return cache[group_depth]
 
+    def group_names_at(self, group_depth: int) -> list[str]:
+        """Layer group names at ``group_depth`` in order of first appearance, over the full
+        layout (also for a column shard): what a per-layer recipe's rows are indexed by."""
+        seen: dict[str, None] = {}
+        for name in self.parent or [s.name for s in self.specs]:
+            seen.setdefault(group_of(name, group_depth), None)
+        return list(seen)
+
+    def group_ids_at(self, group_depth: int) -> tuple[int, ...]:
+        """The layer group index (see :meth:`group_names_at`) of every spec, cached per depth."""
+        cache = self.__dict__.setdefault("_group_ids_cache", {})
+        if group_depth not in cache:
+            index = {g: i for i, g in enumerate(self.group_names_at(group_depth))}
+            cache[group_depth] = tuple(index[group_of(s.name, group_depth)] for s in self.specs)
+        return cache[group_depth]
+
+    def subset(self, names) -> "ParamLayout":
+        """The layout of a column shard holding the float tensors ``names`` (in this layout's
+        order), with offsets from 0; the full layout's names are kept in ``parent``."""
+        want = set(names)
+        specs, off = [], 0
+        for s in self.specs:
+            if s.name in want:
+                specs.append(TensorSpec(s.name, s.shape, s.dtype, off, s.numel, s.group))
+                off += s.numel
+        return ParamLayout(tuple(specs), self.fixed, self.order, self.parent or tuple(self.names))
+
     def regroup(self, group_depth: int) -> "ParamLayout":
         specs = tuple(
             TensorSpec(s.name, s.shape, s.dtype, s.offset, s.numel, group_of(s.name, group_depth))
             for s in self.specs
         )
-        return ParamLayout(specs, self.fixed, self.order)
+        return ParamLayout(specs, self.fixed, self.order, self.parent)
 
     def param_cols(self, param_names) -> torch.Tensor:
         """Bool ``[P]``: True on the columns of trainable parameters (False on buffers)."""
@@ -257,8 +287,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return m
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a checkpoint as a flat ``{name: tensor}`` dict without executing any code."""
+def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Load a checkpoint as a flat ``{name: tensor}`` dict without executing any code
+    (``mmap``: ``.pt`` tensors stay views of the mapped file)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p}: file does not exist")
@@ -274,7 +305,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"checkpoint {p}: not a readable safetensors file ({e})") from None
     elif p.suffix in (".pt", ".pth", ".bin"):
         try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=False)
+            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             if "weights_only" in str(e) or "Unsupported global" in str(e):

@@ -1,12 +1,16 @@
-"""Recipes and the mixing kernel.
+"""Recipes and the loop that applies a merge method to a stack.
 
-A :class:`Recipe` is a frozen, hashable description of one soup: ``n`` coefficients
-(one per ingredient) or ``G x n`` (one per ingredient per layer group). Recipes are
-what travels between the driver and the evaluators (a few hundred bytes), and their
+A :class:`Recipe` is a frozen, hashable description of one soup: a merge method (see
+:mod:`soupsearch.methods`) with its parameters, and ``n`` coefficients (one per
+ingredient) or ``G x n`` (one per ingredient per layer group). Recipes are what travels
+between the driver and the evaluators (a few hundred bytes), and their
 :attr:`Recipe.key` is what results are cached by.
 
-``mix(W, recipe, layout)`` computes ``theta = c @ W`` (or per group
-``theta[g] = c[g] @ W[:, g]``): one pass over the stack at memory bandwidth.
+``mix(W, recipe, layout)`` runs the method's per-tensor kernel over every tensor of the
+stack ``W [n, P]`` (or of a column shard of it): for linear methods one ``c @ W[:, a:b]``
+per tensor, reading only the rows with a non-zero coefficient. Each tensor's arithmetic
+depends only on that tensor's columns, so a column-sharded stack mixes bit for bit like
+the whole one.
 """
 
 from __future__ import annotations
@@ -15,18 +19,24 @@ import functools
 import hashlib
 import json
 import math
+import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
 from .errors import RecipeError
-from .ingredients import ParamLayout
+from .ingredients import ParamLayout, TensorSpec
+from .methods import MergeMethod, TensorArgs, get_method
 
 
 def _round(x: float) -> float:
     # 12 significant digits: stable keys across float noise from json round trips
     return float(f"{float(x):.12g}")
+
+
+def _canon(v: Any) -> Any:
+    return _round(v) if isinstance(v, float) else v
 
 
 @dataclass(frozen=True)
@@ -37,22 +47,26 @@ class Recipe:
         coeffs: ``n`` mixing coefficients (per-ingredient recipe), or empty when
             ``layer_coeffs`` is used.
         layer_coeffs: ``G`` rows of ``n`` coefficients, one row per layer group of the
-            layout regrouped at ``group_depth``.
+            layout at ``group_depth`` (``ParamLayout.group_names_at``).
         group_depth: module depth used to form layer groups (see ``ingredients.group_of``).
-        fisher: mix with Fisher weights (``sum_i c_i F_i theta_i / sum_i c_i F_i``).
-        fisher_floor: floor epsilon on the Fisher values.
+        method: a registered merge method (``soupsearch.list_methods()``); aliases such as
+            ``uniform`` are stored as their canonical method (``weighted``).
+        params: the method's parameters (a mapping, or ``(name, value)`` pairs); stored
+            validated, with defaults filled in, as sorted pairs.
+        base_coeff: weight of the base (pre-trained) model, for linear methods only
+            (interpolation paths to the base).
+        stats_tag: identifies the statistics (e.g. the Fisher stack's estimation settings)
+            a method with ``stats`` uses; part of the key.
         label: human-readable name; not part of the key.
     """
 
     coeffs: tuple[float, ...] = ()
     layer_coeffs: tuple[tuple[float, ...], ...] = ()
     group_depth: int = 1
-    fisher: bool = False
-    fisher_floor: float = 1e-6
-    base_coeff: float = 0.0  # weight of the base (pre-trained) model, for paths to the base
-    dare_p: float = 0.0  # DARE drop rate on each ingredient's delta from the base
-    dare_seed: int = 0
-    fisher_tag: str = ""  # identifies the Fisher stack (estimation settings) a Fisher recipe uses
+    method: str = "weighted"
+    params: Any = ()
+    base_coeff: float = 0.0
+    stats_tag: str = ""
     label: str = field(default="", compare=False, hash=False)
 
     def __post_init__(self):
@@ -60,21 +74,34 @@ class Recipe:
         object.__setattr__(
             self, "layer_coeffs", tuple(tuple(_round(c) for c in row) for row in self.layer_coeffs)
         )
+        name = self.label or "(unnamed)"
         if bool(self.coeffs) == bool(self.layer_coeffs):
-            raise RecipeError("recipe: give exactly one of coeffs (n) or layer_coeffs (G x n)")
+            raise RecipeError(f"recipe {name}: give exactly one of coeffs (n) or layer_coeffs (G x n)")
         rows = self.layer_coeffs or (self.coeffs,)
         n = len(rows[0])
         for g, row in enumerate(rows):
             if len(row) != n:
-                raise RecipeError(f"recipe: layer_coeffs row {g} has {len(row)} coefficients, expected {n}")
+                raise RecipeError(f"recipe {name}: layer_coeffs row {g} has {len(row)} coefficients, expected {n}")
             for i, c in enumerate(row):
                 if not math.isfinite(c):
-                    raise RecipeError(f"recipe: coefficient {i} is {c}, expected a finite number")
+                    raise RecipeError(f"recipe {name}: coefficient {i} is {c}, expected a finite number")
+        cls = get_method(self.method)
+        if cls.recipe_method:
+            cls = get_method(cls.recipe_method)
+            object.__setattr__(self, "method", cls.name)
+        raw = self.params if isinstance(self.params, Mapping) else dict(self.params or ())
+        p = cls.params(raw)
+        object.__setattr__(self, "params", tuple(sorted((k, _canon(v)) for k, v in p.model_dump().items())))
         object.__setattr__(self, "base_coeff", _round(self.base_coeff))
-        if not (0.0 <= self.dare_p < 1.0):
-            raise RecipeError(f"recipe: dare_p is {self.dare_p}, expected 0 <= p < 1")
-        if self.dare_p and (self.layer_coeffs or self.fisher):
-            raise RecipeError("recipe: DARE is supported with per-ingredient, non-Fisher recipes only")
+        if self.base_coeff and not cls.linear:
+            raise RecipeError(f"recipe {name}: base_coeff is for linear methods, not {cls.name}")
+        if not cls.linear:
+            for row in rows:
+                for i, c in enumerate(row):
+                    if c < 0:
+                        raise RecipeError(f"recipe {name}: method {cls.name}: coefficient {i} is {c:g}, "
+                                          "expected >= 0")
+        cls.check_support(len(self.support()), f"recipe {name}")
 
     # ---------------------------------------------------------------- constructors
     @staticmethod
@@ -89,6 +116,14 @@ class Recipe:
         w = 1.0 / len(idx)
         return Recipe(tuple(w if j in idx else 0.0 for j in range(n)), label=label)
 
+    @staticmethod
+    def of(method: str, members: Sequence[int], n: int, label: str = "", **params) -> "Recipe":
+        """A soup of ``members`` with ``method`` and its default coefficients (1/k each for
+        averaging methods, 1 each for sums of task vectors)."""
+        if not members:
+            raise RecipeError(f"recipe {label or method}: no ingredients")
+        return Recipe(get_method(method).default_coeffs(members, n), method=method, params=params, label=label)
+
     # ---------------------------------------------------------------- properties
     @property
     def n(self) -> int:
@@ -98,6 +133,24 @@ class Recipe:
     def per_layer(self) -> bool:
         return bool(self.layer_coeffs)
 
+    @property
+    def merge_method(self) -> type[MergeMethod]:
+        return get_method(self.method)
+
+    @property
+    def stats(self) -> tuple[str, ...]:
+        """Per-ingredient statistics the method needs (e.g. ``("fisher",)``)."""
+        return self.merge_method.stats
+
+    @property
+    def needs_base(self) -> bool:
+        return self.merge_method.needs_base or bool(self.base_coeff)
+
+    @functools.cached_property
+    def param_values(self):
+        """The method's validated parameters (a pydantic model)."""
+        return self.merge_method.params(dict(self.params))
+
     @functools.cached_property
     def key(self) -> str:  # computed once: the pool looks it up for every shard
         payload = json.dumps(
@@ -105,11 +158,10 @@ class Recipe:
                 "c": self.coeffs,
                 "lc": self.layer_coeffs,
                 "gd": self.group_depth if self.layer_coeffs else None,
-                "f": self.fisher,
-                "ff": self.fisher_floor if self.fisher else None,
-                **({"ft": self.fisher_tag} if self.fisher and self.fisher_tag else {}),
+                **({"m": self.method} if self.method != "weighted" else {}),
+                **({"p": self.params} if self.params else {}),
+                **({"st": self.stats_tag} if self.stats_tag and self.stats else {}),
                 **({"b": self.base_coeff} if self.base_coeff else {}),
-                **({"dp": self.dare_p, "ds": self.dare_seed} if self.dare_p else {}),
             },
             separators=(",", ":"),
         )
@@ -120,84 +172,46 @@ class Recipe:
         rows = self.layer_coeffs or (self.coeffs,)
         return [i for i in range(self.n) if any(r[i] != 0.0 for r in rows)]
 
+    def describe(self) -> str:
+        """``method(param=value, ...)`` for tables and model cards."""
+        ps = ", ".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.method}({ps})" if ps else self.method
+
     def to_dict(self) -> dict:
-        d = {"label": self.label, "key": self.key}
+        d: dict = {"label": self.label, "key": self.key, "method": self.method}
+        if self.params:
+            d["params"] = dict(self.params)
         if self.coeffs:
             d["coeffs"] = list(self.coeffs)
         else:
             d["layer_coeffs"] = [list(r) for r in self.layer_coeffs]
             d["group_depth"] = self.group_depth
-        if self.fisher:
-            d["fisher"] = True
-            d["fisher_floor"] = self.fisher_floor
-            if self.fisher_tag:
-                d["fisher_tag"] = self.fisher_tag
+        if self.stats_tag and self.stats:
+            d["stats_tag"] = self.stats_tag
         if self.base_coeff:
             d["base_coeff"] = self.base_coeff
-        if self.dare_p:
-            d["dare_p"], d["dare_seed"] = self.dare_p, self.dare_seed
         return d
 
     @staticmethod
     def from_dict(d: dict) -> "Recipe":
+        method, params = d.get("method", "weighted"), dict(d.get("params", {}))
+        if d.get("fisher"):  # written before the method registry
+            method, params = "fisher", {"floor": float(d.get("fisher_floor", 1e-6))}
+        elif d.get("dare_p"):
+            method, params = "dare", {"p": float(d["dare_p"]), "seed": int(d.get("dare_seed", 0))}
         return Recipe(
             coeffs=tuple(d.get("coeffs", ())),
             layer_coeffs=tuple(tuple(r) for r in d.get("layer_coeffs", ())),
             group_depth=int(d.get("group_depth", 1)),
-            fisher=bool(d.get("fisher", False)),
-            fisher_floor=float(d.get("fisher_floor", 1e-6)),
-            fisher_tag=str(d.get("fisher_tag", "")),
+            method=method,
+            params=params,
+            stats_tag=str(d.get("stats_tag", d.get("fisher_tag", ""))),
             base_coeff=float(d.get("base_coeff", 0.0)),
-            dare_p=float(d.get("dare_p", 0.0)),
-            dare_seed=int(d.get("dare_seed", 0)),
             label=d.get("label", ""),
         )
 
 
-def _coeff_tensor(values, W: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=W.dtype, device=W.device)
-
-
-def mix(
-    W: torch.Tensor,
-    recipe: Recipe,
-    layout: ParamLayout | None = None,
-    out: torch.Tensor | None = None,
-    fisher: torch.Tensor | None = None,
-    base: torch.Tensor | None = None,
-    param_cols: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mix the stack ``W [n, P]`` into one flat parameter vector ``theta [P]``.
-
-    ``layout`` is needed for per-layer recipes; ``fisher [n, P]`` for Fisher recipes;
-    ``base [P]`` (the pre-trained model) for recipes with ``base_coeff`` or DARE;
-    ``param_cols`` (bool ``[P]``, True for trainable parameters) limits DARE to parameters,
-    so buffers such as BatchNorm statistics are mixed plainly.
-    """
-    n, P = W.shape
-    name = recipe.label or recipe.key
-    if recipe.n != n:
-        raise RecipeError(f"recipe {name}: has {recipe.n} coefficients, stack has {n} ingredients")
-    if (recipe.base_coeff or recipe.dare_p) and base is None:
-        raise RecipeError(f"recipe {name}: uses the base model but none was given (set ingredients.base)")
-    if recipe.dare_p:
-        return dare_mix(W, base, recipe, out=out, param_cols=param_cols)
-    if recipe.fisher:
-        if fisher is None:
-            raise RecipeError(f"recipe {name}: is a Fisher recipe but no Fisher stack was given")
-        out = fisher_mix(W, fisher, recipe, layout, out=out)
-    elif not recipe.per_layer:
-        if out is None:
-            out = torch.empty(P, dtype=W.dtype, device=W.device)
-        _mix_support(W, recipe.coeffs, out)
-    else:
-        out = _mix_per_layer(W, recipe, layout, out)
-    if recipe.base_coeff:
-        out.add_(base.to(out.dtype), alpha=recipe.base_coeff)
-    return out
-
-
-def _support_runs(coeffs) -> list[tuple[int, int]]:
+def support_runs(coeffs: Sequence[float]) -> list[tuple[int, int]]:
     """Maximal runs ``[a, b)`` of consecutive ingredients with a non-zero coefficient."""
     runs: list[tuple[int, int]] = []
     for i, c in enumerate(coeffs):
@@ -209,159 +223,114 @@ def _support_runs(coeffs) -> list[tuple[int, int]]:
     return runs
 
 
-def _mix_support(W: torch.Tensor, coeffs, out: torch.Tensor) -> torch.Tensor:
-    """``out = c @ W`` reading only the rows with ``c_i != 0``: one ``mm`` per run of
-    consecutive non-zero rows (a one-hot is one row copy, a greedy candidate over k of n
-    ingredients reads k rows). Dense recipes (or many scattered runs) use one ``mm``."""
-    n = W.shape[0]
-    runs = _support_runs(coeffs)
-    c = _coeff_tensor(coeffs, W)
-    if not runs:
-        return out.zero_()
-    if len(runs) > max(1, n // 4) or runs == [(0, n)]:
-        torch.mm(c[None], W, out=out[None])
-        return out
-    a, b = runs[0]
-    torch.mm(c[a:b][None], W[a:b], out=out[None])
-    for a, b in runs[1:]:
-        out[None].addmm_(c[a:b][None], W[a:b])
-    return out
+def _whole_row_layout(P: int) -> ParamLayout:
+    return ParamLayout((TensorSpec("", (P,), "float32", 0, P, "all"),))
 
 
-def _mix_per_layer(W, recipe, layout, out):
-    n, P = W.shape
-    if out is None:
-        out = torch.empty(P, dtype=W.dtype, device=W.device)
-    if layout is None:
-        raise RecipeError("per-layer recipe needs the stack's layout")
-    groups = layout.groups_at(recipe.group_depth)
-    if len(groups) != len(recipe.layer_coeffs):
-        raise RecipeError(
-            f"recipe {recipe.label or recipe.key}: has {len(recipe.layer_coeffs)} layer groups, "
-            f"layout at group_depth={recipe.group_depth} has {len(groups)}"
-        )
-    C = _coeff_tensor(recipe.layer_coeffs, W)
-    for g, (_, ranges) in enumerate(groups):
-        for a, b in ranges:
-            torch.mm(C[g][None], W[:, a:b], out=out[None, a:b])
-    return out
-
-
-def dare_generator(i: int, seed: int) -> torch.Generator:
-    """The random stream of ingredient ``i``'s DARE mask: one definition for the search
-    (:func:`dare_mask`) and the streaming ``soupsearch merge``, which must agree."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i))
-
-
-def dare_mask(i: int, P: int, p: float, seed: int, device=None) -> torch.Tensor:
-    """The keep-mask of ingredient ``i`` (independent of how many evaluators there are)."""
-    g = dare_generator(i, seed)
-    return (torch.rand(P, generator=g) >= p).to(device)
-
-
-def dare_mix(W: torch.Tensor, base: torch.Tensor, recipe: Recipe, out: torch.Tensor | None = None,
-             param_cols: torch.Tensor | None = None) -> torch.Tensor:
-    """DARE (Yu et al., 2024): drop each delta ``W_i - base`` elementwise with probability
-    ``p``, rescale the kept entries by ``1/(1-p)``, then mix:
-    ``theta = (sum_i c_i + b) base + sum_i c_i m_i * (W_i - base) / (1-p)``.
-    Columns outside ``param_cols`` (buffers) are never dropped nor rescaled."""
-    n, P = W.shape
-    if out is None:
-        out = torch.empty(P, dtype=W.dtype, device=W.device)
-    base = base.to(W.dtype)
-    out.copy_(base).mul_(sum(recipe.coeffs) + recipe.base_coeff)
-    scale = 1.0 / (1.0 - recipe.dare_p)
-    zero = torch.zeros((), dtype=W.dtype, device=W.device)
-    for i, c in enumerate(recipe.coeffs):
-        if c == 0.0:
-            continue
-        m = dare_mask(i, P, recipe.dare_p, recipe.dare_seed, W.device)
-        delta = W[i] - base
-        if param_cols is None:
-            out.add_(torch.where(m, delta, zero), alpha=c * scale)
-        else:
-            pc = param_cols.to(W.device)
-            out.add_(torch.where(m & pc, delta * scale, torch.where(pc, zero, delta)), alpha=c)
-    return out
-
-
-@dataclass(frozen=True)
-class FisherProducts:
-    """A Fisher stack prepared once for fast Fisher mixing: ``Fc = max(F, floor)`` and
-    ``FW = Fc * W``, both ``[n, P]``.
-
-    Fisher mixing is then two plain mixing passes, ``(c @ FW) / (c @ Fc)``, at memory
-    bandwidth -- about 2x a plain mix, for per-ingredient and per-layer recipes alike, with
-    no ``[n, P]`` temporaries -- at the cost of one more stack (``Fc`` can replace ``F``:
-    ``inplace=True``). Exact for recipes with ``fisher_floor == floor``.
-    """
-
-    Fc: torch.Tensor
-    FW: torch.Tensor
-    floor: float
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.Fc.shape
-
-    @staticmethod
-    def build(W: torch.Tensor, F: torch.Tensor, floor: float = 1e-6, inplace: bool = False) -> "FisherProducts":
-        if F.shape != W.shape:
-            raise RecipeError(f"Fisher stack has shape {tuple(F.shape)}, expected {tuple(W.shape)} like the weights")
-        Fc = F.clamp_min_(floor) if inplace else F.clamp_min(floor)
-        return FisherProducts(Fc, torch.mul(Fc, W), float(floor))
-
-
-def fisher_mix(
+def mix(
     W: torch.Tensor,
-    F: "torch.Tensor | FisherProducts",
     recipe: Recipe,
     layout: ParamLayout | None = None,
     out: torch.Tensor | None = None,
-    block_bytes: int = 1 << 21,
+    *,
+    base: torch.Tensor | None = None,
+    stats: Mapping[str, torch.Tensor] | None = None,
+    param_names: Collection[str] | None = None,
 ) -> torch.Tensor:
-    """``theta = sum_i c_i max(F_i, eps) theta_i / sum_i c_i max(F_i, eps)``.
+    """Merge the stack ``W [n, P]`` (or a column shard: ``layout`` then is the shard's) into
+    one flat float32 vector ``theta [P]`` with ``recipe``'s method, tensor by tensor.
 
-    With :class:`FisherProducts` (the fast path): two plain mixing passes. With a raw
-    Fisher stack ``F [n, P]``: cache-sized column blocks through one reused scratch
-    buffer (``f = max(F, eps)``; ``den = c @ f``; ``f *= W``; ``num = c @ f``), reading W
-    and F once; per-layer recipes walk their column ranges (no ``[n, P]`` coefficients).
+    ``base [P]``: the pre-trained model (methods with ``needs_base``, recipes with a
+    ``base_coeff``); ``stats``: per-ingredient statistics ``[n, P]`` by name (e.g.
+    ``{"fisher": F}``, possibly with prepared entries, see :class:`StatsCache`);
+    ``param_names``: the trainable parameters (other float tensors are buffers, which
+    non-linear methods average plainly); None: every tensor is a parameter. Without a
+    ``layout`` the whole row is one tensor.
     """
     n, P = W.shape
-    if F.shape != W.shape:
-        raise RecipeError(f"Fisher stack has shape {tuple(F.shape)}, expected {tuple(W.shape)} like the weights")
-    if recipe.per_layer and layout is None:
-        raise RecipeError("per-layer recipe needs the stack's layout")
-    eps = recipe.fisher_floor
-    if isinstance(F, FisherProducts):
-        if eps != F.floor:
-            raise RecipeError(
-                f"recipe {recipe.label or recipe.key}: fisher_floor {eps} differs from the floor {F.floor} "
-                "the Fisher products were built with"
-            )
-        plain = Recipe(recipe.coeffs, recipe.layer_coeffs, recipe.group_depth)
-        out = mix(F.FW, plain, layout, out=out)
-        return out.div_(mix(F.Fc, plain, layout))
+    name = recipe.label or recipe.key
+    if recipe.n != n:
+        raise RecipeError(f"recipe {name}: has {recipe.n} coefficients, stack has {n} ingredients")
+    method = recipe.merge_method
+    if recipe.needs_base and base is None:
+        raise RecipeError(f"recipe {name}: method {method.name} uses the base model but none was given "
+                          "(set ingredients.base)")
+    stats = dict(stats or {})
+    for s in method.stats:
+        if s not in stats:
+            raise RecipeError(f"recipe {name}: method {method.name} needs the {s!r} statistics of every "
+                              "ingredient but none were given")
+        if tuple(stats[s].shape) != (n, P):
+            raise RecipeError(f"recipe {name}: {s!r} statistics have shape {tuple(stats[s].shape)}, "
+                              f"expected {(n, P)} like the weights")
+    if layout is None:
+        if recipe.per_layer:
+            raise RecipeError("per-layer recipe needs the stack's layout")
+        layout = _whole_row_layout(P)
     if out is None:
-        out = torch.empty(P, dtype=W.dtype, device=W.device)
+        out = torch.empty(P, dtype=torch.float32, device=W.device)
+    rows = recipe.layer_coeffs or (recipe.coeffs,)
     if recipe.per_layer:
-        groups = layout.groups_at(recipe.group_depth)
-        C = _coeff_tensor(recipe.layer_coeffs, W)
-        segs = [(C[g], a, b) for g, (_, ranges) in enumerate(groups) for a, b in ranges]
+        gids = layout.group_ids_at(recipe.group_depth)
+        G = len(layout.group_names_at(recipe.group_depth))
+        if G != len(rows):
+            raise RecipeError(f"recipe {name}: has {len(rows)} layer groups, layout at "
+                              f"group_depth={recipe.group_depth} has {G}")
     else:
-        segs = [(_coeff_tensor(recipe.coeffs, W), 0, P)]
-    chunk = max(1024, block_bytes // (n * W.element_size()))
-    scratch = torch.empty(n * chunk, dtype=W.dtype, device=W.device)
-    den = torch.empty(chunk, dtype=W.dtype, device=W.device)
-    for c, a0, b0 in segs:
-        for a in range(a0, b0, chunk):
-            b = min(b0, a + chunk)
-            m = b - a
-            f = scratch[: n * m].view(n, m)
-            torch.clamp_min(F[:, a:b], eps, out=f)
-            torch.mv(f.t(), c, out=den[:m])
-            f.mul_(W[:, a:b])
-            o = out[a:b]
-            torch.mv(f.t(), c, out=o)
-            o.div_(den[:m])
+        gids = None
+    C = torch.tensor(rows, dtype=torch.float32, device=W.device)
+    runs = [support_runs(r) for r in rows]
+    p = recipe.param_values
+    params = None if param_names is None else frozenset(param_names)
+    for j, s in enumerate(layout.specs):
+        g = gids[j] if gids is not None else 0
+        a, b = s.offset, s.offset + s.numel
+        t = TensorArgs(
+            s.name, W[:, a:b], C[g], runs[g],
+            base=None if base is None else base[a:b],
+            stats={k: v[:, a:b] for k, v in stats.items()} if stats else {},
+            is_param=params is None or s.name in params,
+            base_coeff=recipe.base_coeff,
+            out=out[a:b],
+        )
+        res = method.merge_tensor(t, p)
+        if res.data_ptr() != out[a:b].data_ptr():
+            out[a:b].copy_(res)
     return out
+
+
+class StatsCache:
+    """Per-ingredient statistics of one stack (e.g. ``{"fisher": F}``) and what methods
+    prepare from them once (Fisher products), shared by the evaluators (threads) of an
+    actor. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.raw: dict[str, torch.Tensor] = {}
+        self.tags: dict[str, str] = {}
+        self._prepared: dict[tuple, dict] = {}
+
+    def set(self, name: str, value: torch.Tensor, tag: str = "") -> None:
+        with self._lock:
+            self.raw[name] = value
+            self.tags[name] = tag
+            self._prepared.clear()  # prepared from the old values
+
+    def for_recipe(self, W: torch.Tensor, recipe: Recipe) -> dict[str, torch.Tensor] | None:
+        method = recipe.merge_method
+        if not method.stats:
+            return None
+        with self._lock:
+            stats = {k: self.raw[k] for k in method.stats if k in self.raw}
+            if len(stats) < len(method.stats):
+                return stats  # mix() names what is missing
+            pk = method.prepare_key(recipe.param_values)
+            if pk is None:
+                return stats
+            key = (method.name, pk)
+            if key not in self._prepared:
+                # one prepared entry per method: a second floor value replaces the first
+                for k in [k for k in self._prepared if k[0] == method.name]:
+                    del self._prepared[k]
+                self._prepared[key] = method.prepare_stats(W, stats, recipe.param_values)
+            return self._prepared[key]

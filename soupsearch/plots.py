@@ -288,7 +288,7 @@ def plot_strategies(outcome, path: Path) -> Path | None:
 
 def _mixable(res) -> bool:
     r = getattr(res, "recipe", None)
-    return r is not None and not r.fisher and not r.base_coeff and not r.dare_p
+    return r is not None and r.merge_method.linear and not r.base_coeff
 
 
 def best_weight_soup(outcome):

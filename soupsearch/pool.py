@@ -256,8 +256,9 @@ class EvalPool:
         return [compute_metrics(c) for c in self.counts(requests)]
 
     # ------------------------------------------------------------------ backend
-    def set_fisher(self, F) -> None:
-        """Make the Fisher stack ``F [n, P]`` (numpy float32) available to Fisher recipes."""
+    def set_stats(self, name: str, values) -> None:
+        """Make per-ingredient statistics ``[n, P]`` (numpy float32; e.g. ``"fisher"``)
+        available to recipes whose method needs them."""
         raise NotImplementedError
 
     def map_evaluators(self, method: str, calls: list[tuple[tuple, dict]]) -> list:
@@ -304,8 +305,8 @@ class LocalEvalPool(EvalPool):
             raise self._fail(t, f"{type(e).__name__}: {e}", 1) from e
         return t, counts, "local", 0, lp
 
-    def set_fisher(self, F) -> None:
-        self.evaluator.set_fisher(F)
+    def set_stats(self, name: str, values) -> None:
+        self.evaluator.set_stats(name, values)
 
     def map_evaluators(self, method, calls):
         return [getattr(self.evaluator, method)(*a, **kw) for a, kw in calls]
@@ -370,7 +371,7 @@ class RayEvalPool(EvalPool):
         self._inflight: dict = {}  # ObjectRef -> (task, evaluator index)
         self._load = Counter()  # evaluator index -> shards in flight
         self._attempts = Counter()
-        self._fisher_ref = None
+        self._stats_refs: dict = {}  # statistic name -> ObjectRef of its [n, P] array
         self._last_key: dict[int, str] = {}  # evaluator index -> recipe key of the last shard sent to it
         # actors that failed and may be restarting: index -> [ping ref or None, time of next ping]
         self._suspect: dict[int, list] = {}
@@ -502,7 +503,7 @@ class RayEvalPool(EvalPool):
                 break
             t = self._take_for(e, alive)
             self._last_key[e] = t.recipe.key
-            extra = [self._fisher_ref] if (t.recipe.fisher and self._fisher_ref is not None) else None
+            extra = {k: [self._stats_refs[k]] for k in t.recipe.stats if k in self._stats_refs} or None
             a, slot = self._evs[e]
             self._inflight[self.actors[a].evaluate.remote(t, extra, slot)] = (t, e)
             self._load[e] += 1
@@ -571,10 +572,10 @@ class RayEvalPool(EvalPool):
             self._fill()  # keep actors busy before the driver processes this result
             return t, Counts.from_dict(counts), node_id, pid, lp
 
-    def set_fisher(self, F) -> None:
+    def set_stats(self, name: str, values) -> None:
         import ray
 
-        self._fisher_ref = ray.put(F)
+        self._stats_refs[name] = ray.put(values)
 
     def map_evaluators(self, method, calls):
         """One call per evaluator (slot) at a time (whole-ingredient jobs are heavy); a call

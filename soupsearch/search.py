@@ -66,13 +66,13 @@ class Context:
         self.results: dict[str, SoupResult] = {}
         self._individual: list[float] | None = None
         self._logprob_cache: dict[tuple[int, str], np.ndarray] = {}
-        self._fisher_tag: str | None = None
-        self.fisher_stack = None
+        self._stats_tags: dict[str, str] = {}  # statistic name -> tag of the values in the pool
+        self.stats: dict = {}  # statistic name -> [n, P] tensor (e.g. the Fisher stack)
         self.fisher_config = fisher_config
         self.stack_base = stack_base
         self.hparams: list[dict] = list(hparams or [{} for _ in range(stack.n)])
-        # trainable-parameter columns (DARE leaves buffers alone); None: every column
-        self.param_cols = stack.layout.param_cols(param_names) if param_names is not None else None
+        # trainable parameters (non-linear methods average buffers plainly); None: every tensor
+        self.param_names = frozenset(param_names) if param_names is not None else None
 
     def evaluate(self, recipes: Sequence[Recipe], split: str = "val") -> list[dict[str, float]]:
         return self.pool.evaluate([(self._prepare(r), split) for r in recipes])
@@ -106,10 +106,17 @@ class Context:
     def labels(self, split: str) -> np.ndarray:
         return self.suite.splits[split].y
 
+    def ensure_stats(self, name: str) -> str:
+        """Make the per-ingredient statistic ``name`` available to the evaluators (estimated
+        once per search); returns its tag (part of the keys of recipes that use it)."""
+        if name == "fisher":
+            return self.ensure_fisher()
+        raise SoupSearchError(f"per-ingredient statistic {name!r} is not available in a search (known: fisher)")
+
     def ensure_fisher(self) -> str:
         """Estimate the diagonal Fisher of every ingredient once (on the evaluators, in
         parallel) and hand it to the pool; returns its tag."""
-        if self._fisher_tag is None:
+        if "fisher" not in self._stats_tags:
             fc = self.fisher_config
             if fc.split not in self.suite.splits:
                 raise SoupSearchError(f"Fisher split {fc.split!r} is not configured (set data.fisher)")
@@ -123,18 +130,19 @@ class Context:
             F = torch.from_numpy(np.stack(rows))
             if fc.normalize:
                 F = normalize_fisher(F)
-            self.fisher_stack = F
-            self.pool.set_fisher(F.numpy())
-            self._fisher_tag = hashlib.sha1(json.dumps(fc.model_dump(mode="json"), sort_keys=True).encode()
-                                            + str(self.seed).encode()).hexdigest()[:10]
+            self.stats["fisher"] = F
+            self.pool.set_stats("fisher", F.numpy())
+            self._stats_tags["fisher"] = hashlib.sha1(json.dumps(fc.model_dump(mode="json"), sort_keys=True).encode()
+                                                      + str(self.seed).encode()).hexdigest()[:10]
             say(f"Fisher of {self.n} ingredients on {min(fc.num_examples, len(self.suite.splits[fc.split]))} "
                 f"examples ({fc.mode}) in {time.time() - t:.1f}s")
-        return self._fisher_tag
+        return self._stats_tags["fisher"]
 
     def soup_state_dict(self, recipe: Recipe) -> dict:
         """The soup of ``recipe`` as a state dict, mixed here on the driver (for logging)."""
-        theta = mix(self.stack.W, recipe, self.layout, fisher=self.fisher_stack, base=self.stack_base,
-                    param_cols=self.param_cols)
+        theta = mix(self.stack.W, recipe, self.layout, base=self.stack_base,
+                    stats={k: self.stats[k] for k in recipe.stats if k in self.stats},
+                    param_names=self.param_names)
         return self.layout.unflatten(theta, self.stack.fixed)
 
     def run_on_evaluator(self, method: str, *args, **kwargs):
@@ -146,10 +154,11 @@ class Context:
         return self.pool.num_evaluators
 
     def _prepare(self, recipe: Recipe) -> Recipe:
-        if recipe.fisher:
-            tag = self.ensure_fisher()
-            if recipe.fisher_tag != tag:
-                recipe = dataclasses.replace(recipe, fisher_tag=tag)
+        """A recipe whose method needs statistics gets them estimated and their tag in its key."""
+        if recipe.stats:
+            tag = "+".join(self.ensure_stats(name) for name in recipe.stats)
+            if recipe.stats_tag != tag:
+                recipe = dataclasses.replace(recipe, stats_tag=tag)
         return recipe
 
     def submit(self, recipe: Recipe, split: str = "val", must_reach: tuple[float, bool] | None = None) -> int:
@@ -483,7 +492,7 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat=None, 
         say(f"strategy {spec.run_name}: running")
         results = strategy.run(ctx)
         for res in results:
-            if res.recipe is not None and res.recipe.fisher:
+            if res.recipe is not None and res.recipe.stats:
                 res.recipe = ctx._prepare(res.recipe)
             ctx.results[res.name] = res
             if res.recipe is not None:
@@ -583,10 +592,8 @@ def _model_card(name: str, row: CandidateRow, res: SoupResult, stack: Ingredient
     lines += [f"| {stack.names[i]} | {c:.4f} |" for i, c in enumerate(coeffs) if c != 0.0]
     if r.base_coeff:
         lines.append(f"| (base model) | {r.base_coeff:.4f} |")
-    if r.fisher:
-        lines += ["", f"Fisher-weighted merge (floor {r.fisher_floor})."]
-    if r.dare_p:
-        lines += ["", f"DARE applied to deltas from the base (p={r.dare_p}, seed={r.dare_seed})."]
+    m = r.merge_method
+    lines += ["", f"Merge method `{r.describe()}`: {m.description} (`{m.formula}`)."]
     lines += ["", "## Scores", "", "| split | accuracy | nll | ece | macro_f1 |", "|---|---|---|---|---|"]
     for split, m in row.metrics.items():
         lines.append(f"| {split} | {m['accuracy']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} | {m['macro_f1']:.4f} |")

@@ -276,9 +276,9 @@ def test_num_ingredients_objective_counts_above_threshold(tmp_path):
 def test_fisher_learned_makes_fisher_recipes(tmp_path):
     ctx = FakeContext(tmp_path, num_evaluators=1)
     [res] = create_strategy("fisher_learned", n_trials=3).run(ctx)
-    assert res.name == "fisher_learned" and res.recipe.fisher
-    assert all(r.fisher for r in ctx.submitted)
-    assert not create_strategy("learned").options.fisher
+    assert res.name == "fisher_learned" and res.recipe.method == "fisher"
+    assert all(r.method == "fisher" for r in ctx.submitted)
+    assert create_strategy("learned").options.method == "weighted"
 
 
 def test_resume_runs_only_the_missing_trials(tmp_path):

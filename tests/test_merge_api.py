@@ -263,26 +263,24 @@ def test_dare_p0_is_weighted_soup_and_reference():
 
 @pytest.mark.parametrize("p", [0.3, 0.9])
 def test_dare_matches_key_by_key_reference(p):
-    from soupsearch.mixing import dare_mask
+    from soupsearch.methods import keep_mask
 
     sds = make_sds()
     base = make_sds(n=1, seed=9)[0]
     w = [0.1, 0.2, 0.3, 0.4]
     soup = dare(sds, base, p=p, seed=3, weights=w)
-    float_keys = [k for k, v in sds[0].items() if v.is_floating_point()]
-    P = sum(sds[0][k].numel() for k in float_keys)
-    masks = [dare_mask(i, P, p, 3) for i in range(N)]  # flat rows in the first ingredient's key order
-    ref, off = {}, 0
+    ref = {}
     for k, v in sds[0].items():
         if not v.is_floating_point():
             ref[k] = v.clone()
-            continue
-        acc = base[k].double().clone()
-        for i, sd in enumerate(sds):
-            m = masks[i][off : off + v.numel()].view(v.shape)
-            acc += w[i] * m * (sd[k].double() - base[k].double()) / (1 - p)
-        ref[k] = acc.to(v.dtype)
-        off += v.numel()
+        elif "running_" in k:  # BatchNorm statistics: the plain weighted mean, never dropped
+            ref[k] = sum(w[i] * sd[k].double() for i, sd in enumerate(sds)).to(v.dtype)
+        else:  # keep masks seeded per (seed, ingredient, tensor name)
+            acc = base[k].double().clone()
+            for i, sd in enumerate(sds):
+                m = keep_mask(3, i, k, v.numel(), p).view(v.shape)
+                acc += w[i] * m * (sd[k].double() - base[k].double()) / (1 - p)
+            ref[k] = acc.to(v.dtype)
     assert_sd_close(soup, ref, atol=1e-5)
 
 
@@ -301,7 +299,7 @@ def test_dare_masks_rescale_and_seed():
     dropped = x == 0
     assert 0 < dropped.sum() < x.numel()
     torch.testing.assert_close(x[~dropped], y[~dropped] / (1 - p))
-    with pytest.raises(RecipeError, match="drop rate p is 1.0"):
+    with pytest.raises(RecipeError, match=r"method dare: parameter p = 1.0: .*allowed: \[0, 1\)"):
         dare(sds, base, p=1.0)
 
 

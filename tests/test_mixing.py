@@ -76,5 +76,5 @@ def test_recipe_validation():
 def test_fisher_mix_with_equal_fisher_is_weighted_mean():
     W = torch.randn(3, 1000)
     F = torch.ones(3, 1000) * 2.0
-    r = Recipe((0.2, 0.3, 0.5), fisher=True)
-    torch.testing.assert_close(mix(W, r, fisher=F), mix(W, Recipe((0.2, 0.3, 0.5))))
+    r = Recipe((0.2, 0.3, 0.5), method="fisher")
+    torch.testing.assert_close(mix(W, r, stats={"fisher": F}), mix(W, Recipe((0.2, 0.3, 0.5))))

@@ -345,7 +345,7 @@ def test_plots_never_raise_and_skip_broken_pieces(tmp_path, caplog):
             {"step": 2, "index": 0, "name": "ft_0", "candidate_score": 0.6, "kept": False, "soup_score": 0.8}]
     results = {"greedy": SoupResult("greedy", Recipe.uniform_over([1, 2], 3), trajectory=traj),
                "ensemble": SoupResult("ensemble", None, info={"num_ingredients": 3}),
-               "fisher": SoupResult("fisher", Recipe((1 / 3,) * 3, fisher=True))}
+               "fisher": SoupResult("fisher", Recipe((1 / 3,) * 3, method="fisher"))}
 
     class BrokenStack:  # anything touching it fails: the layer figure is skipped, not the others
         W = torch.zeros(2, 2)
@@ -385,7 +385,7 @@ def test_layer_spread_picks_best_plain_soup(tmp_path):
     results = {"best_individual": SoupResult("best_individual", Recipe.one_hot(0, 3)),
                "greedy": SoupResult("greedy", Recipe.one_hot(1, 3)),
                "uniform": SoupResult("uniform", Recipe.uniform_over([0, 1, 2], 3)),
-               "fisher": SoupResult("fisher", Recipe((1 / 3,) * 3, fisher=True))}
+               "fisher": SoupResult("fisher", Recipe((1 / 3,) * 3, method="fisher"))}
     oc = _outcome(shifts, soups, results, ings, st)
     row, res = best_weight_soup(oc)
     assert row.name == "uniform"  # fisher needs the Fisher stack; a 1-ingredient soup is its ingredient

@@ -9,7 +9,8 @@ from soupsearch import IngredientStack, Recipe, mix
 from soupsearch.fisher import fisher_diag_sum
 from soupsearch.gradsoup import learn_coefficients
 from soupsearch.ingredients import ParamLayout
-from soupsearch.mixing import dare_mask
+from soupsearch.ingredients import ParamLayout
+from soupsearch.methods import keep_mask
 from soupsearch.strategies.ema import ema_coefficients
 from soupsearch.strategies.ensemble import ensemble_logprobs
 from soupsearch.strategies.interpolate import barrier
@@ -50,12 +51,12 @@ def test_fisher_merge_with_disjoint_support_returns_each_where_it_dominates():
     F = torch.zeros(2, P)
     F[0, :500] = 1.0
     F[1, 500:] = 1.0
-    theta = mix(W, Recipe((0.5, 0.5), fisher=True, fisher_floor=1e-8), fisher=F)
+    theta = mix(W, Recipe((0.5, 0.5), method="fisher", params={"floor": 1e-8}), stats={"fisher": F})
     torch.testing.assert_close(theta[:500], W[0, :500], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(theta[500:], W[1, 500:], rtol=1e-5, atol=1e-5)
     # where both are floored, it falls back to the plain (lambda-weighted) mean
     F[:, :10] = 0.0
-    theta = mix(W, Recipe((0.25, 0.75), fisher=True), fisher=F)
+    theta = mix(W, Recipe((0.25, 0.75), method="fisher"), stats={"fisher": F})
     torch.testing.assert_close(theta[:10], 0.25 * W[0, :10] + 0.75 * W[1, :10])
 
 
@@ -85,12 +86,13 @@ def test_dare_mix():
     torch.manual_seed(0)
     W = torch.randn(3, 20000)
     base = torch.randn(20000)
-    r0 = Recipe((0.2, 0.3, 0.5), dare_p=0.0)
+    r0 = Recipe((0.2, 0.3, 0.5), method="dare", params={"p": 0.0})
     torch.testing.assert_close(mix(W, r0, base=base), mix(W, Recipe((0.2, 0.3, 0.5))))
-    r = Recipe((0.0, 1.0, 0.0), dare_p=0.5, dare_seed=3)
+    r = Recipe((0.0, 1.0, 0.0), method="dare", params={"p": 0.5, "seed": 3})
     theta = mix(W, r, base=base)
-    m = dare_mask(1, 20000, 0.5, 3)
-    assert torch.equal(m, dare_mask(1, 20000, 0.5, 3)) and not torch.equal(m, dare_mask(1, 20000, 0.5, 4))
+    m = keep_mask(3, 1, "", 20000, 0.5)  # seed 3, ingredient 1, the whole row is one tensor named ""
+    assert torch.equal(m, keep_mask(3, 1, "", 20000, 0.5)) and not torch.equal(m, keep_mask(4, 1, "", 20000, 0.5))
+    assert not torch.equal(m, keep_mask(3, 2, "", 20000, 0.5)) and not torch.equal(m, keep_mask(3, 1, "x", 20000, 0.5))
     torch.testing.assert_close(theta[m], base[m] + 2.0 * (W[1] - base)[m])  # kept: rescaled by 1/(1-p)
     torch.testing.assert_close(theta[~m], base[~m])  # dropped: the base value
     assert 0.45 < m.float().mean() < 0.55
@@ -122,9 +124,10 @@ def test_gradient_soup_moves_weight_to_the_good_ingredient():
 def test_dare_leaves_buffers_alone():
     W = torch.rand(2, 100) + 1.0
     base = torch.rand(100) + 1.0
-    cols = torch.zeros(100, dtype=torch.bool)
-    cols[:60] = True  # the last 40 columns are buffers (e.g. BatchNorm running_var)
-    r = Recipe((0.5, 0.5), dare_p=0.9, dare_seed=0)
-    theta = mix(W, r, base=base, param_cols=cols)
+    # the last 40 columns are a buffer (e.g. BatchNorm running_var)
+    meta = {"w": torch.empty(60, device="meta"), "bn.running_var": torch.empty(40, device="meta")}
+    layout = ParamLayout.from_state_dict(meta)
+    r = Recipe((0.5, 0.5), method="dare", params={"p": 0.9, "seed": 0})
+    theta = mix(W, r, layout, base=base, param_names={"w"})
     torch.testing.assert_close(theta[60:], 0.5 * W[0, 60:] + 0.5 * W[1, 60:])  # plain mean, never negative
     assert not torch.allclose(theta[:60], 0.5 * W[0, :60] + 0.5 * W[1, :60])  # parameters are DARE'd

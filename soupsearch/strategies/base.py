@@ -10,9 +10,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Sequence
+from typing import Annotated, Any, ClassVar, Protocol, Sequence
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
 from ..mixing import Recipe
@@ -88,8 +88,20 @@ class Strategy(ABC):
         model_config = ConfigDict(extra="forbid", frozen=True)
 
     def __init__(self, label: str | None = None, **options):
-        self.label = label or self.name
         self.options = self.validate_options(options)
+        self.label = label or self.default_label(self.options)
+
+    @classmethod
+    def default_label(cls, options: BaseModel) -> str:
+        """The run name when the config gives no ``label`` (the strategy's name)."""
+        return cls.name
+
+    @classmethod
+    def requirements(cls, options: BaseModel) -> set[str]:
+        """What the search must provide for these options: ``"base"`` (ingredients.base)
+        and per-ingredient statistics such as ``"fisher"`` (data.fisher). Read by config
+        validation before anything starts."""
+        return set()
 
     @classmethod
     def validate_options(cls, options: dict) -> BaseModel:
@@ -105,13 +117,28 @@ class Strategy(ABC):
     def run(self, ctx: SearchContext) -> list[SoupResult]: ...
 
 
+# a set of ingredients a soup is made of: every one, the greedy soup's, or the k best on val
+SetName = Annotated[str, Field(pattern=r"^(all|greedy|top[1-9][0-9]*)$")]
+
+
+def rank_by_score(scores: list[float], higher_is_better: bool = True) -> list[int]:
+    """Indices sorted best first; ties broken by the lower index (deterministic)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i] if higher_is_better else scores[i], i))
+
+
 def member_sets(ctx: SearchContext, sets, label: str) -> list[tuple[str, str, list[int]]]:
     """``(which, result name, member indices)`` for each of ``sets`` (``all``: every ingredient,
-    ``greedy``: the greedy soup's set, skipped with a log line when greedy has not run)."""
+    ``topK``: the K best by val score, ``greedy``: the greedy soup's set, skipped with a log
+    line when greedy has not run)."""
     out = []
     for which in sets:
         if which == "all":
             out.append((which, label, list(range(ctx.n))))
+            continue
+        if which.startswith("top"):
+            k = min(int(which[3:]), ctx.n)
+            best = rank_by_score(ctx.individual_scores(), ctx.higher_is_better)[:k]
+            out.append((which, f"{label}_{which}", sorted(best)))
             continue
         g = ctx.result("greedy")
         if g is None or g.recipe is None:

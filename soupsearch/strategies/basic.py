@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from ..mixing import Recipe
 from . import register_strategy
-from .base import SoupResult, Strategy
-
-
-def rank_by_score(scores: list[float], higher_is_better: bool = True) -> list[int]:
-    """Indices sorted best first; ties broken by the lower index (deterministic)."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i] if higher_is_better else scores[i], i))
+from .base import SoupResult, Strategy, rank_by_score  # noqa: F401  (re-exported)
 
 
 @register_strategy

@@ -44,8 +44,10 @@ Contract
   trial-number order; ``best_params.json``, ``optuna_history.png``,
   ``optuna_importance.png`` (when computable) and, multi-objective, ``pareto_front.json``
   and ``pareto_front.png`` under ``<run_dir>/soups/<label>/``.
-* ``fisher_learned`` is the same search over the coefficients (lambdas) of
-  Fisher-weighted merging: recipes carry ``fisher=True``.
+* ``method`` (default ``weighted``) is the merge method the coefficients feed, with its
+  ``params``: e.g. ``ties`` with learned per-ingredient weights. ``fisher_learned`` is the
+  same search over the coefficients (lambdas) of Fisher-weighted merging
+  (``method: fisher``; ``fisher: true`` is an older spelling of it).
 * Deterministic given the order in which evaluations complete (always with one evaluator).
 """
 
@@ -66,9 +68,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from ..errors import ConfigError, EvaluationError, SoupSearchError
 from ..fileio import write_json_atomic
 from ..metrics import METRICS
+from ..methods import get_method
 from ..mixing import Recipe
 from . import register_strategy
 from .base import SoupResult, Strategy
+from .merge import check_method, method_requirements
+
+
+def effective_method(opts) -> str:
+    return "fisher" if getattr(opts, "fisher", False) else opts.method
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +127,7 @@ class _Space:
 
     def __init__(self, n: int, groups: list[str], opts, group_depth: int):
         self.n, self.opts, self.group_depth = n, opts, group_depth
+        self.method = effective_method(opts)
         self.per_layer = opts.parameterization == "per_layer"
         G = len(groups) if self.per_layer else 1
         self.names = [[f"g{g}_w{i}" if self.per_layer else f"w{i}" for i in range(n)] for g in range(G)]
@@ -158,8 +167,8 @@ class _Space:
     def recipe(self, rows: list[list[float]], label: str = "") -> Recipe:
         if self.per_layer:
             return Recipe(layer_coeffs=tuple(tuple(r) for r in rows), group_depth=self.group_depth,
-                          fisher=self.opts.fisher, label=label)
-        return Recipe(tuple(rows[0]), fisher=self.opts.fisher, label=label)
+                          method=self.method, params=self.opts.params, label=label)
+        return Recipe(tuple(rows[0]), method=self.method, params=self.opts.params, label=label)
 
     def recipe_from_params(self, params: dict, label: str = "") -> Recipe | str:
         rows = self.coeffs(self.rows(params))
@@ -218,7 +227,9 @@ class Learned(Strategy):
         storage: str | None = None  # RDB URL or file path (relative to run_dir); default run_dir/optuna.db
         study_name: str | None = None  # default: <label>-<stack fingerprint>-<options hash>
         seed_with: list[str] = ["uniform", "greedy"]  # "uniform" or names of strategies that ran before
-        fisher: bool = False  # Fisher-weighted merging (recipes with fisher=True)
+        method: str = "weighted"  # the merge method the coefficients feed (soupsearch.list_methods())
+        params: dict = {}  # its parameters
+        fisher: bool = False  # older spelling of method: fisher
 
         @model_validator(mode="after")
         def _check(self):
@@ -240,12 +251,22 @@ class Learned(Strategy):
                     raise _OptionError("objectives", f"{what}; valid: {', '.join(OBJECTIVES)}")
                 if len(objs) > 1 and self.sampler == "cmaes":
                     raise _OptionError("sampler", "'cmaes' is single-objective; use nsga2, tpe or random")
+            try:
+                check_method(effective_method(self), self.params)
+            except ValueError as e:
+                raise _OptionError("method", str(e)) from None
+            if not get_method(effective_method(self)).linear and self.mapping == "any_sum" and self.low < 0:
+                raise _OptionError("low", f"method {effective_method(self)} takes coefficients >= 0, low is {self.low}")
             if self.sampler == "cmaes":
                 import importlib.util
 
                 if importlib.util.find_spec("cmaes") is None:
                     raise _OptionError("sampler", "'cmaes' needs the 'cmaes' package (pip install cmaes)")
             return self
+
+    @classmethod
+    def requirements(cls, options) -> set[str]:
+        return method_requirements(effective_method(options))
 
     @classmethod
     def validate_options(cls, options: dict) -> BaseModel:
@@ -271,7 +292,7 @@ class Learned(Strategy):
             return self.options.study_name
         shape = self.options.model_dump(mode="json", exclude=_NOT_IN_NAME)
         shape.update(objectives=objs, seed=ctx.seed, n=ctx.n, selection_metric=ctx.selection_metric,
-                     groups=list(ctx.layer_groups) if self.options.parameterization == "per_layer" else None,
+                     groups=list(ctx.layer_groups) if getattr(self.options, "parameterization", "") == "per_layer" else None,
                      group_depth=getattr(ctx, "group_depth", 1))
         h = hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.label}-{(ctx.fingerprint or 'nofp')[:16]}-{h}"
@@ -334,6 +355,10 @@ class Learned(Strategy):
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         return len(stale)
 
+    def _space(self, ctx):
+        """What a trial's params mean: here, mixing coefficients."""
+        return _Space(ctx.n, list(ctx.layer_groups), self.options, getattr(ctx, "group_depth", 1))
+
     def _seed(self, study, space: _Space, ctx) -> None:
         from optuna.trial import TrialState
 
@@ -369,7 +394,7 @@ class Learned(Strategy):
 
         opts = self.options
         objs, dirs = self._objectives(ctx)
-        space = _Space(ctx.n, list(ctx.layer_groups), opts, getattr(ctx, "group_depth", 1))
+        space = self._space(ctx)
         storage, study, url = self._open(ctx, objs, dirs)
         try:
             stale = self._fail_stale(storage, study)
@@ -596,4 +621,4 @@ class FisherLearned(Learned):
     description = "learned coefficients (the lambdas) of Fisher-weighted merging, tuned by Optuna on val"
 
     class Options(Learned.Options):
-        fisher: bool = True
+        method: str = "fisher"

@@ -1,0 +1,49 @@
+"""Merge methods: one module per method, registered by name (see :mod:`.base` for the
+contract). Every module of this package is imported on first use, so adding a method is
+adding its module."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from ..errors import RecipeError
+from .base import MergeMethod, TensorArgs, keep_mask, linear_mix, tensor_seed
+
+_REGISTRY: dict[str, type[MergeMethod]] = {}
+_loaded = False
+
+
+def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"merge method {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if m.name != "base":
+            importlib.import_module(f"{__name__}.{m.name}")
+
+
+def list_methods() -> list[str]:
+    """Names of the registered merge methods."""
+    _load()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[MergeMethod]:
+    _load()
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise RecipeError(f"unknown merge method {name!r}; valid: {', '.join(_REGISTRY)}")
+    return cls
+
+
+__all__ = ["MergeMethod", "TensorArgs", "register_method", "list_methods", "get_method", "linear_mix",
+           "keep_mask", "tensor_seed"]

@@ -1,0 +1,94 @@
+"""A soup made by any registered merge method (``soupsearch.list_methods()``): over all
+ingredients, the greedy set, or the k best by val score, with the method's parameters.
+
+``{name: merge, method: ties, params: {density: 0.3}, sets: [all, greedy]}`` gives the
+soups ``ties`` and ``ties_greedy``. Coefficients are the method's defaults (1/k each for
+averaging methods, 1 each for sums of task vectors); ``learned`` tunes them and ``tune``
+tunes the parameters."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..errors import RecipeError
+from ..methods import get_method, list_methods
+from ..mixing import Recipe
+from . import register_strategy
+from .base import SetName, SoupResult, Strategy, member_sets
+
+
+def method_requirements(method: str) -> set[str]:
+    """What a search must provide for a merge method: ``base`` and its statistics."""
+    m = get_method(method)
+    return ({"base"} if m.needs_base else set()) | set(m.stats)
+
+
+def default_sets(method: str) -> list[str]:
+    """Two-ingredient methods (SLERP) merge the two best; the others all and the greedy set."""
+    m = get_method(method)
+    return [f"top{m.max_ingredients}"] if m.max_ingredients else ["all", "greedy"]
+
+
+def check_method(method: str, params: dict) -> str:
+    if method not in list_methods():
+        raise ValueError(f"unknown merge method {method!r}; valid: {', '.join(list_methods())}")
+    try:
+        get_method(method).params(params)
+    except RecipeError as e:
+        raise ValueError(str(e)) from None
+    return method
+
+
+def method_soups(ctx, method: str, params: dict, sets: list[str], label: str) -> list[SoupResult]:
+    out = []
+    for which, name, members in member_sets(ctx, sets, label):
+        recipe = Recipe.of(method, members, ctx.n, label=name, **params)
+        out.append(SoupResult(name, recipe, params={"method": recipe.method, **dict(recipe.params), "set": which,
+                                                    "num_ingredients": len(members)},
+                              info={"members": members}))
+    return out
+
+
+@register_strategy
+class MergeSoup(Strategy):
+    name = "merge"
+    description = "a soup made by any registered merge method (over all ingredients, the greedy set or the top k)"
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        method: str
+        params: dict[str, Any] = Field(default_factory=dict)
+        sets: list[SetName] | None = None  # default: [all, greedy] ([top2] for two-ingredient methods)
+
+        @model_validator(mode="after")
+        def _check(self):
+            check_method(self.method, self.params)
+            return self
+
+    @classmethod
+    def default_label(cls, options) -> str:
+        return options.method
+
+    @classmethod
+    def requirements(cls, options) -> set[str]:
+        return method_requirements(options.method)
+
+    def run(self, ctx):
+        o = self.options
+        return method_soups(ctx, o.method, o.params, o.sets or default_sets(o.method), self.label)
+
+
+class MethodPreset(Strategy):
+    """A strategy that is one merge method with its parameters as options (``fisher``, ``dare``)."""
+
+    method: ClassVar[str]
+
+    @classmethod
+    def requirements(cls, options) -> set[str]:
+        return method_requirements(cls.method)
+
+    def run(self, ctx):
+        params = self.options.model_dump(exclude={"sets"})
+        return method_soups(ctx, self.method, params, self.options.sets, self.label)
