@@ -60,7 +60,8 @@ _BLOCK = 1 << 16  # floats per accumulation block (256 KiB: the output block sta
 # ----------------------------------------------------------------------------- weights
 
 
-def check_weights(weights: Any, n: int, normalize: bool = True, what: str = "weights") -> list[float]:
+def check_weights(weights: Any, n: int, normalize: bool = True, what: str = "weights",
+                  require_sum: bool = True) -> list[float]:
     """Validate ``n`` mixing weights and return them as floats (normalized to sum 1 if asked).
 
     Raises :class:`RecipeError` (a ``ValueError``) saying what is wrong: the wrong number
@@ -97,7 +98,7 @@ def check_weights(weights: Any, n: int, normalize: bool = True, what: str = "wei
         if total <= 0:
             raise RecipeError(f"{what} sum to 0: at least one weight must be positive")
         return [v / total for v in vals]
-    if abs(total - 1.0) > _SUM_TOL:
+    if require_sum and abs(total - 1.0) > _SUM_TOL:
         raise RecipeError(f"{what} sum to {total:.6g}, expected 1 with normalize=False")
     return vals
 
@@ -197,7 +198,8 @@ def _coefficients(method, weights, n: int, normalize: bool | None) -> list[float
         normalize = method.default_weights == "mean"
     if weights is None:
         return list(method.default_coeffs(range(n), n))
-    return check_weights(weights, n, normalize)
+    # sums of task vectors take their weights as given; averages must sum to 1 (or be rescaled)
+    return check_weights(weights, n, normalize, require_sum=method.default_weights == "mean")
 
 
 def _check_fisher(meta, shapes: Mapping[str, tuple], label: str, what: str) -> set[str]:

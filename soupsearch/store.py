@@ -19,7 +19,8 @@ from .metrics import Counts
 
 # Bump when the meaning of a recipe or of a shard's counts changes (mixing, metrics,
 # input preparation): results stored by an older version are then not reused.
-EVAL_SEMANTICS_VERSION = 3
+# 4: merge methods as per-tensor kernels (DARE masks seeded per tensor name).
+EVAL_SEMANTICS_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shard_results (
