@@ -325,7 +325,8 @@ def _merge(items, labels, recipe: Recipe, *, base=None, fishers=None, normalize_
                     stats["fisher"] = F
                 bt = b_reader.get(k).reshape(-1).to(torch.float32) if b_reader is not None else None
                 t = TensorArgs(k, values, c_all, runs, base=bt, stats=stats,
-                               is_param=names is None or k in names, base_coeff=recipe.base_coeff, out=out)
+                               is_param=names is None or k in names, base_coeff=recipe.base_coeff, out=out,
+                               owned=True)
                 res = method.merge_tensor(t, p)
                 if res.data_ptr() != out.data_ptr():
                     out.copy_(res)

@@ -46,6 +46,7 @@ class TensorArgs:
     is_param: bool = True
     base_coeff: float = 0.0
     out: torch.Tensor | None = None  # [m] float32, written in place when given
+    owned: bool = False  # ``values`` is a scratch copy the kernel may overwrite (streaming merges)
 
     @property
     def numel(self) -> int:
@@ -73,6 +74,16 @@ class TensorArgs:
 
     def used_coeffs(self) -> torch.Tensor:
         return self.used(self.coeffs[:, None])[:, 0]
+
+    def task_vectors(self) -> torch.Tensor:
+        """``tau_i = x_i - base`` (float32) of the used ingredients, ``[k, m]``: computed in
+        place when ``values`` is owned scratch (no second ``[k, m]`` buffer)."""
+        x = self.used()
+        base = self.base.to(torch.float32)
+        scratch = self.owned or len(self.runs) > 1  # several runs: used() made a copy
+        if scratch and x.dtype == torch.float32:
+            return x.sub_(base)
+        return x.to(torch.float32) - base
 
     def weighted_mean(self) -> torch.Tensor:
         """``sum_i c_i x_i / sum_i c_i`` into the output: what every non-linear method does

@@ -32,7 +32,7 @@ class DareTies(MergeMethod):
             return t.weighted_mean()
         base = t.base.to(torch.float32)
         idx = t.indices()
-        tau = t.used().to(torch.float32) - base
+        tau = t.task_vectors()
         if p.p > 0.0:
             for r, i in enumerate(idx):
                 tau[r].mul_(keep_mask(p.seed, i, t.name, t.numel, p.p, tau.device)).div_(1.0 - p.p)

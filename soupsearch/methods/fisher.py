@@ -43,9 +43,12 @@ class Fisher(MergeMethod):
             linear_mix(t.stats["fisher_w"], t.coeffs, t.runs, out)
             den = linear_mix(t.stats["fisher_c"], t.coeffs, t.runs, torch.empty_like(out))
             return out.div_(den)
-        f = t.used(t.stats["fisher"]).to(torch.float32).clamp_min(p.floor)
-        c = t.used_coeffs()
-        den = c @ f
-        f.mul_(t.used())
-        torch.mv(f.t(), c, out=out)
+        F = t.stats["fisher"]
+        den = torch.zeros_like(out)
+        out.zero_()
+        for i in t.indices():  # row by row: [m] temporaries only
+            f = F[i].to(torch.float32).clamp_min(p.floor)
+            c = float(t.coeffs[i])
+            den.add_(f, alpha=c)
+            out.addcmul_(f, t.values[i].to(torch.float32), value=c)
         return out.div_(den)

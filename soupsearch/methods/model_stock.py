@@ -23,18 +23,17 @@ class ModelStock(MergeMethod):
         if not t.is_param:
             return t.weighted_mean()
         base = t.base.to(torch.float32)
-        x = t.used().to(torch.float32)
-        tau = (x - base).double()
+        w = t.used_coeffs()
+        out = t.output()
+        torch.mv(t.used().to(torch.float32).t(), w / w.sum(), out=out)  # the weighted mean, before tau
+        tau = t.task_vectors()
         n = tau.shape[0]
-        norms = tau.norm(dim=1)
-        gram = tau @ tau.t()
+        gram = (tau @ tau.t()).double()
+        norms = gram.diagonal().clamp_min(0).sqrt()
         denom = norms[:, None] * norms[None, :]
         cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
         iu = torch.triu_indices(n, n, offset=1)
         c = float(cos[iu[0], iu[1]].mean()) if n > 1 else 1.0
         c = min(max(c, 0.0), 1.0)  # opposed task vectors: no extrapolation beyond the base
         ratio = n * c / (1.0 + (n - 1) * c)
-        w = t.used_coeffs()
-        out = t.output()
-        torch.mv(x.t(), w / w.sum(), out=out)
         return out.mul_(ratio).add_(base, alpha=1.0 - ratio)
