@@ -34,6 +34,8 @@ class IngredientsConfig(_Strict):
     allow_cast: bool = False  # cast float dtypes that differ from the model skeleton
     nonfinite: Literal["error", "exclude"] = "error"
     group_depth: int = 1  # module depth of layer groups for per-layer recipes
+    # storage dtype of the stack on the holders; mixing accumulates in float32
+    stack_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 class DatasetConfig(_Strict):
@@ -132,12 +134,29 @@ class EvalConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     selection_metric: Literal["accuracy", "nll", "macro_f1"] = "accuracy"
     backend: Literal["ray", "local"] = "ray"  # local: in-process, no Ray (debugging)
+    # holders per replica group: each holds ~1/s of the stack's columns (auto: the smallest s
+    # whose per-actor memory fits eval.memory_per_actor / the GPU's memory)
+    stack_shards: Union[int, Literal["auto"]] = "auto"
+    memory_per_actor: Union[str, int, Literal["auto"]] = "auto"  # e.g. 16GiB; auto: a share of the node's
+    collective_timeout: float = Field(default=60.0, gt=0)  # seconds a replica group's collective may wait
 
-    @field_validator("num_evaluators", "evaluators_per_actor")
+    @field_validator("num_evaluators", "evaluators_per_actor", "stack_shards")
     @classmethod
     def _ne(cls, v, info):
         if isinstance(v, int) and v < 1:
             raise ValueError(f"{info.field_name} must be >= 1 or 'auto', got {v}")
+        return v
+
+    @field_validator("memory_per_actor")
+    @classmethod
+    def _mem(cls, v):
+        if v != "auto":
+            from .shards import parse_bytes
+
+            try:
+                parse_bytes(v)
+            except Exception as e:
+                raise ValueError(str(e)) from None
         return v
 
 

@@ -79,13 +79,30 @@ class Evaluator:
         base=None,
         normalize: dict | None = None,
         subsets: dict[str, list[int]] | None = None,
+        group=None,
     ):
+        """``W`` is the stack ``[n, P]`` (a tensor or array, e.g. from the object store) or a
+        :class:`~soupsearch.shards.StackSpec`: then this evaluator loads its columns straight
+        from the checkpoint files (and those of the base). ``group`` (a
+        :class:`~soupsearch.group.ShardGroup`) makes it a member of a replica group: it holds
+        a column shard, mixes that shard and all-gathers the model from the group."""
+        from .shards import StackSpec, load_columns
+
+        self._state = {"key": None}  # the recipe mixed into theta (shared by siblings sharing theta)
         self.device = torch.device(device)
         self.layout = layout
         self.batch_size = batch_size
         self._factory = (model_factory, dict(model_kwargs or {}))
+        self.digests: dict[str, str] = {}
+        self.shard = layout  # the columns W holds (a column shard in a replica group)
+        if isinstance(W, StackSpec):
+            loaded = load_columns(W, layout)
+            W, self.shard, self.digests = loaded.W, loaded.layout, loaded.digests
+            if loaded.base is not None:
+                base = loaded.base
         W = _as_tensor(W)
         self.W = W.to(self.device) if self.device.type != "cpu" else W
+        self.group = group
         self.stats = StatsCache()  # per-ingredient statistics (Fisher) and what methods prepare from them
         if fisher is not None:
             self.set_stats("fisher", fisher)
@@ -102,24 +119,37 @@ class Evaluator:
         self.subsets = {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in (subsets or {}).items()}
         self._build_model()
 
-    def _build_model(self) -> None:
-        """The per-evaluator state: a model whose mixed tensors are views of its own ``theta``."""
+    def _build_model(self, theta: torch.Tensor | None = None) -> None:
+        """The per-evaluator state: a model whose mixed tensors are views of ``theta`` (its own,
+        or one shared with siblings)."""
         factory, kwargs = self._factory
         self.model = create_model(factory, **kwargs).to(self.device).eval()
-        self.theta = torch.empty(self.layout.num_params, dtype=torch.float32, device=self.device)
+        self.theta = theta if theta is not None else torch.empty(self.layout.num_params, dtype=torch.float32,
+                                                                  device=self.device)
+        if self.group is not None and theta is None:  # this member's columns, before the all-gather
+            self.theta_k = torch.empty(self.shard.num_params, dtype=torch.float32, device=self.device)
         self.param_names = frozenset(n for n, _ in self.model.named_parameters())
         bind_flat(self.model, self.layout, self.theta, {k: v.to(self.device) for k, v in self.fixed.items()})
-        self._mixed_key: str | None = None
         self.mix_count = 0
 
-    def sibling(self) -> "Evaluator":
+    @property
+    def _mixed_key(self) -> str | None:
+        return self._state["key"]
+
+    @_mixed_key.setter
+    def _mixed_key(self, key: str | None) -> None:
+        self._state["key"] = key
+
+    def sibling(self, share_theta: bool = False) -> "Evaluator":
         """Another evaluator over the *same* stack, splits, base and Fisher data (nothing big
-        is copied): only the model and its ``theta`` are its own. Siblings may run
-        concurrently in threads of one process, one shard at a time each."""
+        is copied): its own model, bound to its own ``theta`` -- or, with ``share_theta``, to
+        this one's (a replica-group member mixes once per candidate; its slots only read).
+        Siblings may run concurrently in threads of one process, one shard at a time each."""
         ev = object.__new__(Evaluator)
-        ev.__dict__.update({k: v for k, v in self.__dict__.items()
-                            if k not in ("model", "theta", "_mixed_key", "mix_count")})
-        ev._build_model()
+        ev.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("model", "theta", "mix_count")})
+        if not share_theta:
+            ev._state = {"key": None}
+        ev._build_model(self.theta if share_theta else None)
         return ev
 
     def set_stats(self, name: str, values, tag: str = "") -> None:
@@ -129,11 +159,26 @@ class Evaluator:
         self._mixed_key = None
 
     def load_recipe(self, recipe: Recipe) -> None:
+        """Mix ``recipe`` into ``theta`` (nothing to do if it is mixed already). In a replica
+        group this is collective: every member must load the same recipes in the same order."""
         if recipe.key != self._mixed_key:
-            mix(self.W, recipe, self.layout, out=self.theta, base=self.base,
-                stats=self.stats.for_recipe(self.W, recipe), param_names=self.param_names)
+            self._mixed_key = None  # a failure half-way leaves no stale key behind
+            stats = self.stats.for_recipe(self.W, recipe)
+            if self.group is None:
+                mix(self.W, recipe, self.shard, out=self.theta, base=self.base, stats=stats,
+                    param_names=self.param_names)
+            else:
+                mix(self.W, recipe, self.shard, out=self.theta_k, base=self.base, stats=stats,
+                    param_names=self.param_names)
+                self.group.gather(self.theta_k, self.theta)
             self._mixed_key = recipe.key
             self.mix_count += 1
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the stack, base and statistics this evaluator holds (its share in a group)."""
+        t = self.W.numel() * self.W.element_size() + (self.base.numel() * 4 if self.base is not None else 0)
+        return t + self.stats.nbytes()
 
     @torch.inference_mode()
     def logits(self, recipe: Recipe, split: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +213,9 @@ class Evaluator:
         return counts, lp
 
     def fisher(self, i: int, split: str, num_examples: int, mode: str = "expected", seed: int = 0,
-               batch_size: int = 32) -> np.ndarray:
-        """Mean diagonal Fisher of ingredient ``i`` over the first ``num_examples`` of ``split``."""
+               batch_size: int = 32, normalize: bool = False) -> np.ndarray:
+        """Mean diagonal Fisher of ingredient ``i`` over the first ``num_examples`` of ``split``
+        (the whole row; divided by its mean with ``normalize``)."""
         from .fisher import fisher_diag_sum
 
         self.load_recipe(Recipe.one_hot(i, self.W.shape[0]))
@@ -178,7 +224,10 @@ class Evaluator:
         with torch.enable_grad():
             total = fisher_diag_sum(self.model, self.layout, x[:m], y[:m], mode=mode, batch_size=batch_size,
                                     seed=seed + i, prepare=self.prepare)
-        return (total / m).numpy()
+        row = total / m
+        if normalize:
+            row = row / row.mean().clamp_min(1e-30)
+        return row.numpy()
 
     def learn_coefficients(self, split: str, **options) -> dict:
         """Gradient-learned soup coefficients on ``split`` (see :mod:`soupsearch.gradsoup`)."""
@@ -188,6 +237,7 @@ class Evaluator:
         self._mixed_key = None  # the model's parameters are used functionally; theta stays valid
         with torch.enable_grad():
             return learn_coefficients(self.model, self.W, self.layout, self.fixed, x, y, prepare=self.prepare,
+                                      shard=self.shard, group=self.group,
                                       **options)
 
 
@@ -265,17 +315,20 @@ class EvaluatorActor:
 
         return self._run(run, slot)
 
-    def _ensure_stats(self, name: str, ref) -> None:
+    def _ensure_stats(self, name: str, refs: list) -> None:
+        """Per-ingredient statistics given as one object ref per ingredient row, fetched once
+        (again after a restart) into one tensor every slot shares."""
         with self._stats_lock:
             first = self.slots[0]
-            if first.stats.tags.get(name) == ref.hex():
+            tag = ",".join(r.hex() for r in refs)
+            if first.stats.tags.get(name) == tag:
                 return
             import ray
 
-            values = ray.get(ref)  # one tensor (one device copy) in the cache every slot shares
+            rows = torch.stack([_as_tensor(ray.get(r)) for r in refs])
             held = [self._acquire() for _ in self.slots]  # no slot may be mixing while it changes
             try:
-                first.set_stats(name, values, ref.hex())
+                first.set_stats(name, rows, tag)
                 for ev in held:
                     ev._mixed_key = None
             finally:
@@ -285,9 +338,31 @@ class EvaluatorActor:
     def fisher(self, *args, **kwargs) -> np.ndarray:
         return self._run(lambda ev: ev.fisher(*args, **kwargs))
 
+    def materialize(self, recipe: Recipe, stats: dict | None = None) -> np.ndarray:
+        """The soup's flat float32 vector (for logging it: the driver holds no stack)."""
+        for name, ref in (stats or {}).items():
+            self._ensure_stats(name, ref[0])
+
+        def go(ev):
+            ev.load_recipe(recipe)
+            return ev.theta.cpu().numpy().copy()
+
+        return self._run(go)
+
+    def tensor_stats(self, recipe: Recipe) -> dict:
+        from .group import tensor_stats
+
+        def go(ev):
+            ev.load_recipe(recipe)
+            return tensor_stats(ev.W, ev.shard, ev.theta)
+
+        return self._run(go)
+
     def learn_coefficients(self, *args, **kwargs) -> dict:
         return self._run(lambda ev: ev.learn_coefficients(*args, **kwargs))
 
     def info(self) -> dict:
-        return {"node_id": self.node_id, "pid": self.pid, "device": str(self.slots[0].device),
-                "slots": len(self.slots), "mix_count": sum(ev.mix_count for ev in self.slots)}
+        first = self.slots[0]
+        return {"node_id": self.node_id, "pid": self.pid, "device": str(first.device), "rank": 0,
+                "slots": len(self.slots), "mix_count": sum(ev.mix_count for ev in self.slots),
+                "held_bytes": first.held_bytes, "digests": first.digests}

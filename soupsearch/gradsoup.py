@@ -1,9 +1,16 @@
 """Learned soup by gradient descent (the "learned soup" of Wortsman et al., 2022).
 
 Mixing coefficients ``alpha`` (per ingredient, or per ingredient per layer group) are
-trained on the held-out split through ``torch.func.functional_call``: the soup
-``theta = softmax(alpha / T) @ W`` is differentiable in ``alpha``; the weights ``W``
-stay frozen. AdamW, a few epochs, seeded batches.
+trained on the held-out split: the soup ``theta = softmax(alpha / T) @ W`` feeds the
+model through ``torch.func.functional_call``; the weights ``W`` stay frozen. AdamW, a few
+epochs, seeded batches.
+
+The gradient is taken in two steps so that it works on a column-sharded stack and gives
+the same numbers for any number of shards: the backward pass of the model gives
+``g = dL/dtheta``; then ``dL/dc[i] = sum over tensors t of W[i, t] . g[t]``, one ``mv`` per
+tensor (the same arithmetic wherever the tensor lives), summed in the layout's tensor
+order in float64. In a replica group each member contributes its tensors' terms (an
+all-gather of ``n`` floats per tensor) and all-gathers ``theta`` like any mix.
 """
 
 from __future__ import annotations
@@ -14,12 +21,6 @@ from torch import nn
 from torch.func import functional_call
 
 from .ingredients import ParamLayout
-
-
-def _soup(W: torch.Tensor, c: torch.Tensor, ranges: list[tuple[int, int, int]] | None) -> torch.Tensor:
-    if ranges is None:
-        return c[0] @ W
-    return torch.cat([c[g] @ W[:, a:b] for a, b, g in ranges])
 
 
 def learn_coefficients(
@@ -38,20 +39,27 @@ def learn_coefficients(
     batch_size: int = 128,
     seed: int = 0,
     prepare=None,
+    shard: ParamLayout | None = None,
+    group=None,
 ) -> dict:
-    """Returns ``{"coeffs": [G][n] softmax weights, "losses": [per-epoch mean loss]}``."""
+    """Returns ``{"coeffs": [G][n] softmax weights, "losses": [per-epoch mean loss]}``.
+
+    ``W`` holds the columns of ``shard`` (default: the whole ``layout``); ``group`` is the
+    replica group the other columns live in (None: ``W`` is the whole stack)."""
+    shard = shard or layout
     n = W.shape[0]
-    ranges = None
-    G = 1
-    if per_layer:
-        groups = layout.groups_at(group_depth)
-        G = len(groups)
-        ranges = sorted((a, b, g) for g, (_, rs) in enumerate(groups) for a, b in rs)
-    alpha = torch.zeros(G, n, dtype=W.dtype, device=W.device, requires_grad=True)
+    G = len(layout.group_names_at(group_depth)) if per_layer else 1
+    gids = shard.group_ids_at(group_depth) if per_layer else (0,) * len(shard.specs)
+    alpha = torch.zeros(G, n, dtype=torch.float32, device=W.device, requires_grad=True)
     opt = torch.optim.AdamW([alpha], lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     model.eval()  # BatchNorm uses the (mixed) running statistics, as the soup will at inference
-    param_names = {k for k, _ in model.named_parameters()}
+    params = {k for k, _ in model.named_parameters()}
+    trainable = [j for j, s in enumerate(shard.specs) if s.name in params]
+    theta = torch.empty(layout.num_params, dtype=torch.float32, device=W.device)
+    theta_k = theta if group is None else torch.empty(shard.num_params, dtype=torch.float32, device=W.device)
+    fixed_dev = {k: v.to(W.device) for k, v in fixed.items()}
+    all_gids = layout.group_ids_at(group_depth) if per_layer else (0,) * len(layout.specs)
     losses = []
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
@@ -61,13 +69,35 @@ def learn_coefficients(
             xb = prepare(x[idx]) if prepare is not None else x[idx].to(W.device)
             yb = y[idx].to(W.device)
             c = torch.softmax(alpha / temperature, dim=-1)
-            theta = _soup(W, c, ranges)
-            sd = layout.unflatten(theta, {k: v.to(W.device) for k, v in fixed.items()})
+            cd = c.detach()
+            with torch.no_grad():
+                for j, s in enumerate(shard.specs):
+                    rows = W[:, s.offset:s.offset + s.numel]
+                    rows = rows if rows.dtype == torch.float32 else rows.float()
+                    torch.mm(cd[gids[j]][None], rows, out=theta_k[None, s.offset:s.offset + s.numel])
+                if group is not None:
+                    group.gather(theta_k, theta)
+            th = theta.detach().requires_grad_(True)
+            sd = layout.unflatten(th, fixed_dev)
             # buffers (BatchNorm statistics) follow the current coefficients but carry no gradient
-            sd = {k: (v if k in param_names else v.detach()) for k, v in sd.items()}
+            sd = {k: (v if k in params else v.detach()) for k, v in sd.items()}
             loss = F.cross_entropy(functional_call(model, sd, (xb,)), yb)
-            opt.zero_grad()
             loss.backward()
+            g = th.grad
+            # this member's terms of dL/dc: one mv per tensor of its shard
+            gk = g if group is None else g[group.start:group.start + shard.num_params]
+            part = torch.zeros(len(shard.specs), n, dtype=torch.float32, device=W.device)
+            for j in trainable:
+                s = shard.specs[j]
+                rows = W[:, s.offset:s.offset + s.numel]
+                rows = rows if rows.dtype == torch.float32 else rows.float()
+                torch.mv(rows, gk[s.offset:s.offset + s.numel], out=part[j])
+            parts = part if group is None else group.gather_rows(part)  # [T, n] in layout order
+            dc = torch.zeros(G, n, dtype=torch.float64, device=W.device)
+            for j, p in enumerate(parts.double()):  # summed in tensor order: any sharding, same sum
+                dc[all_gids[j]] += p
+            opt.zero_grad()
+            c.backward(dc.to(c.dtype))
             opt.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)

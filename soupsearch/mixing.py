@@ -316,6 +316,15 @@ class StatsCache:
             self.tags[name] = tag
             self._prepared.clear()  # prepared from the old values
 
+    def nbytes(self) -> int:
+        with self._lock:
+            seen, total = set(), 0
+            for t in [*self.raw.values(), *(v for d in self._prepared.values() for v in d.values())]:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+            return total
+
     def for_recipe(self, W: torch.Tensor, recipe: Recipe) -> dict[str, torch.Tensor] | None:
         method = recipe.merge_method
         if not method.stats:

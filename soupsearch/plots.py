@@ -336,22 +336,44 @@ def layer_spread(W, theta, groups) -> tuple[np.ndarray, np.ndarray]:
     return d2.sqrt().numpy(), w2.sqrt().numpy(), s2.sqrt().numpy()
 
 
+def layer_spread_from_stats(stats: dict, layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`layer_spread` from per-tensor sums (``{tensor: (d2 [n], w2 [n], s2)}``, as the
+    holders of the stack compute them: the driver holds no stack), grouped like
+    ``layout.groups()``."""
+    names = [g for g, _ in layout.groups()]
+    index = {g: i for i, g in enumerate(names)}
+    n = len(next(iter(stats.values()))[0])
+    d2 = np.zeros((len(names), n))
+    w2 = np.zeros((len(names), n))
+    s2 = np.zeros(len(names))
+    for spec in layout.specs:
+        d, w, t = stats[spec.name]
+        g = index[spec.group]
+        d2[g] += d
+        w2[g] += w
+        s2[g] += t
+    return np.sqrt(d2), np.sqrt(w2), np.sqrt(s2)
+
+
 def plot_layer_spread(outcome, path: Path) -> Path | None:
     stack = getattr(outcome, "stack", None)
-    if stack is None or getattr(stack, "W", None) is None:
+    spread = getattr(outcome, "spread", None)
+    if stack is None or (getattr(stack, "W", None) is None and spread is None):
         return None
     picked = best_weight_soup(outcome)
     if picked is None:
         log.info("plots: layer_spread skipped: no soup with a plain weight-space recipe")
         return None
     row, res = picked
-    from .mixing import mix
-
-    theta = mix(stack.W, res.recipe, stack.layout)
     groups = stack.layout.groups()
     if not groups:
         return None
-    dist, wn, sn = layer_spread(stack.W, theta, groups)
+    if spread is not None and spread.get("soup") == row.name:
+        dist, wn, sn = layer_spread_from_stats(spread["stats"], stack.layout)
+    else:
+        from .mixing import mix
+
+        dist, wn, sn = layer_spread(stack.W, mix(stack.W, res.recipe, stack.layout), groups)
     rel = dist / np.maximum(sn[:, None], 1e-12)
     support = set(res.recipe.support())
     members = sorted(support) or list(range(stack.n))

@@ -256,9 +256,25 @@ class EvalPool:
         return [compute_metrics(c) for c in self.counts(requests)]
 
     # ------------------------------------------------------------------ backend
-    def set_stats(self, name: str, values) -> None:
-        """Make per-ingredient statistics ``[n, P]`` (numpy float32; e.g. ``"fisher"``)
-        available to recipes whose method needs them."""
+    def set_stats(self, name: str, rows: list) -> None:
+        """Make per-ingredient statistics (e.g. ``"fisher"``) available to recipes whose method
+        needs them: one row ``[P]`` per ingredient, as returned by :meth:`fisher_rows` (object
+        refs on Ray: the driver never holds them) or as arrays."""
+        raise NotImplementedError
+
+    def fisher_rows(self, n: int, split: str, num_examples: int, mode: str, seed: int, batch_size: int,
+                    normalize: bool) -> list:
+        """The diagonal Fisher of every ingredient, estimated on the evaluators in parallel;
+        one row per ingredient (see :meth:`set_stats`)."""
+        raise NotImplementedError
+
+    def materialize(self, recipe: Recipe) -> "torch.Tensor":
+        """The soup of ``recipe`` as a flat float32 vector ``[P]`` (mixed where the stack is)."""
+        raise NotImplementedError
+
+    def tensor_stats(self, recipe: Recipe) -> dict:
+        """Per tensor: squared distances of the ingredients to the soup, their squared norms
+        and the soup's squared norm (see :func:`soupsearch.group.tensor_stats`)."""
         raise NotImplementedError
 
     def map_evaluators(self, method: str, calls: list[tuple[tuple, dict]]) -> list:
@@ -305,8 +321,23 @@ class LocalEvalPool(EvalPool):
             raise self._fail(t, f"{type(e).__name__}: {e}", 1) from e
         return t, counts, "local", 0, lp
 
-    def set_stats(self, name: str, values) -> None:
-        self.evaluator.set_stats(name, values)
+    def set_stats(self, name: str, rows: list) -> None:
+        import numpy as np
+
+        self.evaluator.set_stats(name, np.stack([np.asarray(r) for r in rows]))
+
+    def fisher_rows(self, n, split, num_examples, mode, seed, batch_size, normalize):
+        return [self.evaluator.fisher(i, split, num_examples, mode, seed, batch_size, normalize) for i in range(n)]
+
+    def materialize(self, recipe):
+        self.evaluator.load_recipe(recipe)
+        return self.evaluator.theta.detach().cpu().clone()
+
+    def tensor_stats(self, recipe):
+        from .group import tensor_stats
+
+        self.evaluator.load_recipe(recipe)
+        return tensor_stats(self.evaluator.W, self.evaluator.shard, self.evaluator.theta)
 
     def map_evaluators(self, method, calls):
         return [getattr(self.evaluator, method)(*a, **kw) for a, kw in calls]
@@ -503,7 +534,7 @@ class RayEvalPool(EvalPool):
                 break
             t = self._take_for(e, alive)
             self._last_key[e] = t.recipe.key
-            extra = {k: [self._stats_refs[k]] for k in t.recipe.stats if k in self._stats_refs} or None
+            extra = self._stats_for(t.recipe)
             a, slot = self._evs[e]
             self._inflight[self.actors[a].evaluate.remote(t, extra, slot)] = (t, e)
             self._load[e] += 1
@@ -572,14 +603,35 @@ class RayEvalPool(EvalPool):
             self._fill()  # keep actors busy before the driver processes this result
             return t, Counts.from_dict(counts), node_id, pid, lp
 
-    def set_stats(self, name: str, values) -> None:
+    def set_stats(self, name: str, rows: list) -> None:
         import ray
 
-        self._stats_refs[name] = ray.put(values)
+        self._stats_refs[name] = [r if isinstance(r, ray.ObjectRef) else ray.put(r) for r in rows]
 
-    def map_evaluators(self, method, calls):
+    def _stats_for(self, recipe: Recipe) -> dict | None:
+        return {k: [self._stats_refs[k]] for k in recipe.stats if k in self._stats_refs} or None
+
+    def fisher_rows(self, n, split, num_examples, mode, seed, batch_size, normalize):
+        calls = [((i, split, num_examples, mode, seed), {"batch_size": batch_size, "normalize": normalize})
+                 for i in range(n)]
+        return self.map_evaluators("fisher", calls, fetch=False)
+
+    def materialize(self, recipe):
+        import ray
+        import torch
+
+        return torch.from_numpy(ray.get(self.actors[self._alive()[0]].materialize.remote(recipe,
+                                                                                        self._stats_for(recipe))))
+
+    def tensor_stats(self, recipe):
+        import ray
+
+        return ray.get(self.actors[self._alive()[0]].tensor_stats.remote(recipe))
+
+    def map_evaluators(self, method, calls, fetch: bool = True):
         """One call per evaluator (slot) at a time (whole-ingredient jobs are heavy); a call
-        whose evaluator died is resubmitted, up to ``max_attempts``."""
+        whose evaluator died is resubmitted, up to ``max_attempts``. ``fetch=False`` returns
+        the results' object refs (the values stay in the object store)."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -601,7 +653,9 @@ class RayEvalPool(EvalPool):
             k, a = inflight.pop(ready[0])
             busy[a] -= 1
             try:
-                results[k] = ray.get(ready[0])
+                value = ray.get(ready[0])  # raises if the call failed (on this node: zero-copy)
+                results[k] = value if fetch else ready[0]
+                del value
             except RayActorError as e:
                 self._count_death(a)  # several calls of one actor fail together: one death
                 attempts[k] += 1

@@ -21,12 +21,14 @@ import numpy as np
 
 from .config import Config
 from .data import EvalSuite, build_suite
-from .errors import SoupSearchError
+from .errors import CheckpointError, ConfigError, SoupSearchError
 from .evaluator import Evaluator
 from .fileio import save_safetensors_atomic, write_json_atomic, write_parquet_atomic, write_text_atomic
-from .ingredients import IngredientStack, discover, format_bytes, read_manifest
+from .ingredients import discover, format_bytes, read_manifest
+from .shards import MemoryPlan, StackInfo, StackSpec, combine_digests, model_memory, parse_bytes, partition, \
+    plan_memory, read_headers
 from .metrics import METRICS
-from .mixing import Recipe, mix
+from .mixing import Recipe
 from .models import create_model
 from .pool import EvalPool, LocalEvalPool, RayEvalPool
 from .store import ResultStore, fingerprint_arrays
@@ -46,10 +48,9 @@ def say(msg: str) -> None:
 class Context:
     """The :class:`~soupsearch.strategies.base.SearchContext` backed by an EvalPool."""
 
-    def __init__(self, pool: EvalPool, stack: IngredientStack, suite: EvalSuite, selection_metric: str,
+    def __init__(self, pool: EvalPool, stack: "StackInfo", suite: EvalSuite, selection_metric: str,
                  run_dir: Path | None = None, fingerprint: str = "", seed: int = 0, group_depth: int = 1,
-                 fisher_config=None, stack_base=None, hparams: list[dict] | None = None,
-                 param_names: list[str] | None = None):
+                 fisher_config=None, has_base: bool = False, hparams: list[dict] | None = None):
         self.pool = pool
         self.run_dir = Path(run_dir) if run_dir is not None else Path(".")
         self.fingerprint = fingerprint
@@ -67,12 +68,9 @@ class Context:
         self._individual: list[float] | None = None
         self._logprob_cache: dict[tuple[int, str], np.ndarray] = {}
         self._stats_tags: dict[str, str] = {}  # statistic name -> tag of the values in the pool
-        self.stats: dict = {}  # statistic name -> [n, P] tensor (e.g. the Fisher stack)
         self.fisher_config = fisher_config
-        self.stack_base = stack_base
+        self._has_base = has_base
         self.hparams: list[dict] = list(hparams or [{} for _ in range(stack.n)])
-        # trainable parameters (non-linear methods average buffers plainly); None: every tensor
-        self.param_names = frozenset(param_names) if param_names is not None else None
 
     def evaluate(self, recipes: Sequence[Recipe], split: str = "val") -> list[dict[str, float]]:
         return self.pool.evaluate([(self._prepare(r), split) for r in recipes])
@@ -91,7 +89,7 @@ class Context:
 
     @property
     def has_base(self) -> bool:
-        return self.stack_base is not None
+        return self._has_base
 
     def logprobs(self, i: int, split: str) -> np.ndarray:
         """Per-example log-probabilities ``[N, C]`` of ingredient ``i`` on ``split``: from the
@@ -121,17 +119,10 @@ class Context:
             if fc.split not in self.suite.splits:
                 raise SoupSearchError(f"Fisher split {fc.split!r} is not configured (set data.fisher)")
             t = time.time()
-            rows = self.pool.map_evaluators("fisher", [((i, fc.split, fc.num_examples, fc.mode, self.seed),
-                                                        {"batch_size": fc.batch_size}) for i in range(self.n)])
-            import torch
-
-            from .fisher import normalize_fisher
-
-            F = torch.from_numpy(np.stack(rows))
-            if fc.normalize:
-                F = normalize_fisher(F)
-            self.stats["fisher"] = F
-            self.pool.set_stats("fisher", F.numpy())
+            # one row per ingredient, held in the object store and by the evaluators, never here
+            rows = self.pool.fisher_rows(self.n, fc.split, fc.num_examples, fc.mode, self.seed, fc.batch_size,
+                                         fc.normalize)
+            self.pool.set_stats("fisher", rows)
             self._stats_tags["fisher"] = hashlib.sha1(json.dumps(fc.model_dump(mode="json"), sort_keys=True).encode()
                                                       + str(self.seed).encode()).hexdigest()[:10]
             say(f"Fisher of {self.n} ingredients on {min(fc.num_examples, len(self.suite.splits[fc.split]))} "
@@ -139,10 +130,8 @@ class Context:
         return self._stats_tags["fisher"]
 
     def soup_state_dict(self, recipe: Recipe) -> dict:
-        """The soup of ``recipe`` as a state dict, mixed here on the driver (for logging)."""
-        theta = mix(self.stack.W, recipe, self.layout, base=self.stack_base,
-                    stats={k: self.stats[k] for k in recipe.stats if k in self.stats},
-                    param_names=self.param_names)
+        """The soup of ``recipe`` as a state dict, mixed where the stack is (for logging)."""
+        theta = self.pool.materialize(self._prepare(recipe))
         return self.layout.unflatten(theta, self.stack.fixed)
 
     def run_on_evaluator(self, method: str, *args, **kwargs):
@@ -277,25 +266,130 @@ def resolve_evaluators(cfg: Config) -> tuple[int, bool, list[tuple[int, float]]]
     return n, use_gpu, plan_actors(n, node_cpus, cfg.eval.evaluators_per_actor, use_gpu)
 
 
-def make_pool(cfg: Config, stack: IngredientStack, suite: EvalSuite, store: ResultStore | None,
-              base=None) -> EvalPool:
+def _stack_spec(cfg: Config, stack: StackInfo) -> StackSpec:
+    return StackSpec(tuple(stack.paths), tuple(stack.layout.names), cfg.ingredients.stack_dtype,
+                     cfg.ingredients.allow_cast, cfg.ingredients.base)
+
+
+def plan_stack(cfg: Config, stack: StackInfo, suite: EvalSuite | None, *, use_gpu: bool, nodes: list[dict],
+               gpu_memory: int | None = None, slots: int = 1) -> MemoryPlan:
+    """The memory plan of a search: how many holders share the stack (``eval.stack_shards``)
+    given each actor's budget. ``nodes``: ``[{"memory": bytes, "gpus": k}]`` per node."""
+    from .strategies import get_strategy_class
+
+    fisher = any("fisher" in get_strategy_class(sp.name).requirements(get_strategy_class(sp.name)
+                                                                       .validate_options(sp.options))
+                 for sp in cfg.search.strategies)
+    input_shape = tuple(suite.splits["val"].x.shape[1:]) if suite is not None else None
+    try:
+        other, act = model_memory(cfg.model.factory, cfg.model.kwargs, cfg.eval.batch_size, input_shape)
+        other -= stack.num_params * 4  # model_memory counts one theta; the plan counts thetas itself
+    except Exception:  # a factory that cannot build on the meta device: no estimate of the rest
+        other, act = 0, 0
+    data = suite.nbytes() if suite is not None else 0
+    P4 = stack.num_params * 4
+    n_nodes = max(1, len(nodes))
+    if use_gpu:
+        gpus = sum(nd.get("gpus", 0) for nd in nodes) or 1
+        max_s, actors = gpus, gpus
+        fixed_budget = gpu_memory or 0
+    else:
+        max_s, actors = n_nodes, n_nodes
+        fixed_budget = None
+    per_actor_cfg = cfg.eval.memory_per_actor
+    mem = min((nd.get("memory", 0) for nd in nodes), default=0)
+
+    def budget_for(s: int) -> int:
+        if per_actor_cfg != "auto":
+            return parse_bytes(per_actor_cfg)
+        if use_gpu:
+            return int(fixed_budget)
+        groups = max(1, n_nodes // s)
+        per_node = -(-groups * s // n_nodes)  # actors sharing a node's memory
+        return int(mem / per_node)
+
+    def extra(s: int) -> int:  # thetas: one per evaluator thread (s = 1), or one shared + gather buffer + own columns
+        return other + (slots * P4 if s == 1 else 2 * P4 + P4 // s)
+
+    shards = cfg.eval.stack_shards
+    plan = plan_memory(stack.n, stack.num_params, stack_dtype=cfg.ingredients.stack_dtype, fisher=fisher,
+                       model_bytes=0, activation_bytes=act, data_bytes=data, budget=budget_for(1),
+                       max_s=max_s if shards == "auto" else max(max_s, int(shards)), actors=actors, shards=shards,
+                       device="GPU" if use_gpu else "CPU", budget_for=budget_for, extra_for=extra)
+    return plan
+
+
+def _node_resources() -> tuple[list[dict], int | None]:
+    import ray
+
+    nodes = [{"memory": nd.get("Resources", {}).get("memory", 0), "gpus": int(nd.get("Resources", {}).get("GPU", 0)),
+              "cpus": nd.get("Resources", {}).get("CPU", 0)} for nd in ray.nodes() if nd.get("Alive")]
+    gpu_mem = None
+    if any(nd["gpus"] for nd in nodes):
+        @ray.remote(num_gpus=1)
+        def _gpu_memory():
+            import torch
+
+            return torch.cuda.mem_get_info()[1]
+
+        gpu_mem = ray.get(_gpu_memory.remote())
+    return nodes, gpu_mem
+
+
+def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStore | None = None) -> EvalPool:
+    """Start the evaluators: they load the stack's columns from the checkpoint files
+    themselves (one holder per replica-group member, see :mod:`soupsearch.shards`)."""
     sizes = suite.sizes()
     common = dict(shard_size=cfg.eval.shard_size, store=store, max_attempts=cfg.eval.max_attempts)
+    spec = _stack_spec(cfg, stack)
     if cfg.eval.backend == "local":
         import torch
 
-        ev = Evaluator(cfg.model.factory, cfg.model.kwargs, stack.W, stack.layout, stack.fixed, suite.arrays(),
+        ev = Evaluator(cfg.model.factory, cfg.model.kwargs, spec, stack.layout, stack.fixed, suite.arrays(),
                        cfg.eval.batch_size,
                        device="cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and torch.cuda.is_available()) else "cpu",
-                       base=base, normalize=cfg.data.normalize, subsets=suite.subsets())
-        return LocalEvalPool(ev, sizes, **common)
-    n, use_gpu, plan = resolve_evaluators(cfg)
-    say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'} in {len(plan)} actor process(es) "
-        f"({', '.join(str(k) for k, _ in plan)} per actor)")
-    return RayEvalPool.from_stack(stack, suite.arrays(), cfg.model.factory, cfg.model.kwargs, n, use_gpu=use_gpu,
-                                  batch_size=cfg.eval.batch_size, max_in_flight=cfg.eval.max_in_flight_per_evaluator,
-                                  base=base, normalize=cfg.data.normalize, subsets=suite.subsets(),
-                                  actor_plan=plan, **common)
+                       normalize=cfg.data.normalize, subsets=suite.subsets())
+        pool = LocalEvalPool(ev, sizes, **common)
+        pool.actor_infos = [{"held_bytes": ev.held_bytes, "digests": ev.digests, "rank": 0}]
+        pool.plan = None
+        return pool
+    import ray
+
+    n, use_gpu, actor_plan = resolve_evaluators(cfg)
+    nodes, gpu_mem = _node_resources()
+    slots = max(k for k, _ in actor_plan)
+    plan = plan_stack(cfg, stack, suite, use_gpu=use_gpu, nodes=nodes, gpu_memory=gpu_mem, slots=slots)
+    if not plan.fits:
+        b = plan.need(plan.s)
+        raise ConfigError(
+            f"the stack does not fit: {stack.n} x {stack.num_params:,} parameters need {format_bytes(b)} per actor "
+            f"with eval.stack_shards={plan.s}, the budget is {format_bytes(plan.budget)} per actor ({plan.device}); "
+            "add nodes/GPUs, set ingredients.stack_dtype: bfloat16, raise eval.memory_per_actor, or use fewer "
+            "ingredients")
+    args = dict(model_factory=cfg.model.factory, model_kwargs=cfg.model.kwargs, W=spec, layout=stack.layout,
+                fixed=stack.fixed, splits=ray.put(suite.arrays()), batch_size=cfg.eval.batch_size,
+                normalize=cfg.data.normalize, subsets=suite.subsets())
+    if plan.s == 1:
+        say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'} in {len(actor_plan)} actor process(es) "
+            f"({', '.join(str(k) for k, _ in actor_plan)} per actor), each holding the stack")
+        pool = RayEvalPool.create(n, args, use_gpu, sizes, actor_plan=actor_plan,
+                                  max_in_flight=cfg.eval.max_in_flight_per_evaluator, **common)
+    else:
+        from .group_pool import GroupEvalPool
+
+        groups = max(1, plan.actors // plan.s)
+        total_cpus = sum(nd["cpus"] for nd in nodes) or 1
+        per_actor_slots = max(1, int(n // (groups * plan.s))) if cfg.eval.num_evaluators != "auto" else \
+            max(1, int(total_cpus // (groups * plan.s)))
+        cpus = 0 if use_gpu else min(per_actor_slots, max(1, int(total_cpus // (groups * plan.s))))
+        say(f"starting {groups} replica group(s) of {plan.s} holders on {'GPU' if use_gpu else 'CPU'} "
+            f"({per_actor_slots} evaluator thread(s) each); each holds ~1/{plan.s} of the stack")
+        pool = GroupEvalPool.create(args, partition(stack.layout, plan.s), stack.layout, groups, sizes,
+                                    slots=per_actor_slots, use_gpu=use_gpu, cpus_per_actor=cpus,
+                                    max_in_flight=cfg.eval.max_in_flight_per_evaluator,
+                                    collective_timeout=cfg.eval.collective_timeout, **common)
+    pool.plan = plan
+    return pool
 
 
 # ----------------------------------------------------------------------------- outcome
@@ -332,7 +426,8 @@ class SearchOutcome:
     node_ids: list[str]
     shift_names: list[str]
     seconds: float
-    stack: IngredientStack | None = None  # the ingredients (for plots of layer weights)
+    stack: StackInfo | None = None  # the ingredients (names, layout)
+    spread: dict | None = None  # per-tensor distances of the ingredients to the best soup (layer-spread plot)
 
 
 def with_ood_mean(metrics: dict[str, dict[str, float]], shifts: list[str]) -> dict[str, dict[str, float]]:
@@ -375,15 +470,23 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
     tracker.connect()  # fail before any evaluation if MLflow is unreachable
     say(f"MLflow: {tracker.uri} (experiment {tracker.experiment_name!r})")
 
-    # ---- ingredients
-    skeleton_model = create_model(cfg.model.factory, **cfg.model.kwargs)
-    skeleton = skeleton_model.state_dict()
-    param_names = [n for n, _ in skeleton_model.named_parameters()]
+    # ---- ingredients: headers only (the evaluators load the weights themselves)
+    skeleton = create_model(cfg.model.factory, **cfg.model.kwargs).state_dict()
     files = discover(cfg.ingredients.path, cfg.ingredients.glob)
-    say(f"loading {len(files)} checkpoints from {cfg.ingredients.path}")
-    stack = IngredientStack.from_files(files, skeleton, group_depth=cfg.ingredients.group_depth,
-                                       allow_cast=cfg.ingredients.allow_cast, nonfinite=cfg.ingredients.nonfinite,
-                                       progress=False)
+    say(f"reading the headers of {len(files)} checkpoints from {cfg.ingredients.path}")
+    stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
+                         cfg.ingredients.base, cfg.ingredients.stack_dtype)
+    if cfg.ingredients.nonfinite == "exclude":
+        from .shards import nonfinite_files
+
+        bad = set(nonfinite_files(stack.paths, stack.layout))
+        if len(bad) == stack.n:
+            raise CheckpointError("every checkpoint contains NaN or Inf: nothing to mix")
+        if bad:
+            say(f"excluded {len(bad)} checkpoint(s) with NaN/Inf values: "
+                + ", ".join(stack.names[i] for i in sorted(bad)))
+            keep = [i for i in range(stack.n) if i not in bad]
+            stack.names, stack.paths = [stack.names[i] for i in keep], [stack.paths[i] for i in keep]
     manifest, manifest_path = _manifest_for(cfg)
     hparams: dict[str, dict] = {}
     if manifest:
@@ -394,16 +497,6 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
             if e:
                 stack.names[i] = e.get("name", name)
                 hparams[stack.names[i]] = e.get("hparams", {})
-    base_flat = None
-    if cfg.ingredients.base:
-        from .ingredients import check_compatible, load_state_dict
-
-        base_sd = load_state_dict(cfg.ingredients.base)
-        check_compatible(base_sd, skeleton, str(cfg.ingredients.base), "model skeleton",
-                         allow_cast=cfg.ingredients.allow_cast)
-        base_flat = stack.layout.flatten(base_sd)
-    if len(files) != stack.n:
-        say(f"excluded {len(files) - stack.n} checkpoint(s) with NaN/Inf values")
     if stack.n == 1:
         say("only one ingredient: every soup equals it; the search runs anyway")
     say(f"stack: {stack.n} ingredients x {stack.num_params:,} params ({format_bytes(stack.nbytes)})")
@@ -412,25 +505,35 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
     suite = build_suite(cfg.data)
     say("eval splits: " + ", ".join(f"{n}={len(s)}" for n, s in suite.splits.items()))
 
-    store = ResultStore(run_dir / "results.sqlite", fingerprint_arrays(stack.W.numpy()),
-                        {n: fingerprint_arrays(s.x, s.y) for n, s in suite.splits.items()})
     started_ray = False
     pool = None
+    store = None
     try:
         if cfg.eval.backend == "ray":
             started_ray = init_ray(cfg)
-        pool = make_pool(cfg, stack, suite, store, base_flat)
+        pool = make_pool(cfg, stack, suite)
+        # the stack's fingerprint from the holders' per-tensor digests (the same for any sharding)
+        digests = {k: v for info in pool.actor_infos for k, v in (info.get("digests") or {}).items()}
+        store = ResultStore(run_dir / "results.sqlite", combine_digests(stack.layout, digests),
+                            {n: fingerprint_arrays(s.x, s.y) for n, s in suite.splits.items()})
+        pool.store = store
+        s_used = pool.plan.s if getattr(pool, "plan", None) is not None else 1
+        held = max(int(info.get("held_bytes", 0)) for info in pool.actor_infos)
+        say(f"holders report {format_bytes(held)} of stack per actor ({s_used} shard(s))")
         parent = tracker.start_parent(
             f"{cfg.name}:{(manifest or {}).get('name', Path(cfg.ingredients.path).stem)}",
             params={"config": cfg.model_dump(mode="json"), "num_ingredients": stack.n,
-                    "num_params": stack.num_params, "num_evaluators": pool.num_evaluators},
-            tags={"soupsearch.config_name": cfg.name},
+                    "num_params": stack.num_params, "num_evaluators": pool.num_evaluators,
+                    "stack_dtype": cfg.ingredients.stack_dtype},
+            tags={"soupsearch.config_name": cfg.name, "soupsearch.stack_shards": str(s_used)},
         )
+        tracker.log_metrics(parent, {"memory/stack_bytes": stack.nbytes, "memory/stack_bytes_per_actor": held})
         write_text_atomic(run_dir / "config.resolved.yaml", cfg.to_yaml())
         tracker.log_artifact(parent, run_dir / "config.resolved.yaml")
         if manifest_path:
             tracker.log_artifact(parent, manifest_path)
-        outcome = _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat, param_names)
+        outcome = _search(cfg, tracker, stack, suite, pool, hparams, run_dir)
+        _layer_spread(outcome, pool)
         _log_plots(tracker, parent, outcome, run_dir)
         outcome.seconds = time.time() - t0
         tracker.log_metrics(parent, {"search_seconds": outcome.seconds,
@@ -448,7 +551,7 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
     finally:
         if pool is not None:
             pool.close()
-        else:
+        elif store is not None:
             store.close()
         if started_ray:
             import ray
@@ -456,13 +559,13 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
             ray.shutdown()
 
 
-def _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat=None, param_names=None) -> SearchOutcome:
+def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome:
     eval_splits = suite.eval_names
     shifts = suite.shift_names
     ctx = Context(pool, stack, suite, cfg.eval.selection_metric, run_dir=run_dir,
                   fingerprint=pool.store.stack_fp if pool.store is not None else "", seed=cfg.seed,
-                  group_depth=cfg.ingredients.group_depth, fisher_config=cfg.fisher, stack_base=base_flat,
-                  hparams=[hparams.get(nm, {}) for nm in stack.names], param_names=param_names)
+                  group_depth=cfg.ingredients.group_depth, fisher_config=cfg.fisher,
+                  has_base=bool(cfg.ingredients.base), hparams=[hparams.get(nm, {}) for nm in stack.names])
 
     # ---- every ingredient on every split (independent candidates: all evaluators busy);
     # with an ensemble strategy, the per-example predictions are kept (Parquet) for it
@@ -521,6 +624,19 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir, base_flat=None, 
                          dict(tracker.child_ids), dict(pool.stats), sorted(pool.node_ids), shifts, 0.0, stack)
 
 
+def _layer_spread(outcome: SearchOutcome, pool: EvalPool) -> None:
+    """Distances of the ingredients to the best plain soup per tensor, computed where the
+    stack is (for the layer-spread figure); never fails the search."""
+    from .plots import best_weight_soup
+
+    try:
+        picked = best_weight_soup(outcome)
+        if picked is not None:
+            outcome.spread = {"soup": picked[0].name, "stats": pool.tensor_stats(picked[1].recipe)}
+    except Exception as e:  # a figure must not fail the search
+        say(f"plots: layer spread not computed: {type(e).__name__}: {e}")
+
+
 def _log_plots(tracker, parent, outcome, run_dir) -> None:
     """The comparison figures (soups vs ingredients, greedy trajectory, per-split bars, layer
     spread) into ``<run_dir>/plots`` and the parent run's ``plots/``; never fails the search."""
@@ -577,7 +693,7 @@ def _load_or_make_predictions(ctx: Context, one_hots: list[Recipe], run_dir: Pat
             pq.write_table(table, str(tmp))
 
 
-def _model_card(name: str, row: CandidateRow, res: SoupResult, stack: IngredientStack, metric: str) -> str:
+def _model_card(name: str, row: CandidateRow, res: SoupResult, stack: StackInfo, metric: str) -> str:
     lines = [f"# Model card: soup `{name}`", "",
              f"A weight-space average of {row.num_ingredients} fine-tuned checkpoints, selected by "
              f"`val/{metric}` (the held-out split) with the `{res.name}` strategy of soupsearch. "

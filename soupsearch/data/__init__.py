@@ -61,6 +61,9 @@ class EvalSuite:
     def sizes(self) -> dict[str, int]:
         return {n: len(s) for n, s in self.splits.items()}
 
+    def nbytes(self) -> int:
+        return sum(s.x.nbytes + s.y.nbytes for s in self.splits.values())
+
     def arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {n: (s.x, s.y) for n, s in self.splits.items()}
 

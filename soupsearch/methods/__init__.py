@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import threading
 
 from ..errors import RecipeError
 from .base import MergeMethod, TensorArgs, keep_mask, linear_mix, tensor_seed
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}
 _loaded = False
+_lock = threading.RLock()  # re-entrant: a method module importing another re-enters _load
 
 
 def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
@@ -22,13 +24,16 @@ def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
 
 
 def _load() -> None:
+    """Import every method module once (thread-safe: evaluator slots are threads)."""
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if m.name != "base":
-            importlib.import_module(f"{__name__}.{m.name}")
+    with _lock:
+        if not _loaded:
+            for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+                if m.name != "base":
+                    importlib.import_module(f"{__name__}.{m.name}")
+            _loaded = True
 
 
 def list_methods() -> list[str]:
