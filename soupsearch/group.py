@@ -27,6 +27,13 @@ from .evaluator import Evaluator, ShardTask, _as_tensor, _node_info
 from .mixing import Recipe
 
 
+def _all_gather(out: torch.Tensor, inp: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp)
+
+
 class ShardGroup:
     """This process's place in its replica group and the collectives over it."""
 
@@ -66,7 +73,7 @@ class ShardGroup:
 
         m = self.sizes[self.rank]
         self._send[:m].copy_(theta_k)
-        dist.all_gather_into_tensor(self._recv, self._send)
+        _all_gather(self._recv, self._send)
         chunk = self._send.numel()
         for r in range(self.world):
             a = self.starts[r]
@@ -81,7 +88,7 @@ class ShardGroup:
         send = torch.zeros(T, part.shape[1], dtype=part.dtype, device=part.device)
         send[:part.shape[0]] = part
         recv = torch.zeros(T * self.world, part.shape[1], dtype=part.dtype, device=part.device)
-        dist.all_gather_into_tensor(recv, send)
+        _all_gather(recv, send)
         return torch.cat([recv[r * T:r * T + self.tensor_counts[r]] for r in range(self.world)])
 
     def close(self) -> None:

@@ -142,13 +142,15 @@ class GroupEvalPool(EvalPool):
         self._seq[g] = [0] * self.s
         self._broken.discard(g)
 
-    def _call(self, g: int, method: str, *args, **kwargs) -> list:
-        """Call ``method(seq, *args)`` on every member of group ``g`` (collective); the refs in rank order."""
+    def _call(self, g: int, method: str, *args, per_rank=None, **kwargs) -> list:
+        """Call ``method(seq, *args)`` on every member of group ``g`` (collective); the refs in
+        rank order. ``per_rank(rank)`` gives arguments that differ per member (after ``args``)."""
         refs = []
         for rank, m in enumerate(self.groups[g]):
             seq = self._seq[g][rank]
             self._seq[g][rank] += 1
-            refs.append(getattr(m, method).remote(seq, *args, **kwargs))
+            more = per_rank(rank) if per_rank is not None else ()
+            refs.append(getattr(m, method).remote(seq, *args, *more, **kwargs))
         return refs
 
     def _usable(self) -> list[int]:
@@ -210,7 +212,7 @@ class GroupEvalPool(EvalPool):
                 per = {r: tasks[r::self.s] for r in range(self.s)}
                 stats = {k: [self._stats_refs[k]] for k in recipe.stats if k in self._stats_refs} or None
                 b = _Batch(g, recipe, per)
-                for rank, ref in enumerate(self._call(g, "run", recipe, per[rank], stats)):
+                for rank, ref in enumerate(self._call(g, "run", recipe, per_rank=lambda r: (per[r], stats))):
                     b.refs[ref] = rank
                     self._ref_batch[ref] = b
                 self._batches[g].append(b)
@@ -315,12 +317,8 @@ class GroupEvalPool(EvalPool):
                     g = next(h for h in self._usable() if h not in self._broken)
                 self._drain(g)
                 r = i % self.s  # the member that computes it (all take part in the mix)
-                refs = []
-                for rank, m in enumerate(self.groups[g]):
-                    seq = self._seq[g][rank]
-                    self._seq[g][rank] += 1
-                    refs.append(m.fisher_row.remote(seq, i, rank == r, split, num_examples, mode, seed, batch_size,
-                                                    normalize=normalize))
+                refs = self._call(g, "fisher_row", i, per_rank=lambda k: (k == r, split, num_examples, mode, seed,
+                                                                         batch_size), normalize=normalize)
                 try:
                     ray.get([ref for k, ref in enumerate(refs) if k != r])
                     ray.get(refs[r])
@@ -336,7 +334,7 @@ class GroupEvalPool(EvalPool):
         import torch
 
         stats = {k: [self._stats_refs[k]] for k in recipe.stats if k in self._stats_refs} or None
-        return torch.from_numpy(self._collective("materialize", recipe, stats))
+        return torch.from_numpy(self._collective("materialize", recipe, stats).copy())
 
     def tensor_stats(self, recipe):
         import ray

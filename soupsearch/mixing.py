@@ -101,7 +101,8 @@ class Recipe:
                     if c < 0:
                         raise RecipeError(f"recipe {name}: method {cls.name}: coefficient {i} is {c:g}, "
                                           "expected >= 0")
-        cls.check_support(len(self.support()), f"recipe {name}")
+        if not self.base_coeff:  # a path's endpoint at the base has no ingredient in it
+            cls.check_support(len(self.support()), f"recipe {name}")
 
     # ---------------------------------------------------------------- constructors
     @staticmethod

@@ -620,8 +620,8 @@ class RayEvalPool(EvalPool):
         import ray
         import torch
 
-        return torch.from_numpy(ray.get(self.actors[self._alive()[0]].materialize.remote(recipe,
-                                                                                        self._stats_for(recipe))))
+        ref = self.actors[self._alive()[0]].materialize.remote(recipe, self._stats_for(recipe))
+        return torch.from_numpy(ray.get(ref).copy())
 
     def tensor_stats(self, recipe):
         import ray

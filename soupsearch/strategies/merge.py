@@ -43,7 +43,13 @@ def check_method(method: str, params: dict) -> str:
 
 def method_soups(ctx, method: str, params: dict, sets: list[str], label: str) -> list[SoupResult]:
     out = []
+    m = get_method(method)
     for which, name, members in member_sets(ctx, sets, label):
+        try:
+            m.check_support(len(members), f"the {which} set")
+        except RecipeError as e:
+            ctx.log(f"{label}: {e}; skipped")
+            continue
         recipe = Recipe.of(method, members, ctx.n, label=name, **params)
         out.append(SoupResult(name, recipe, params={"method": recipe.method, **dict(recipe.params), "set": which,
                                                     "num_ingredients": len(members)},
