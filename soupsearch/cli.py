@@ -60,6 +60,19 @@ def _cmd_submit(args) -> int:
     return 0 if status in ("SUCCEEDED", "PENDING") else 1
 
 
+def _cmd_plan(args) -> int:
+    from .search import plan_command
+
+    lines, s = plan_command(
+        args.config, args.set, gpus=args.gpus, gpu_memory=args.gpu_memory, nodes=args.nodes,
+        node_memory=args.node_memory, model=args.model, ingredients=args.ingredients, with_data=args.data,
+        input_shape=tuple(int(x) for x in args.input_shape.split(",")) if args.input_shape else None)
+    for line in lines:
+        print(line)
+    print(f"stack_shards: {s}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="soupsearch", description="Search for the best model soup of a checkpoint sweep.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -84,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_sweep)
+
+    pl = sub.add_parser("plan", help="how a sweep's stack is sharded on a cluster, from checkpoint headers alone",
+                        description="Compute the stack's memory from checkpoint headers (or a model factory and a "
+                                    "count), the number of holders per replica group (eval.stack_shards) that fits "
+                                    "each actor's budget, and the bytes moved per candidate. Nothing is started. "
+                                    "The last line is 'stack_shards: N'.")
+    pl.add_argument("config", nargs="?", default=None, help="a search config (its ingredients' headers are read)")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    pl.add_argument("--gpus", type=int, default=None, help="plan for N GPUs (one holder per GPU)")
+    pl.add_argument("--gpu-memory", default=None, help="memory of each GPU, e.g. 40GiB")
+    pl.add_argument("--nodes", type=int, default=None, help="plan for N CPU nodes (default: this machine)")
+    pl.add_argument("--node-memory", default=None, help="memory of each node, e.g. 64GiB (70%% is the budget)")
+    pl.add_argument("--model", default=None, help="plan from a model factory instead of checkpoint headers, e.g. "
+                                                  "torchvision:vit_b_32 (with --ingredients)")
+    pl.add_argument("--ingredients", type=int, default=None, help="number of ingredients (with --model)")
+    pl.add_argument("--input-shape", default=None, metavar="C,H,W", help="one input's shape, for activations")
+    pl.add_argument("--data", action="store_true", help="load the config's eval data to count it (slower)")
+    pl.set_defaults(func=_cmd_plan)
 
     j = sub.add_parser("submit", help="submit a search as a Ray job (JobSubmissionClient) and follow its logs")
     j.add_argument("config")

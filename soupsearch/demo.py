@@ -95,11 +95,13 @@ def make_sweep(
     *,
     max_epochs: int | None = None,
     split_seed: int = 0,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Train the demo sweep into ``out_dir`` and return the path of its manifest.
 
     ``seed`` drives the pre-training init and every fine-tune's hyperparameters; the
     first ``k`` ingredients of a sweep are the same for every ``n >= k``.
+    ``model_kwargs`` overrides the demo CNN's keyword arguments (e.g. ``hidden``).
     ``max_epochs`` caps each fine-tune's (drawn) epochs -- for tiny, fast test sweeps;
     the drawn value is still recorded in ``hparams["epochs"]`` and the cap in
     ``hparams["epochs_run"]``. ``split_seed`` picks the data splits (fixed by default,
@@ -111,6 +113,7 @@ def make_sweep(
         raise ValueError(f"make_sweep: pretrain_epochs must be >= 1, got {pretrain_epochs}")
     if max_epochs is not None and max_epochs < 1:
         raise ValueError(f"make_sweep: max_epochs must be >= 1 or None, got {max_epochs}")
+    kwargs = {**MODEL_KWARGS, **dict(model_kwargs or {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST_NAME
@@ -127,7 +130,7 @@ def make_sweep(
     with _pinned_threads(SWEEP_NUM_THREADS):
         # ---- shared pre-trained model
         pre_seed = int(rng.integers(0, 2**31 - 1))
-        model = _seeded_model(pre_seed)
+        model = _seeded_model(pre_seed, kwargs)
         gen = torch.Generator().manual_seed(pre_seed)
         opt = torch.optim.Adam(model.parameters(), lr=PRETRAIN_LR)
         _train(model, opt, *data["pretrain"], epochs=pretrain_epochs, gen=gen)
@@ -147,7 +150,7 @@ def make_sweep(
             name = f"ft_{i:02d}"
             hp = draw_hparams(rng)
             hp["epochs_run"] = hp["epochs"] if max_epochs is None else min(hp["epochs"], max_epochs)
-            model = create_model(MODEL_FACTORY, **MODEL_KWARGS)
+            model = create_model(MODEL_FACTORY, **kwargs)
             model.load_state_dict(base_sd)
             train_acc, val_acc = _finetune(model, hp, data)
             rel = f"ingredients/{name}.safetensors"
@@ -168,7 +171,7 @@ def make_sweep(
         "name": SWEEP_NAME,
         "seed": int(seed),
         "dataset": DATASET_NAME,
-        "model": {"factory": MODEL_FACTORY, "kwargs": dict(MODEL_KWARGS)},
+        "model": {"factory": MODEL_FACTORY, "kwargs": kwargs},
         "base": "base.safetensors",
         "base_val_accuracy": base_val,
         "splits": "splits.json",
@@ -325,10 +328,10 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     return correct / max(len(x), 1)
 
 
-def _seeded_model(seed: int) -> nn.Module:
+def _seeded_model(seed: int, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return create_model(MODEL_FACTORY, **MODEL_KWARGS)
+        return create_model(MODEL_FACTORY, **(kwargs if kwargs is not None else MODEL_KWARGS))
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -124,12 +124,15 @@ class Evaluator:
         or one shared with siblings)."""
         factory, kwargs = self._factory
         self.model = create_model(factory, **kwargs).to(self.device).eval()
+        bind = self.layout
+        if self.group is not None:  # one padded theta per member: its own columns are a slot of it
+            if theta is None:
+                theta, self.theta_k = self.group.new_theta()
+            bind = self.group.padded_layout(self.layout)
         self.theta = theta if theta is not None else torch.empty(self.layout.num_params, dtype=torch.float32,
                                                                   device=self.device)
-        if self.group is not None and theta is None:  # this member's columns, before the all-gather
-            self.theta_k = torch.empty(self.shard.num_params, dtype=torch.float32, device=self.device)
         self.param_names = frozenset(n for n, _ in self.model.named_parameters())
-        bind_flat(self.model, self.layout, self.theta, {k: v.to(self.device) for k, v in self.fixed.items()})
+        bind_flat(self.model, bind, self.theta, {k: v.to(self.device) for k, v in self.fixed.items()})
         self.mix_count = 0
 
     @property
@@ -170,7 +173,7 @@ class Evaluator:
             else:
                 mix(self.W, recipe, self.shard, out=self.theta_k, base=self.base, stats=stats,
                     param_names=self.param_names)
-                self.group.gather(self.theta_k, self.theta)
+                self.group.gather_padded(self.theta)
             self._mixed_key = recipe.key
             self.mix_count += 1
 

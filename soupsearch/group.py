@@ -45,10 +45,45 @@ class ShardGroup:
         self.device = device
         self.epoch = -1
         self._pg = False
-        chunk = max(sizes)
-        self._send = torch.zeros(chunk, dtype=torch.float32, device=device)
-        self._recv = torch.zeros(chunk * self.world, dtype=torch.float32, device=device)
+        self.chunk = max(sizes)  # every member's slot in the gathered (padded) theta
+        self._send = self._recv = None
         self.gathered_bytes = 0  # bytes received by all-gathers (for the benchmark)
+        self.gather_seconds = 0.0
+
+    def padded_layout(self, layout):
+        """``layout`` with every tensor moved to its holder's slot of the padded theta
+        (``rank * chunk + offset in the shard``): the model is bound to that buffer, so the
+        all-gather writes straight into the model's parameters (no second copy of theta)."""
+        from dataclasses import replace
+
+        from .ingredients import ParamLayout
+
+        specs, j = [], 0
+        for r, count in enumerate(self.tensor_counts):
+            for sp in layout.specs[j:j + count]:
+                specs.append(replace(sp, offset=r * self.chunk + sp.offset - self.starts[r]))
+            j += count
+        return ParamLayout(tuple(specs), layout.fixed, layout.order, layout.parent)
+
+    def new_theta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded theta ``[world * chunk]`` and this member's slot of it (a view)."""
+        theta = torch.zeros(self.world * self.chunk, dtype=torch.float32, device=self.device)
+        a = self.rank * self.chunk
+        return theta, theta[a:a + self.sizes[self.rank]]
+
+    def gather_padded(self, theta: torch.Tensor) -> None:
+        """Every member's slot into the padded ``theta`` (in place: each slot is its input)."""
+        import time
+
+        t = time.perf_counter()
+        a = self.rank * self.chunk
+        _all_gather(theta, theta[a:a + self.chunk])
+        self.gather_seconds += time.perf_counter() - t
+        self.gathered_bytes += 4 * (sum(self.sizes) - self.sizes[self.rank])
+
+    def unpad(self, theta: torch.Tensor) -> torch.Tensor:
+        """The flat ``[P]`` vector in layout order from a padded theta."""
+        return torch.cat([theta[r * self.chunk:r * self.chunk + self.sizes[r]] for r in range(self.world)])
 
     def join(self, addr: str, port: int, epoch: int, timeout_s: float) -> None:
         import torch.distributed as dist
@@ -68,17 +103,15 @@ class ShardGroup:
         self.epoch = epoch
 
     def gather(self, theta_k: torch.Tensor, theta: torch.Tensor) -> None:
-        """All members' columns into ``theta`` (contiguous shards, in rank order)."""
-        import torch.distributed as dist
-
+        """All members' columns into the unpadded ``theta [P]`` (through a padded buffer:
+        for jobs that keep their own theta, such as the gradient soup)."""
+        if self._recv is None:
+            self._send = torch.zeros(self.chunk, dtype=torch.float32, device=self.device)
+            self._recv = torch.zeros(self.chunk * self.world, dtype=torch.float32, device=self.device)
         m = self.sizes[self.rank]
         self._send[:m].copy_(theta_k)
         _all_gather(self._recv, self._send)
-        chunk = self._send.numel()
-        for r in range(self.world):
-            a = self.starts[r]
-            theta[a:a + self.sizes[r]].copy_(self._recv[r * chunk:r * chunk + self.sizes[r]])
-        self.gathered_bytes += 4 * (theta.numel() - m)
+        theta.copy_(self.unpad(self._recv))
 
     def gather_rows(self, part: torch.Tensor) -> torch.Tensor:
         """``[T_k, n]`` rows of every member, concatenated in rank order: ``[T, n]``."""
@@ -165,7 +198,8 @@ class HolderActor:
         first = self.slots[0]
         return {"node_id": self.node_id, "pid": self.pid, "device": str(first.device), "slots": len(self.slots),
                 "rank": self.group.rank, "epoch": self.group.epoch, "held_bytes": first.held_bytes,
-                "digests": first.digests, "mix_count": first.mix_count, "gathered_bytes": self.group.gathered_bytes}
+                "digests": first.digests, "mix_count": first.mix_count, "gathered_bytes": self.group.gathered_bytes,
+                "gather_seconds": self.group.gather_seconds}
 
     # ------------------------------------------------------------------ statistics
     def _ensure_stats(self, stats: dict | None) -> None:
@@ -220,7 +254,7 @@ class HolderActor:
         def go():
             self._ensure_stats(stats)
             self.slots[0].load_recipe(recipe)
-            return self.slots[0].theta.cpu().numpy().copy() if self.group.rank == 0 else None
+            return self.group.unpad(self.slots[0].theta).cpu().numpy() if self.group.rank == 0 else None
 
         return self._ordered(seq, go)
 
@@ -246,7 +280,7 @@ class HolderActor:
         def go():
             ev = self.slots[0]
             ev.load_recipe(recipe)
-            return tensor_stats(ev.W, ev.shard, ev.theta[self.group.start:self.group.start + ev.shard.num_params])
+            return tensor_stats(ev.W, ev.shard, ev.theta_k)
 
         return self._ordered(seq, go)
 

@@ -350,6 +350,9 @@ class GroupEvalPool(EvalPool):
     def map_evaluators(self, method, calls, fetch: bool = True):
         return [self._collective(method, *a, **kw) for a, kw in calls]
 
+    def held_bytes(self) -> int:
+        return max(i["held_bytes"] for i in self.member_infos())
+
     def member_infos(self) -> list[dict]:
         import ray
 

@@ -44,7 +44,7 @@ class DigitsCNN(nn.Module):
     parameters, its integer ``num_batches_tracked`` is taken from the first ingredient.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 1):
+    def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 1, hidden: int = 64):
         super().__init__()
         w = width
         self.features = nn.Sequential(
@@ -62,9 +62,9 @@ class DigitsCNN(nn.Module):
         )
         self.head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(2 * w * 16, 64),
+            nn.Linear(2 * w * 16, hidden),
             nn.ReLU(inplace=True),
-            nn.Linear(64, num_classes),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +72,8 @@ class DigitsCNN(nn.Module):
 
 
 @register_model("digits_cnn")
-def digits_cnn(num_classes: int = 10, width: int = 16, in_channels: int = 1) -> nn.Module:
-    return DigitsCNN(num_classes=num_classes, width=width, in_channels=in_channels)
+def digits_cnn(num_classes: int = 10, width: int = 16, in_channels: int = 1, hidden: int = 64) -> nn.Module:
+    return DigitsCNN(num_classes=num_classes, width=width, in_channels=in_channels, hidden=hidden)
 
 
 def create_model(spec: str, **kwargs) -> nn.Module:

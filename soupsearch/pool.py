@@ -272,6 +272,10 @@ class EvalPool:
         """The soup of ``recipe`` as a flat float32 vector ``[P]`` (mixed where the stack is)."""
         raise NotImplementedError
 
+    def held_bytes(self) -> int:
+        """The most stack, base and statistics bytes any evaluator process holds now."""
+        raise NotImplementedError
+
     def tensor_stats(self, recipe: Recipe) -> dict:
         """Per tensor: squared distances of the ingredients to the soup, their squared norms
         and the soup's squared norm (see :func:`soupsearch.group.tensor_stats`)."""
@@ -332,6 +336,9 @@ class LocalEvalPool(EvalPool):
     def materialize(self, recipe):
         self.evaluator.load_recipe(recipe)
         return self.evaluator.theta.detach().cpu().clone()
+
+    def held_bytes(self):
+        return self.evaluator.held_bytes
 
     def tensor_stats(self, recipe):
         from .group import tensor_stats
@@ -627,6 +634,11 @@ class RayEvalPool(EvalPool):
         import ray
 
         return ray.get(self.actors[self._alive()[0]].tensor_stats.remote(recipe))
+
+    def held_bytes(self):
+        import ray
+
+        return max(i["held_bytes"] for i in ray.get([self.actors[a].info.remote() for a in self._alive()]))
 
     def map_evaluators(self, method, calls, fetch: bool = True):
         """One call per evaluator (slot) at a time (whole-ingredient jobs are heavy); a call

@@ -315,8 +315,78 @@ def plan_stack(cfg: Config, stack: StackInfo, suite: EvalSuite | None, *, use_gp
     plan = plan_memory(stack.n, stack.num_params, stack_dtype=cfg.ingredients.stack_dtype, fisher=fisher,
                        model_bytes=0, activation_bytes=act, data_bytes=data, budget=budget_for(1),
                        max_s=max_s if shards == "auto" else max(max_s, int(shards)), actors=actors, shards=shards,
-                       device="GPU" if use_gpu else "CPU", budget_for=budget_for, extra_for=extra)
+                       device="GPU" if use_gpu else "CPU", budget_for=budget_for, extra_for=extra,
+                       layout=stack.layout, base=bool(cfg.ingredients.base))
     return plan
+
+
+def plan_command(config: str | None, overrides: list[str] | None, *, gpus: int | None = None,
+                 gpu_memory: str | None = None, nodes: int | None = None, node_memory: str | None = None,
+                 model: str | None = None, ingredients: int | None = None, with_data: bool = False,
+                 input_shape: tuple[int, ...] | None = None) -> tuple[list[str], int]:
+    """``soupsearch plan``: the memory plan from checkpoint headers (or a model factory and an
+    ingredient count) for a described cluster; nothing is started."""
+    from .config import config_from_dict, load_config
+    from .ingredients import ParamLayout
+
+    if config is not None:
+        cfg = load_config(config, overrides)
+    else:
+        if model is None or ingredients is None:
+            raise ConfigError("plan: give a config, or --model FACTORY and --ingredients N")
+        cfg = config_from_dict({"model": {"factory": model}, "ingredients": {"path": "."},
+                                "data": {"val": {"type": "npz", "path": "-"}, "test": {"type": "npz", "path": "-"},
+                                         "corruptions": None}}, "plan", overrides)
+    if model is not None or config is None:
+        import torch
+
+        factory = model or cfg.model.factory
+        with torch.device("meta"):
+            skeleton = create_model(factory, **cfg.model.kwargs).state_dict()
+        n = int(ingredients or 0)
+        if n < 1:
+            raise ConfigError("plan: --model needs --ingredients N (N >= 1)")
+        layout = ParamLayout.from_state_dict(skeleton, cfg.ingredients.group_depth)
+        stack = StackInfo(layout, [f"ingredient_{i}" for i in range(n)], [], {}, cfg.ingredients.stack_dtype)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"factory": factory})})
+        source = f"{factory} x {n} (model skeleton)"
+    else:
+        skeleton = create_model(cfg.model.factory, **cfg.model.kwargs).state_dict()
+        files = discover(cfg.ingredients.path, cfg.ingredients.glob)
+        stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
+                             cfg.ingredients.base, cfg.ingredients.stack_dtype)
+        source = f"{len(files)} checkpoint headers from {cfg.ingredients.path}"
+    suite = build_suite(cfg.data) if with_data else None
+    use_gpu = bool(gpus)
+    if use_gpu:
+        if gpu_memory is None:
+            raise ConfigError("plan: --gpus needs --gpu-memory (e.g. 40GiB)")
+        node_list = [{"memory": 0, "gpus": 1, "cpus": 1} for _ in range(gpus)]
+        gmem = parse_bytes(gpu_memory)
+    else:
+        if node_memory is not None:
+            mem = int(parse_bytes(node_memory) * 0.7)
+        else:
+            mem = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.7)
+        node_list = [{"memory": mem, "gpus": 0, "cpus": os.cpu_count() or 1} for _ in range(nodes or 1)]
+        gmem = None
+    if suite is None and input_shape is not None:
+        class _Shape:  # only the input shape is read by the planner
+            splits = {"val": type("S", (), {"x": type("X", (), {"shape": (0, *input_shape)})()})()}
+
+            @staticmethod
+            def nbytes():
+                return 0
+
+        suite = _Shape()
+    plan = plan_stack(cfg, stack, suite, use_gpu=use_gpu, nodes=node_list, gpu_memory=gmem)
+    lines = [f"from {source}"] + plan.lines()
+    if suite is None:
+        lines.append("(eval data not counted: pass --data; activations not estimated: pass --data or --input-shape)")
+    if not plan.fits:
+        lines.append(f"DOES NOT FIT: {format_bytes(plan.need(plan.s))} per actor at s = {plan.s} > budget "
+                     f"{format_bytes(plan.budget)}; add GPUs/nodes or use ingredients.stack_dtype: bfloat16")
+    return lines, plan.s
 
 
 def _node_resources() -> tuple[list[dict], int | None]:
@@ -536,6 +606,10 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
         _layer_spread(outcome, pool)
         _log_plots(tracker, parent, outcome, run_dir)
         outcome.seconds = time.time() - t0
+        try:  # the most any actor holds at the end (with the Fisher values, when estimated)
+            tracker.log_metrics(parent, {"memory/stack_bytes_per_actor": max(held, pool.held_bytes())})
+        except Exception as e:  # a metric must not fail a finished search
+            say(f"could not read the holders' memory: {e}")
         tracker.log_metrics(parent, {"search_seconds": outcome.seconds,
                                      "shards_evaluated": pool.stats["shards_evaluated"],
                                      "evaluator_nodes": len(pool.node_ids)})

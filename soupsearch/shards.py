@@ -236,13 +236,18 @@ class MemoryPlan:
     fits: bool = True
     device: str = "cpu"
     extra_for: object = None  # s -> model/theta bytes of an actor when groups have s members
+    shard_params: object = None  # s -> parameters of the largest column shard (from the layout's partition)
+    base_bytes: int = 0  # the base model (float32), sharded like the stack
 
     def model_at(self, s: int) -> int:
         return self.extra_for(s) if self.extra_for is not None else self.model_bytes
 
     def shard_bytes(self, s: int) -> int:
-        """The stack (and statistics) bytes of one holder: its share of the columns."""
-        return math.ceil((self.stack_bytes + self.stats_bytes) / s)
+        """The stack, base and statistics bytes of the holder with the largest column shard."""
+        total = self.stack_bytes + self.stats_bytes + self.base_bytes
+        if self.shard_params is None:
+            return math.ceil(total / s)
+        return math.ceil(total * self.shard_params(s) / self.num_params)
 
     def need(self, s: int) -> int:
         return self.shard_bytes(s) + self.model_at(s) + self.activation_bytes + self.data_bytes
@@ -252,13 +257,15 @@ class MemoryPlan:
         out = [
             f"ingredients: {self.n} x {self.num_params:,} parameters",
             f"stack: {f(self.stack_bytes)}" + (f" (+ {f(self.stats_bytes)} Fisher values and products)"
-                                              if self.stats_bytes else ""),
+                                              if self.stats_bytes else "")
+            + (f" (+ {f(self.base_bytes)} base model)" if self.base_bytes else ""),
             f"per actor besides its shard: model + theta {f(self.model_at(self.s))}, activations "
             f"{f(self.activation_bytes)}, eval data {f(self.data_bytes)}",
             f"budget per actor: {f(self.budget)} ({self.device})",
         ]
         for s, b in sorted(self.per_actor.items()):
-            out.append(f"  s = {s}: {f(b)} per actor" + ("  <- fits" if b <= self.budget else ""))
+            out.append(f"  s = {s}: {f(b)} per actor ({f(self.shard_bytes(s))} of it the largest shard)"
+                       + ("  <- chosen" if s == self.s else ""))
         out.append(f"replica groups: {self.groups} of {self.s} actor(s) ({self.actors} actors); all-gather per "
                    f"candidate: {f(self.gather_bytes)} received by each member")
         return out
@@ -267,7 +274,8 @@ class MemoryPlan:
 def plan_memory(n: int, num_params: int, *, stack_dtype: str = "float32", fisher: bool = False,
                 model_bytes: int = 0, activation_bytes: int = 0, data_bytes: int = 0, budget: int,
                 max_s: int, actors: int, shards: int | str = "auto", device: str = "cpu",
-                budget_for=None, extra_for=None) -> MemoryPlan:
+                budget_for=None, extra_for=None, layout: ParamLayout | None = None,
+                base: bool = False) -> MemoryPlan:
     """Choose the number of shards ``s``: the given int, or (``auto``) the smallest ``s`` in
     ``1..max_s`` whose per-actor memory fits ``budget`` (``budget_for(s)``, when given, is
     the budget of an actor when groups have ``s`` members: on CPU the actors of a node share
@@ -276,7 +284,10 @@ def plan_memory(n: int, num_params: int, *, stack_dtype: str = "float32", fisher
     stack = n * num_params * itemsize
     stats = 3 * n * num_params * 4 if fisher else 0  # F, max(F, eps) and F * W (float32)
     plan = MemoryPlan(n, num_params, stack, stats, model_bytes, activation_bytes, data_bytes, budget, 1, 1,
-                      actors, device=device, extra_for=extra_for)
+                      actors, device=device, extra_for=extra_for, base_bytes=num_params * 4 if base else 0)
+    if layout is not None:
+        plan.shard_params = lambda s: max(sum(sp.numel for sp in layout.specs if sp.name in set(names))
+                                          for names in partition(layout, s))
     max_s = max(1, int(max_s))
     candidates = range(1, max_s + 1)
     plan.per_actor = {s: plan.need(s) for s in candidates}

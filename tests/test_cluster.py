@@ -56,3 +56,39 @@ def test_ray_job_on_two_node_cluster(two_node_cluster, tiny_sweep, tmp_path, mon
     db = sqlite3.connect(os.path.join(raw["run_dir"], "results.sqlite"))
     stored = {r[0] for r in db.execute("SELECT DISTINCT node_id FROM shard_results")}
     assert stored == set(nodes)
+
+
+def test_sharded_stack_on_two_node_cluster(two_node_cluster, tiny_sweep, tmp_path, monkeypatch):
+    """``eval.stack_shards: 2`` on two 1-CPU nodes: one replica group with a holder on each
+    node, each holding about half the stack; the results equal those of one holder per node
+    holding it all (``stack_shards: 1``)."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.chdir(REPO)
+    split_file = str(tiny_sweep / "splits.json")
+    runs = {}
+    for s in (1, 2):
+        raw = tiny_config(tiny_sweep, tmp_path / f"s{s}", **{
+            "eval.stack_shards": s, "eval.num_evaluators": "auto", "tracking.log_best_model": False,
+            "ingredients.base": str(tiny_sweep / "base.safetensors"),
+            "data.fisher": {"type": "digits", "split": "fisher", "split_file": split_file},
+            "search.strategies": ["best_individual", "uniform", "greedy", "fisher",
+                                  {"name": "merge", "method": "ties"}]})
+        (tmp_path / f"s{s}").mkdir(exist_ok=True)
+        cfg_path = tmp_path / f"s{s}" / "job.yaml"
+        cfg_path.write_text(yaml.safe_dump(raw))
+        job_id, status = submit(str(cfg_path), two_node_cluster["dashboard"], working_dir=REPO, timeout=400)
+        assert status == "SUCCEEDED", job_id
+        runs[s] = raw
+    rows = {s: pq.read_table(os.path.join(raw["run_dir"], "results.parquet")).to_pylist() for s, raw in runs.items()}
+    assert rows[2] == rows[1]
+    client = mlflow.MlflowClient(tracking_uri=runs[2]["tracking"]["tracking_uri"])
+    [parent] = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+                if r.data.tags.get("soupsearch.role") == "search"]
+    assert parent.data.tags["soupsearch.stack_shards"] == "2"
+    assert len(parent.data.tags["soupsearch.evaluator_node_ids"].split(",")) == 2  # one holder per node
+    stack, per_actor = parent.data.metrics["memory/stack_bytes"], parent.data.metrics["memory/stack_bytes_per_actor"]
+    P = stack / 4 / 4  # 4 ingredients, float32
+    # about half of the stack and of the base, and of the Fisher values and products (3 stacks)
+    assert 0.4 * (stack + 4 * P + 3 * stack) < per_actor < 0.6 * (stack + 4 * P + 3 * stack)
