@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/sharding.py
 
 # A real local cluster on loopback: a head and one worker node (`ray start` processes).
 cluster-up: $(STAMP)

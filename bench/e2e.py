@@ -14,9 +14,10 @@ images labelled by the base, val/test and 3 shifted sets):
   of every ingredient of a candidate at every step, a key-by-key average,
   ``load_state_dict``, and a ``DataLoader`` over an ``ImageFolder`` of PNG files with
   per-sample ``ToTensor`` + ``Normalize``.
-* **soupsearch**: ``IngredientStack.from_files`` over ``.safetensors`` files, the PNG
-  splits decoded once into tensor splits, a ``RayEvalPool`` with 2 evaluators built like
-  ``search.make_pool`` does on one node (two threads of one actor sharing the stack), a
+* **soupsearch**: the checkpoints' headers read (``shards.read_headers``), the PNG
+  splits decoded once into tensor splits, the evaluators started by ``search.make_pool``
+  (on one node: two threads of one actor, which loads the stack from the ``.safetensors``
+  files itself), a
   ``search.Context`` and the real ``greedy`` strategy with its defaults (speculative,
   lookahead = number of evaluators; early stop of candidates that cannot reach the soup).
   No MLflow (the pool/context are built directly; ``run_search`` would add its tracking
@@ -167,24 +168,27 @@ def tensorize(dirs: dict[str, Path]):
 
 def soupsearch_greedy(st_paths: list[Path], dirs: dict[str, Path], num_evaluators, shard_size: int,
                       batch_size: int, T: C.Timer) -> dict:
-    from soupsearch.ingredients import IngredientStack
-    from soupsearch.search import Context
+    from soupsearch.config import config_from_dict
+    from soupsearch.search import Context, make_pool
+    from soupsearch.shards import read_headers
     from soupsearch.strategies import create_strategy
 
     with T("ray.init"):
         ray = C.ray_init(2)
     try:
-        with T("load stack (.safetensors)"):
-            stack = IngredientStack.from_files(st_paths, C.make_model().state_dict())
+        with T("read checkpoint headers"):
+            stack = read_headers(st_paths, C.make_model().state_dict())
         with T("tensorize splits (decode PNGs once)"):
             suite = tensorize(dirs)
-        with T("ray.put (stack, splits)"):
-            refs = {"W": ray.put(stack.W.numpy()), "splits": ray.put(suite.arrays())}
-        with T("start evaluators"):
-            if num_evaluators == "auto":
-                num_evaluators = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            pool = C.build_ray_pool(stack, suite.arrays(), num_evaluators, shard_size=shard_size,
-                                    batch_size=batch_size, refs=refs)
+        with T("start evaluators (they load the stack)"):
+            cfg = config_from_dict({
+                "model": {"factory": C.MODEL_FACTORY, "kwargs": C.MODEL_KWARGS},
+                "ingredients": {"path": str(st_paths[0].parent)},
+                "data": {"val": {"type": "npz", "path": "unused"}, "test": {"type": "npz", "path": "unused"}},
+                "eval": {"num_evaluators": num_evaluators, "shard_size": shard_size, "batch_size": batch_size,
+                         "stack_shards": 1}})
+            pool = make_pool(cfg, stack, suite)
+            num_evaluators = pool.num_evaluators
         try:
             ctx = Context(pool, stack, suite, "accuracy")
             ev_pids = [i["pid"] for i in pool.actor_infos]

@@ -123,7 +123,8 @@ def bench_pools(tmp: Path, n: int, factory: str, kwargs: dict, candidates: int, 
     sweep = tmp / f"sweep{n}"
     paths = make_sweep(sweep, n, factory, kwargs)
     data = make_data(tmp, 512)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    # 4 logical CPUs on this 2-core machine: both pools (2 + 2 reserved) stay up, one works at a time
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False)
     try:
         floor = floor_rss(factory, kwargs)

@@ -308,8 +308,12 @@ def plan_stack(cfg: Config, stack: StackInfo, suite: EvalSuite | None, *, use_gp
         per_node = -(-groups * s // n_nodes)  # actors sharing a node's memory
         return int(mem / per_node)
 
-    def extra(s: int) -> int:  # thetas: one per evaluator thread (s = 1), or one shared + gather buffer + own columns
-        return other + (slots * P4 if s == 1 else 2 * P4 + P4 // s)
+    def extra(s: int) -> int:  # thetas: one per evaluator thread (s = 1), else one padded theta per holder
+        if s == 1:
+            return other + slots * P4
+        largest = max(sum(sp.numel for sp in stack.layout.specs if sp.name in set(names))
+                      for names in partition(stack.layout, s))
+        return other + s * largest * 4
 
     shards = cfg.eval.stack_shards
     plan = plan_memory(stack.n, stack.num_params, stack_dtype=cfg.ingredients.stack_dtype, fisher=fisher,
@@ -385,8 +389,18 @@ def plan_command(config: str | None, overrides: list[str] | None, *, gpus: int |
         lines.append("(eval data not counted: pass --data; activations not estimated: pass --data or --input-shape)")
     if not plan.fits:
         lines.append(f"DOES NOT FIT: {format_bytes(plan.need(plan.s))} per actor at s = {plan.s} > budget "
-                     f"{format_bytes(plan.budget)}; add GPUs/nodes or use ingredients.stack_dtype: bfloat16")
+                     f"{format_bytes(plan.budget)}; {_fit_advice(cfg, plan)}")
     return lines, plan.s
+
+
+def _fit_advice(cfg: Config, plan: MemoryPlan) -> str:
+    tips = ["add nodes/GPUs"]
+    if cfg.ingredients.stack_dtype == "float32":
+        tips.append("set ingredients.stack_dtype: bfloat16")
+    if plan.stats_bytes:
+        tips.append(f"drop the Fisher strategies (their values and products take {format_bytes(plan.stats_bytes)})")
+    tips += ["raise eval.memory_per_actor" if plan.device == "CPU" else "use larger GPUs", "or use fewer ingredients"]
+    return ", ".join(tips)
 
 
 def _node_resources() -> tuple[list[dict], int | None]:
@@ -434,8 +448,7 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
         raise ConfigError(
             f"the stack does not fit: {stack.n} x {stack.num_params:,} parameters need {format_bytes(b)} per actor "
             f"with eval.stack_shards={plan.s}, the budget is {format_bytes(plan.budget)} per actor ({plan.device}); "
-            "add nodes/GPUs, set ingredients.stack_dtype: bfloat16, raise eval.memory_per_actor, or use fewer "
-            "ingredients")
+            f"{_fit_advice(cfg, plan)}")
     args = dict(model_factory=cfg.model.factory, model_kwargs=cfg.model.kwargs, W=spec, layout=stack.layout,
                 fixed=stack.fixed, splits=ray.put(suite.arrays()), batch_size=cfg.eval.batch_size,
                 normalize=cfg.data.normalize, subsets=suite.subsets())

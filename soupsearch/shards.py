@@ -266,8 +266,10 @@ class MemoryPlan:
         for s, b in sorted(self.per_actor.items()):
             out.append(f"  s = {s}: {f(b)} per actor ({f(self.shard_bytes(s))} of it the largest shard)"
                        + ("  <- chosen" if s == self.s else ""))
-        out.append(f"replica groups: {self.groups} of {self.s} actor(s) ({self.actors} actors); all-gather per "
-                   f"candidate: {f(self.gather_bytes)} received by each member")
+        used = self.groups * self.s
+        out.append(f"replica groups: {self.groups} of {self.s} holder(s) ({used} of {self.actors} "
+                   f"{'GPUs' if self.device == 'GPU' else 'actor slots'} used); all-gather per candidate: "
+                   f"{f(self.gather_bytes)} received by each member")
         return out
 
 
