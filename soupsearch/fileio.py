@@ -37,11 +37,40 @@ def write_json_atomic(path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
-def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+_ST_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+             "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None) -> None:
+    """Write ``tensors`` as a ``.safetensors`` file, atomically and streaming: the header,
+    then each tensor's bytes straight from its memory (no serialized copy of the whole
+    file in memory, unlike ``safetensors.torch.save_file``)."""
+    import struct
+
+    import torch
+
+    entries, offset, order = {}, 0, []
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        code = _ST_CODES.get(str(t.dtype).replace("torch.", ""))
+        if code is None:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be written to safetensors")
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        order.append((name, t))
+    header = {**({"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}), **entries}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, t in order:
+            if t.numel():
+                flat = t.reshape(-1)
+                view = flat.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else flat
+                view = view.view(torch.uint8) if view.dtype == torch.bool else view
+                f.write(memoryview(view.numpy()).cast("B"))
 
 
 def write_parquet_atomic(rows: list[dict], path) -> None:

@@ -86,14 +86,6 @@ class ParamLayout:
                 ranges.append((s.offset, s.offset + s.numel))
         return list(out.items())
 
-    def groups_at(self, group_depth: int) -> list[tuple[str, list[tuple[int, int]]]]:
-        """:meth:`groups` of the layout regrouped at ``group_depth``, computed once per depth
-        (per-layer recipes need them on every mix)."""
-        cache = self.__dict__.setdefault("_groups_cache", {})  # frozen: bypass __setattr__
-        if group_depth not in cache:
-            cache[group_depth] = self.regroup(group_depth).groups()
-        return cache[group_depth]
-
     def group_names_at(self, group_depth: int) -> list[str]:
         """Layer group names at ``group_depth`` in order of first appearance, over the full
         layout (also for a column shard): what a per-layer recipe's rows are indexed by."""
@@ -120,22 +112,6 @@ class ParamLayout:
                 specs.append(TensorSpec(s.name, s.shape, s.dtype, off, s.numel, s.group))
                 off += s.numel
         return ParamLayout(tuple(specs), self.fixed, self.order, self.parent or tuple(self.names))
-
-    def regroup(self, group_depth: int) -> "ParamLayout":
-        specs = tuple(
-            TensorSpec(s.name, s.shape, s.dtype, s.offset, s.numel, group_of(s.name, group_depth))
-            for s in self.specs
-        )
-        return ParamLayout(specs, self.fixed, self.order, self.parent)
-
-    def param_cols(self, param_names) -> torch.Tensor:
-        """Bool ``[P]``: True on the columns of trainable parameters (False on buffers)."""
-        names = set(param_names)
-        m = torch.zeros(self.num_params, dtype=torch.bool)
-        for s in self.specs:
-            if s.name in names:
-                m[s.offset : s.offset + s.numel] = True
-        return m
 
     def flatten(self, sd: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """Flatten the float tensors of ``sd`` into a 1-D float32 row (written into ``out``)."""

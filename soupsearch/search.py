@@ -56,7 +56,7 @@ class Context:
         self.fingerprint = fingerprint
         self.seed = seed
         self.group_depth = group_depth
-        self.layer_groups = [g for g, _ in stack.layout.groups_at(group_depth)]
+        self.layer_groups = stack.layout.group_names_at(group_depth)
         self.stack = stack
         self.suite = suite
         self.n = stack.n
