@@ -67,6 +67,10 @@ class TensorReader:
     def names(self) -> list[str]:
         return list(self.meta())
 
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Tensor ``name`` flattened into ``out`` (1-D, any float dtype: cast on copy)."""
+        out.copy_(self.get(name).reshape(-1))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: self.get(k) for k in self.meta()}
 
@@ -146,15 +150,26 @@ class SafetensorsReader(TensorReader):
     def get(self, name):
         shape, dt, start, nbytes = self._entries[name]
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            view = memoryview(buf.numpy())
-            got = os.preadv(self._f.fileno(), [view], start)
-            while got < nbytes:  # short reads (network file systems)
-                more = os.preadv(self._f.fileno(), [view[got:]], start + got)
-                if more <= 0:
-                    raise CheckpointError(f"checkpoint {self.label}: tensor {name!r} is truncated")
-                got += more
+        self._pread(name, buf, start, nbytes)
         return buf.view(dt).view(shape)
+
+    def read_into(self, name, out):
+        shape, dt, start, nbytes = self._entries[name]
+        if out.dtype == dt and out.is_contiguous() and out.device.type == "cpu" and dt != torch.bool:
+            self._pread(name, out.view(torch.uint8) if out.numel() else out, start, nbytes)  # straight in
+        else:
+            out.copy_(self.get(name).reshape(-1))
+
+    def _pread(self, name: str, buf: torch.Tensor, start: int, nbytes: int) -> None:
+        if not nbytes:
+            return
+        view = memoryview(buf.numpy()).cast("B")
+        got = os.preadv(self._f.fileno(), [view], start)
+        while got < nbytes:  # short reads (network file systems)
+            more = os.preadv(self._f.fileno(), [view[got:]], start + got)
+            if more <= 0:
+                raise CheckpointError(f"checkpoint {self.label}: tensor {name!r} is truncated")
+            got += more
 
     def close(self):
         self._f.close()
@@ -199,6 +214,9 @@ class ShardedReader(TensorReader):
     def get(self, name):
         return self._where[name].get(name)
 
+    def read_into(self, name, out):
+        self._where[name].read_into(name, out)
+
     def close(self):
         for r in self._shards.values():
             r.close()
@@ -236,6 +254,9 @@ class _Prefixed(TensorReader):
 
     def get(self, name):
         return self.inner.get(self.prefix + name)
+
+    def read_into(self, name, out):
+        self.inner.read_into(self.prefix + name, out)
 
     def close(self):
         self.inner.close()
