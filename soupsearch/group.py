@@ -88,12 +88,7 @@ class ShardGroup:
     def join(self, addr: str, port: int, epoch: int, timeout_s: float) -> None:
         import torch.distributed as dist
 
-        if self._pg:
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
-            self._pg = False
+        self._leave()
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if addr in ("127.0.0.1", "localhost"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a loopback cluster: stay on loopback
@@ -115,8 +110,6 @@ class ShardGroup:
 
     def gather_rows(self, part: torch.Tensor) -> torch.Tensor:
         """``[T_k, n]`` rows of every member, concatenated in rank order: ``[T, n]``."""
-        import torch.distributed as dist
-
         T = max(self.tensor_counts)
         send = torch.zeros(T, part.shape[1], dtype=part.dtype, device=part.device)
         send[:part.shape[0]] = part
@@ -125,6 +118,9 @@ class ShardGroup:
         return torch.cat([recv[r * T:r * T + self.tensor_counts[r]] for r in range(self.world)])
 
     def close(self) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
         if self._pg:
             import torch.distributed as dist
 

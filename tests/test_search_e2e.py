@@ -12,7 +12,7 @@ import pytest
 from soupsearch.config import config_from_dict
 from soupsearch.search import run_search
 
-from .conftest import tiny_config
+from .conftest import TINY_MODEL, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def test_search_logs_strategies_to_mlflow(ray_session, tiny_sweep, tmp_path):
     with use_tracking_uri(cfg.tracking.resolved_uri()):
         loaded = mlflow.pytorch.load_model(f"runs:/{children[best].info.run_id}/model")
     x, _ = digits_split("test", tiny_sweep / "splits.json")
-    ref = create_model("builtin:digits_cnn")
+    ref = create_model("builtin:digits_cnn", **TINY_MODEL)
     ref.load_state_dict(load_file(str(out.run_dir / "soups" / best / "soup.safetensors")))
     ref.eval()
     with torch.inference_mode():

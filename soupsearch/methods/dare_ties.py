@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import register_method
 from .base import MergeMethod, TensorArgs, keep_mask
-from .ties import disjoint_mean
+from .ties import elect_and_merge
 
 
 @register_method
@@ -30,12 +30,8 @@ class DareTies(MergeMethod):
     def merge_tensor(cls, t: TensorArgs, p):
         if not t.is_param:
             return t.weighted_mean()
-        base = t.base.to(torch.float32)
-        idx = t.indices()
         tau = t.task_vectors()
         if p.p > 0.0:
-            for r, i in enumerate(idx):
+            for r, i in enumerate(t.indices()):
                 tau[r].mul_(keep_mask(p.seed, i, t.name, t.numel, p.p, tau.device)).div_(1.0 - p.p)
-        out = t.output()
-        torch.add(base, disjoint_mean(tau, t.used_coeffs()), alpha=p.scale, out=out)
-        return out
+        return elect_and_merge(t, tau, p.scale)

@@ -56,6 +56,13 @@ def disjoint_mean(tau: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return num.div_(den.clamp_min_(torch.finfo(den.dtype).tiny))  # 0 / tiny = 0 where nothing agrees
 
 
+def elect_and_merge(t: TensorArgs, tau: torch.Tensor, scale: float) -> torch.Tensor:
+    """``theta_0 + scale * disjoint_mean(tau)`` into the kernel's output (TIES and DARE-TIES)."""
+    out = t.output()
+    torch.add(t.base.to(torch.float32), disjoint_mean(tau, t.used_coeffs()), alpha=scale, out=out)
+    return out
+
+
 @register_method
 class Ties(MergeMethod):
     name = "ties"
@@ -74,8 +81,4 @@ class Ties(MergeMethod):
     def merge_tensor(cls, t: TensorArgs, p):
         if not t.is_param:
             return t.weighted_mean()
-        base = t.base.to(torch.float32)
-        tau = trim_to_density(t.task_vectors(), p.density)
-        out = t.output()
-        torch.add(base, disjoint_mean(tau, t.used_coeffs()), alpha=p.scale, out=out)
-        return out
+        return elect_and_merge(t, trim_to_density(t.task_vectors(), p.density), p.scale)
