@@ -420,12 +420,12 @@ def merge(
     cls = get_method(method)
     if cls.needs_base and base is None:
         raise RecipeError(f"method {cls.name} needs a base (the pre-trained model the ingredients were "
-                          "fine-tuned from): pass base=...")
+                          "fine-tuned from): pass base=... (soupsearch merge: --base)")
     if base is not None and not cls.needs_base:
         raise RecipeError(f"a base model is only used by methods that need one "
                           f"({', '.join(m for m in list_methods() if get_method(m).needs_base)}), not {cls.name}")
     if "fisher" in cls.stats and fishers is None:
-        raise RecipeError(f"method {cls.name} needs one Fisher per ingredient: pass fishers=[...]")
+        raise RecipeError(f"method {cls.name} needs one Fisher per ingredient: pass fishers=[...] (soupsearch merge: --fisher)")
     if fishers is not None and "fisher" not in cls.stats:
         raise RecipeError(f"Fishers are only used with method fisher, not {cls.name}")
     cls.params(params)  # fail on parameters before any reading
