@@ -244,6 +244,22 @@ class Evaluator:
                                       **options)
 
 
+def fetch_rows(refs: list, start: int = 0, m: int | None = None) -> torch.Tensor:
+    """Columns ``[start, start + m)`` (default: all) of one object-ref'd row per ingredient,
+    stacked ``[n, m]``: how evaluators receive per-ingredient statistics such as Fisher
+    values (fetched once per set of rows, again after a restart)."""
+    import ray
+
+    rows = None
+    for i, ref in enumerate(refs):
+        row = _as_tensor(ray.get(ref))
+        if rows is None:
+            m = row.numel() - start if m is None else m
+            rows = torch.empty((len(refs), m), dtype=torch.float32)
+        rows[i].copy_(row[start:start + m])
+    return rows
+
+
 def _node_info() -> tuple[str, int]:
     try:
         import ray
@@ -306,11 +322,10 @@ class EvaluatorActor:
     def evaluate(self, task: ShardTask, stats: dict | None = None,
                  slot: int | None = None) -> tuple[dict, str, int, np.ndarray | None]:
         """Counts of one shard, on evaluator ``slot`` (any free one if None). ``stats`` maps a
-        statistic's name to ``[ObjectRef]`` (nested, so Ray does not resolve it eagerly) for
+        statistic's name to ``(tag, [row refs])`` (nested, so Ray does not resolve them) for
         recipes whose method needs it (Fisher); fetched once and kept, so a restarted actor
         simply fetches it again."""
-        for name, ref in (stats or {}).items():
-            self._ensure_stats(name, ref[0])
+        self._ensure_stats(stats)
 
         def run(ev):
             c, lp = ev.evaluate_with_logprobs(task)
@@ -318,33 +333,29 @@ class EvaluatorActor:
 
         return self._run(run, slot)
 
-    def _ensure_stats(self, name: str, refs: list) -> None:
-        """Per-ingredient statistics given as one object ref per ingredient row, fetched once
-        (again after a restart) into one tensor every slot shares."""
-        with self._stats_lock:
-            first = self.slots[0]
-            tag = ",".join(r.hex() for r in refs)
-            if first.stats.tags.get(name) == tag:
-                return
-            import ray
-
-            rows = torch.stack([_as_tensor(ray.get(r)) for r in refs])
-            held = [self._acquire() for _ in self.slots]  # no slot may be mixing while it changes
-            try:
-                first.set_stats(name, rows, tag)
-                for ev in held:
-                    ev._mixed_key = None
-            finally:
-                for ev in held:
-                    self._release(ev)
+    def _ensure_stats(self, stats: dict | None) -> None:
+        """Per-ingredient statistics ``{name: (tag, [row refs])}`` in one tensor every slot shares."""
+        for name, (tag, refs) in (stats or {}).items():
+            with self._stats_lock:
+                first = self.slots[0]
+                if first.stats.tags.get(name) == tag:
+                    continue
+                rows = fetch_rows(refs)
+                held = [self._acquire() for _ in self.slots]  # no slot may be mixing while it changes
+                try:
+                    first.set_stats(name, rows, tag)
+                    for ev in held:
+                        ev._mixed_key = None
+                finally:
+                    for ev in held:
+                        self._release(ev)
 
     def fisher(self, *args, **kwargs) -> np.ndarray:
         return self._run(lambda ev: ev.fisher(*args, **kwargs))
 
     def materialize(self, recipe: Recipe, stats: dict | None = None) -> np.ndarray:
         """The soup's flat float32 vector (for logging it: the driver holds no stack)."""
-        for name, ref in (stats or {}).items():
-            self._ensure_stats(name, ref[0])
+        self._ensure_stats(stats)
 
         def go(ev):
             ev.load_recipe(recipe)

@@ -76,8 +76,3 @@ def fisher_diag_sum(
         else:  # float buffers: neutral weight (scaled to count examples like the sums)
             out[s.offset : s.offset + s.numel] = float(len(x))
     return out
-
-
-def normalize_fisher(F: torch.Tensor) -> torch.Tensor:
-    """Per-ingredient normalization: each row divided by its mean (rows of equal total weight)."""
-    return F / F.mean(dim=1, keepdim=True).clamp_min(1e-30)

@@ -23,7 +23,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from .evaluator import Evaluator, ShardTask, _as_tensor, _node_info
+from .evaluator import Evaluator, ShardTask, _node_info, fetch_rows
 from .mixing import Recipe
 
 
@@ -149,7 +149,6 @@ class HolderActor:
                                         initargs=(self.torch_threads,))
         self._cond = threading.Condition()
         self._next = 0
-        self._stats_tag: dict[str, str] = {}
         self.node_id, self.pid = _node_info()
 
     # ------------------------------------------------------------------ ordering
@@ -199,49 +198,30 @@ class HolderActor:
 
     # ------------------------------------------------------------------ statistics
     def _ensure_stats(self, stats: dict | None) -> None:
-        """Per-ingredient statistics (e.g. Fisher) as ``{name: [[row refs]]}``: the columns of
-        this shard of every row, fetched once per set of rows (again after a restart)."""
-        import ray
-
-        for name, wrapped in (stats or {}).items():
-            refs = wrapped[0]
-            tag = ",".join(r.hex() for r in refs)
-            if self._stats_tag.get(name) == tag:
-                continue
-            first = self.slots[0]
-            a, m = self.group.start, first.shard.num_params
-            rows = torch.empty((len(refs), m), dtype=torch.float32)
-            for i, ref in enumerate(refs):
-                rows[i].copy_(_as_tensor(ray.get(ref))[a:a + m])
-            first.set_stats(name, rows, tag)
-            self._stats_tag[name] = tag
+        """Per-ingredient statistics ``{name: (tag, [row refs])}``: this shard's columns of every
+        row (collective calls run one at a time, so no slot is mixing meanwhile)."""
+        first = self.slots[0]
+        for name, (tag, refs) in (stats or {}).items():
+            if first.stats.tags.get(name) != tag:
+                first.set_stats(name, fetch_rows(refs, self.group.start, first.shard.num_params), tag)
 
     # ------------------------------------------------------------------ collective calls
     def run(self, seq: int, recipe: Recipe, tasks: list[ShardTask], stats: dict | None = None) -> list:
         """Mix ``recipe`` with the group, then score this member's ``tasks`` with its slots."""
         def go():
             self._ensure_stats(stats)
-            first = self.slots[0]
-            first.load_recipe(recipe)
-            for ev in self.slots[1:]:
-                ev.mix_count = first.mix_count
-            if not tasks:
-                return []
-            work = [(self.slots[j % len(self.slots)], t) for j, t in enumerate(tasks)]
-            # tasks on one slot run in turn; slots run in parallel
-            by_slot: dict[int, list] = {}
-            for ev, t in work:
-                by_slot.setdefault(id(ev), []).append((ev, t))
+            self.slots[0].load_recipe(recipe)  # the slots share its theta
 
-            def score(items):
+            def score(ev, mine):  # a slot's shards in turn; the slots in parallel
                 out = []
-                for ev, t in items:
+                for t in mine:
                     c, lp = ev.evaluate_with_logprobs(t)
                     out.append((t, c.to_dict(), self.node_id, self.pid, lp))
                 return out
 
-            results = [f.result() for f in [self._pool.submit(score, items) for items in by_slot.values()]]
-            return [r for rs in results for r in rs]
+            k = len(self.slots)
+            futures = [self._pool.submit(score, ev, tasks[j::k]) for j, ev in enumerate(self.slots) if tasks[j::k]]
+            return [r for f in futures for r in f.result()]
 
         return self._ordered(seq, go)
 

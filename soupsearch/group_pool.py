@@ -23,7 +23,7 @@ from .errors import EvaluationError
 from .evaluator import ShardTask
 from .metrics import Counts
 from .mixing import Recipe
-from .pool import EvalPool
+from .pool import EvalPool, StatsRefs
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class GroupEvalPool(EvalPool):
         self._ref_batch: dict = {}  # ObjectRef -> batch
         self._results: deque = deque()
         self._attempts = Counter()
-        self._stats_refs: dict = {}
+        self._stats = StatsRefs()
         self._last_key: dict[int, str] = {}
         for g in range(len(self.groups)):
             self._join(g)
@@ -201,8 +201,6 @@ class GroupEvalPool(EvalPool):
         return picked[0].recipe, picked
 
     def _fill(self) -> None:
-        import ray  # noqa: F401
-
         for g in self._usable():
             if g in self._broken:
                 continue
@@ -210,7 +208,7 @@ class GroupEvalPool(EvalPool):
                 recipe, tasks = self._take(g)
                 self._last_key[g] = recipe.key
                 per = {r: tasks[r::self.s] for r in range(self.s)}
-                stats = {k: [self._stats_refs[k]] for k in recipe.stats if k in self._stats_refs} or None
+                stats = self._stats.for_recipe(recipe)
                 b = _Batch(g, recipe, per)
                 for rank, ref in enumerate(self._call(g, "run", recipe, per_rank=lambda r: (per[r], stats))):
                     b.refs[ref] = rank
@@ -237,31 +235,38 @@ class GroupEvalPool(EvalPool):
             try:
                 out = ray.get(ref)
             except (RayActorError, RayTaskError, ObjectLostError, GetTimeoutError) as err:
-                lines = str(err).strip().splitlines()
-                msg = lines[-1] if lines else type(err).__name__
-                self._group_failed(b.group)
-                for t in reversed(b.tasks[rank]):
-                    key = (t.recipe.key, t.split, t.shard)
-                    if key not in self._waiting:
-                        self._queued.discard(key)
-                        continue
-                    self._attempts[t] += 1
-                    log.warning("shard %s/%d of %s failed in replica group %d (attempt %d): %s", t.split, t.shard,
-                                t.recipe.label or t.recipe.key, b.group, self._attempts[t], msg)
-                    if self._attempts[t] >= self.max_attempts:
-                        raise self._fail(t, msg, self._attempts[t]) from None
-                    self.stats["resubmitted"] += 1
-                    self._pending.appendleft(t)
+                self._lost(b, rank, err)
                 continue
             for t, counts, node_id, pid, lp in out:
                 self._results.append((t, Counts.from_dict(counts), node_id, pid, lp))
         self._fill()
         return self._results.popleft()
 
+    def _lost(self, b: _Batch, rank: int, err: Exception) -> None:
+        """Member ``rank``'s call of batch ``b`` failed: its group is rebuilt before it is used
+        again, and its data shards that someone still waits for go back to the queue."""
+        lines = str(err).strip().splitlines()
+        msg = lines[-1] if lines else type(err).__name__
+        self._group_failed(b.group)
+        for t in reversed(b.tasks[rank]):
+            key = (t.recipe.key, t.split, t.shard)
+            if key not in self._waiting:
+                self._queued.discard(key)
+                continue
+            self._attempts[t] += 1
+            log.warning("shard %s/%d of %s failed in replica group %d (attempt %d): %s", t.split, t.shard,
+                        t.recipe.label or t.recipe.key, b.group, self._attempts[t], msg)
+            if self._attempts[t] >= self.max_attempts:
+                raise self._fail(t, msg, self._attempts[t]) from None
+            self.stats["resubmitted"] += 1
+            self._pending.appendleft(t)
+
     # ------------------------------------------------------------------ whole-group jobs
-    def _collective(self, method: str, *args, g: int | None = None, rank: int = 0, **kwargs):
-        """Run a collective job on one group (retrying on another after a failure); the result
-        of member ``rank``."""
+    def _collective(self, method: str, *args, g: int | None = None, rank: int = 0, per_rank=None,
+                    fetch: bool = True, **kwargs):
+        """Run a collective job on one group (group ``g`` if usable; after a failure the group is
+        rebuilt and the job retried): the result of member ``rank`` -- or, with
+        ``fetch=False``, its object ref once every member has finished."""
         import ray
 
         for attempt in range(self.max_attempts):
@@ -271,8 +276,12 @@ class GroupEvalPool(EvalPool):
                 raise EvaluationError("no replica group is available")
             h = g if g in usable else usable[0]
             self._drain(h)
-            refs = self._call(h, method, *args, **kwargs)
+            refs = self._call(h, method, *args, per_rank=per_rank, **kwargs)
             try:
+                if not fetch:
+                    ray.get([ref for k, ref in enumerate(refs) if k != rank])
+                    ray.get(refs[rank])  # raises if it failed (on this node: zero-copy)
+                    return refs[rank]
                 return ray.get(refs)[rank]
             except Exception as e:  # a member died: rebuild the group and try again
                 if attempt == self.max_attempts - 1:
@@ -293,48 +302,31 @@ class GroupEvalPool(EvalPool):
                 if not b.refs:
                     self._batches[g].remove(b)
                 try:
-                    for t, counts, node_id, pid, lp in ray.get(ref):
-                        self._record(t, Counts.from_dict(counts), node_id, pid, lp)
-                except Exception:
-                    self._group_failed(g)
-                    self._pending.extendleft(reversed(b.tasks[rank]))
+                    out = ray.get(ref)
+                except Exception as err:
+                    self._lost(b, rank, err)
+                    continue
+                for t, counts, node_id, pid, lp in out:
+                    self._record(t, Counts.from_dict(counts), node_id, pid, lp)
 
     def set_stats(self, name: str, rows: list) -> None:
-        import ray
-
-        self._stats_refs[name] = [r if isinstance(r, ray.ObjectRef) else ray.put(r) for r in rows]
+        self._stats.set(name, rows)
 
     def fisher_rows(self, n, split, num_examples, mode, seed, batch_size, normalize):
-        """Ingredient ``i`` on group ``i mod G``, computed by member ``i mod s`` (all members mix)."""
-        import ray
-
+        """Ingredient ``i`` on group ``i mod G``, computed by member ``i mod s`` (every member
+        takes part in the mix); the rows stay in the object store."""
         rows = []
         for i in range(n):
-            g = self._usable()[i % len(self._usable())]
-            for attempt in range(self.max_attempts):
-                self._heal()
-                if g in self._broken:
-                    g = next(h for h in self._usable() if h not in self._broken)
-                self._drain(g)
-                r = i % self.s  # the member that computes it (all take part in the mix)
-                refs = self._call(g, "fisher_row", i, per_rank=lambda k: (k == r, split, num_examples, mode, seed,
-                                                                         batch_size), normalize=normalize)
-                try:
-                    ray.get([ref for k, ref in enumerate(refs) if k != r])
-                    ray.get(refs[r])
-                    rows.append(refs[r])
-                    break
-                except Exception as e:
-                    if attempt == self.max_attempts - 1:
-                        raise EvaluationError(f"Fisher of ingredient {i} failed: {e}") from None
-                    self._group_failed(g)
+            r = i % self.s
+            rows.append(self._collective(
+                "fisher_row", i, g=self._usable()[i % len(self._usable())], rank=r, fetch=False,
+                per_rank=lambda k, r=r: (k == r, split, num_examples, mode, seed, batch_size), normalize=normalize))
         return rows
 
     def materialize(self, recipe):
         import torch
 
-        stats = {k: [self._stats_refs[k]] for k in recipe.stats if k in self._stats_refs} or None
-        return torch.from_numpy(self._collective("materialize", recipe, stats).copy())
+        return torch.from_numpy(self._collective("materialize", recipe, self._stats.for_recipe(recipe)).copy())
 
     def tensor_stats(self, recipe):
         import ray

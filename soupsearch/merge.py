@@ -34,7 +34,7 @@ from .errors import CheckpointError, EvaluationError, RecipeError
 from .ingredients import check_compatible, discover, format_bytes
 from .methods import TensorArgs, get_method, list_methods
 from .mixing import Recipe, support_runs
-from .tensors import DictReader, TensorReader, open_reader
+from .tensors import DictReader, TensorReader, meta_tensors, open_reader
 
 __all__ = [
     "add_merge_subparser",
@@ -167,10 +167,6 @@ def _count(inputs: Ingredients) -> int | None:
         return None
 
 
-def _meta_tensors(meta) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in meta.items()}
-
-
 def _open_all(items, labels) -> list[TensorReader]:
     readers: list[TensorReader] = []
     try:
@@ -291,19 +287,19 @@ def _merge(items, labels, recipe: Recipe, *, base=None, fishers=None, normalize_
     extra: list[TensorReader] = []
     try:
         meta = readers[0].meta()
-        ref = _meta_tensors(meta)
+        ref = meta_tensors(meta)
         float_keys = [k for k, (_, dt) in meta.items() if dt.is_floating_point]
         if not float_keys:
             raise CheckpointError(f"{labels[0]}: has no floating-point tensors to mix")
         for r in readers[1:]:
             if r.meta() != meta:  # the same names, shapes and dtypes need no further look
-                check_compatible(_meta_tensors(r.meta()), ref, r.label, labels[0])
+                check_compatible(meta_tensors(r.meta()), ref, r.label, labels[0])
         b_reader = None
         if base is not None:
             b_label = f"base {base}" if _is_path(base) else "base"
             b_reader = open_reader(base, b_label)
             extra.append(b_reader)
-            check_compatible(_meta_tensors(b_reader.meta()), ref, b_label, labels[0])
+            check_compatible(meta_tensors(b_reader.meta()), ref, b_label, labels[0])
         f_readers, f_scales, f_keys = [], [], set()
         if fishers is not None:
             shapes = {k: meta[k][0] for k in float_keys}

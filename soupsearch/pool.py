@@ -387,6 +387,24 @@ def plan_actors(num_evaluators: int, node_cpus: list[float], per_actor: int | st
     return [(k, c) for k, c in plan]
 
 
+class StatsRefs:
+    """Per-ingredient statistics on Ray: one object ref per ingredient row (never gathered on
+    the driver) and a tag naming that set of rows, computed once; what a recipe's call
+    carries is ``{name: (tag, refs)}`` (nested: Ray passes the refs unresolved)."""
+
+    def __init__(self):
+        self._by_name: dict[str, tuple[str, list]] = {}
+
+    def set(self, name: str, rows: list) -> None:
+        import ray
+
+        refs = [r if isinstance(r, ray.ObjectRef) else ray.put(r) for r in rows]
+        self._by_name[name] = (",".join(r.hex() for r in refs), refs)
+
+    def for_recipe(self, recipe: Recipe) -> dict | None:
+        return {k: self._by_name[k] for k in recipe.stats if k in self._by_name} or None
+
+
 class RayEvalPool(EvalPool):
     """Evaluator actors on Ray. Actor ``i`` holds ``slots[i]`` evaluators (threads sharing
     one copy of the stack) and is kept busy with up to ``max_in_flight`` shards per slot."""
@@ -409,7 +427,7 @@ class RayEvalPool(EvalPool):
         self._inflight: dict = {}  # ObjectRef -> (task, evaluator index)
         self._load = Counter()  # evaluator index -> shards in flight
         self._attempts = Counter()
-        self._stats_refs: dict = {}  # statistic name -> ObjectRef of its [n, P] array
+        self._stats = StatsRefs()
         self._last_key: dict[int, str] = {}  # evaluator index -> recipe key of the last shard sent to it
         # actors that failed and may be restarting: index -> [ping ref or None, time of next ping]
         self._suspect: dict[int, list] = {}
@@ -611,12 +629,10 @@ class RayEvalPool(EvalPool):
             return t, Counts.from_dict(counts), node_id, pid, lp
 
     def set_stats(self, name: str, rows: list) -> None:
-        import ray
-
-        self._stats_refs[name] = [r if isinstance(r, ray.ObjectRef) else ray.put(r) for r in rows]
+        self._stats.set(name, rows)
 
     def _stats_for(self, recipe: Recipe) -> dict | None:
-        return {k: [self._stats_refs[k]] for k in recipe.stats if k in self._stats_refs} or None
+        return self._stats.for_recipe(recipe)
 
     def fisher_rows(self, n, split, num_examples, mode, seed, batch_size, normalize):
         calls = [((i, split, num_examples, mode, seed), {"batch_size": batch_size, "normalize": normalize})

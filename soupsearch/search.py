@@ -271,22 +271,21 @@ def _stack_spec(cfg: Config, stack: StackInfo) -> StackSpec:
                      cfg.ingredients.allow_cast, cfg.ingredients.base)
 
 
-def plan_stack(cfg: Config, stack: StackInfo, suite: EvalSuite | None, *, use_gpu: bool, nodes: list[dict],
-               gpu_memory: int | None = None, slots: int = 1) -> MemoryPlan:
+def plan_stack(cfg: Config, stack: StackInfo, *, input_shape: tuple[int, ...] | None, data_bytes: int,
+               use_gpu: bool, nodes: list[dict], gpu_memory: int | None = None, slots: int = 1) -> MemoryPlan:
     """The memory plan of a search: how many holders share the stack (``eval.stack_shards``)
-    given each actor's budget. ``nodes``: ``[{"memory": bytes, "gpus": k}]`` per node."""
+    given each actor's budget. ``nodes``: ``[{"memory": bytes, "gpus": k}]`` per node;
+    ``input_shape``: one example's shape (for activations; None: not estimated)."""
     from .strategies import get_strategy_class
 
     fisher = any("fisher" in get_strategy_class(sp.name).requirements(get_strategy_class(sp.name)
                                                                        .validate_options(sp.options))
                  for sp in cfg.search.strategies)
-    input_shape = tuple(suite.splits["val"].x.shape[1:]) if suite is not None else None
     try:
         other, act = model_memory(cfg.model.factory, cfg.model.kwargs, cfg.eval.batch_size, input_shape)
         other -= stack.num_params * 4  # model_memory counts one theta; the plan counts thetas itself
     except Exception:  # a factory that cannot build on the meta device: no estimate of the rest
         other, act = 0, 0
-    data = suite.nbytes() if suite is not None else 0
     P4 = stack.num_params * 4
     n_nodes = max(1, len(nodes))
     if use_gpu:
@@ -317,7 +316,7 @@ def plan_stack(cfg: Config, stack: StackInfo, suite: EvalSuite | None, *, use_gp
 
     shards = cfg.eval.stack_shards
     plan = plan_memory(stack.n, stack.num_params, stack_dtype=cfg.ingredients.stack_dtype, fisher=fisher,
-                       model_bytes=0, activation_bytes=act, data_bytes=data, budget=budget_for(1),
+                       model_bytes=0, activation_bytes=act, data_bytes=data_bytes, budget=budget_for(1),
                        max_s=max_s if shards == "auto" else max(max_s, int(shards)), actors=actors, shards=shards,
                        device="GPU" if use_gpu else "CPU", budget_for=budget_for, extra_for=extra,
                        layout=stack.layout, base=bool(cfg.ingredients.base))
@@ -374,19 +373,14 @@ def plan_command(config: str | None, overrides: list[str] | None, *, gpus: int |
             mem = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.7)
         node_list = [{"memory": mem, "gpus": 0, "cpus": os.cpu_count() or 1} for _ in range(nodes or 1)]
         gmem = None
-    if suite is None and input_shape is not None:
-        class _Shape:  # only the input shape is read by the planner
-            splits = {"val": type("S", (), {"x": type("X", (), {"shape": (0, *input_shape)})()})()}
-
-            @staticmethod
-            def nbytes():
-                return 0
-
-        suite = _Shape()
-    plan = plan_stack(cfg, stack, suite, use_gpu=use_gpu, nodes=node_list, gpu_memory=gmem)
+    if suite is not None:
+        input_shape = tuple(suite.splits["val"].x.shape[1:])
+    plan = plan_stack(cfg, stack, input_shape=input_shape, data_bytes=suite.nbytes() if suite is not None else 0,
+                      use_gpu=use_gpu, nodes=node_list, gpu_memory=gmem)
     lines = [f"from {source}"] + plan.lines()
     if suite is None:
-        lines.append("(eval data not counted: pass --data; activations not estimated: pass --data or --input-shape)")
+        lines.append("(eval data not counted: pass --data" + ("" if input_shape else
+                     "; activations not estimated: pass --data or --input-shape") + ")")
     if not plan.fits:
         lines.append(f"DOES NOT FIT: {format_bytes(plan.need(plan.s))} per actor at s = {plan.s} > budget "
                      f"{format_bytes(plan.budget)}; {_fit_advice(cfg, plan)}")
@@ -442,7 +436,8 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
     n, use_gpu, actor_plan = resolve_evaluators(cfg)
     nodes, gpu_mem = _node_resources()
     slots = max(k for k, _ in actor_plan)
-    plan = plan_stack(cfg, stack, suite, use_gpu=use_gpu, nodes=nodes, gpu_memory=gpu_mem, slots=slots)
+    plan = plan_stack(cfg, stack, input_shape=tuple(suite.splits["val"].x.shape[1:]), data_bytes=suite.nbytes(),
+                      use_gpu=use_gpu, nodes=nodes, gpu_memory=gpu_mem, slots=slots)
     if not plan.fits:
         b = plan.need(plan.s)
         raise ConfigError(

@@ -24,7 +24,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError
 from .ingredients import ParamLayout, TensorSpec, check_compatible, format_bytes
-from .tensors import open_reader
+from .tensors import meta_tensors, open_reader
 
 STACK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,10 +56,6 @@ class StackInfo:
         return self.n * self.num_params * STACK_DTYPES[self.dtype].itemsize
 
 
-def _meta_dict(meta) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in meta.items()}
-
-
 def read_headers(files: Sequence[str | os.PathLike], skeleton, group_depth: int = 1, allow_cast: bool = False,
                  base: str | None = None, dtype: str = "float32") -> StackInfo:
     """Validate every checkpoint's names, shapes and dtypes against the model skeleton from
@@ -74,7 +70,7 @@ def read_headers(files: Sequence[str | os.PathLike], skeleton, group_depth: int 
     for i, f in enumerate(list(files) + ([base] if base else [])):
         with open_reader(f) as r:
             label = f"base {f}" if base and i == len(files) else str(f)
-            check_compatible(_meta_dict(r.meta()), skeleton, label, "model skeleton", allow_cast=allow_cast)
+            check_compatible(meta_tensors(r.meta()), skeleton, label, "model skeleton", allow_cast=allow_cast)
             if i == 0:
                 fixed = {name: r.get(name).clone() for name, _, _ in layout.fixed}
     from pathlib import Path

@@ -262,6 +262,12 @@ class _Prefixed(TensorReader):
         self.inner.close()
 
 
+def meta_tensors(meta: Mapping[str, Meta]) -> dict[str, torch.Tensor]:
+    """Shape/dtype-only tensors (meta device) of a reader's ``meta()``, for
+    ``ingredients.check_compatible``."""
+    return {k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in meta.items()}
+
+
 def _sharded_index(d: Path) -> Path | None:
     idx = sorted(d.glob("*.safetensors.index.json"))
     return idx[0] if idx else None
