@@ -330,6 +330,15 @@ def _merge(items, labels, recipe: Recipe, *, base=None, fishers=None, normalize_
         names = set(param_names) if param_names is not None else None
         in_memory = all(isinstance(r, DictReader) for r in readers)
         c_all = torch.tensor(coeffs, dtype=torch.float32)
+        scratch: dict[str, torch.Tensor] = {}  # [n, m] buffers reused across tensors (no allocator churn)
+
+        def rows(name: str, m: int) -> torch.Tensor:
+            buf = scratch.get(name)
+            if buf is None or buf.numel() < n * m:
+                largest = max(math.prod(s) for s, d in meta.values() if d.is_floating_point)
+                buf = scratch[name] = torch.empty(n * largest, dtype=torch.float32)
+            return buf[: n * m].view(n, m)
+
         soup: StateDict = {}
         for k, (shape, dt) in meta.items():
             if not dt.is_floating_point:
@@ -341,12 +350,12 @@ def _merge(items, labels, recipe: Recipe, *, base=None, fishers=None, normalize_
                 _accumulate(out, lambda j, k=k: readers[used[j]].get(k).reshape(-1), [coeffs[i] for i in used],
                             in_memory)
             else:
-                values = torch.zeros(n, m, dtype=torch.float32)
+                values = rows("values", m)  # kernels read only the rows of used ingredients
                 for i in used:
-                    values[i].copy_(readers[i].get(k).reshape(-1))
+                    readers[i].read_into(k, values[i])
                 stats = {}
                 if f_readers and k in f_keys:
-                    F = torch.zeros(n, m, dtype=torch.float32)
+                    F = rows("fisher", m)
                     for i in used:
                         F[i].copy_(_fisher_values(f_readers[i].get(k), f_readers[i].label, k).reshape(-1))
                         if f_scales[i] != 1.0:
