@@ -133,6 +133,9 @@ class EvalConfig(_Strict):
     max_attempts: int = Field(default=3, gt=0)  # per shard, across evaluators
     device: Literal["auto", "cpu", "cuda"] = "auto"
     selection_metric: Literal["accuracy", "nll", "macro_f1"] = "accuracy"
+    # forward passes in float32, or under autocast in bfloat16 / float16 (CPU and GPU); the
+    # soup is always mixed in float32. Results are cached per precision.
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
     backend: Literal["ray", "local"] = "ray"  # local: in-process, no Ray (debugging)
     # holders per replica group: each holds ~1/s of the stack's columns (auto: the smallest s
     # whose per-actor memory fits eval.memory_per_actor / the GPU's memory)

@@ -61,6 +61,10 @@ def _as_tensor(a) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
+# eval.precision -> the autocast dtype of the forward passes (None: plain float32)
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class Evaluator:
     """Scores recipes on shards of the eval splits. Not thread-safe: one shard at a time
     (threads of one process use :meth:`sibling` evaluators, one each)."""
@@ -80,18 +84,24 @@ class Evaluator:
         normalize: dict | None = None,
         subsets: dict[str, list[int]] | None = None,
         group=None,
+        precision: str = "float32",
     ):
         """``W`` is the stack ``[n, P]`` (a tensor or array, e.g. from the object store) or a
         :class:`~soupsearch.shards.StackSpec`: then this evaluator loads its columns straight
         from the checkpoint files (and those of the base). ``group`` (a
         :class:`~soupsearch.group.ShardGroup`) makes it a member of a replica group: it holds
-        a column shard, mixes that shard and all-gathers the model from the group."""
+        a column shard, mixes that shard and all-gathers the model from the group.
+        ``precision``: ``float32``, or ``bfloat16`` / ``float16`` to run the forward passes under
+        autocast (the soup is mixed and held in float32; logits are returned as float32)."""
         from .shards import StackSpec, load_columns
 
         self._state = {"key": None}  # the recipe mixed into theta (shared by siblings sharing theta)
         self.device = torch.device(device)
         self.layout = layout
         self.batch_size = batch_size
+        if precision not in AUTOCAST:
+            raise ValueError(f"precision must be one of {', '.join(AUTOCAST)}, got {precision!r}")
+        self.precision = precision
         self._factory = (model_factory, dict(model_kwargs or {}))
         self.digests: dict[str, str] = {}
         self.shard = layout  # the columns W holds (a column shard in a replica group)
@@ -188,10 +198,13 @@ class Evaluator:
         self.load_recipe(recipe)
         x, y = self.splits[split]
         out = []
+        dtype = AUTOCAST[self.precision]
         for a in range(start, stop, self.batch_size):
             b = min(stop, a + self.batch_size)
             xb = self.prepare(x[a:b])
-            logits = self.model(xb).float()
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                logits = self.model(xb)
+            logits = logits.float()
             if split in self.subsets:
                 logits = logits[:, self.subsets[split]]
             out.append(logits.cpu())

@@ -75,27 +75,47 @@ class EvalPool:
         self._done: deque[int] = deque()
         self._logprobs: dict[tuple[str, str, int], "np.ndarray"] = {}
         self.rejected: set[int] = set()  # tickets stopped early by ``max_errors`` (partial counts)
+        # misclassified examples per (split, shard), summed over every shard result recorded:
+        # how hard each shard is, for ordering the shards of requests that may stop early
+        self._hardness: Counter = Counter()
 
     # ------------------------------------------------------------------ sharding
     def shard_bounds(self, split: str) -> list[tuple[int, int]]:
         n = self.split_sizes[split]
         return [(a, min(n, a + self.shard_size)) for a in range(0, n, self.shard_size)]
 
-    def _lookup(self, recipe: Recipe, split: str, shard: int, a: int, b: int) -> Counts | None:
+    def _lookup(self, recipe: Recipe, split: str, shard: int, a: int, b: int, count: bool = True) -> Counts | None:
         key = (recipe.key, split, shard)
         c = self._cache.get(key)
         if c is not None:
-            self.stats["cache_hits"] += 1
+            self.stats["cache_hits"] += count
             return c
         if self.store is not None:
             c = self.store.load(recipe.key, split, a, b)
             if c is not None:
                 self._cache[key] = c
-                self.stats["store_hits"] += 1
+                self.stats["store_hits"] += count
         return c
 
     # ------------------------------------------------------------------ async API
-    def submit(self, recipe: Recipe, split: str, want_logprobs: bool = False, max_errors: int | None = None) -> int:
+    def shard_errors(self, recipe: Recipe, split: str) -> list[int] | None:
+        """Misclassified examples of ``recipe`` per shard of ``split``, if every shard is cached."""
+        out = []
+        for i, (a, b) in enumerate(self.shard_bounds(split)):
+            c = self._lookup(recipe, split, i, a, b, count=False)
+            if c is None:
+                return None
+            out.append(c.n - int(c.confusion.trace()))
+        return out
+
+    def _hard_first(self, split: str, shards, reference: Recipe | None) -> list[int]:
+        """``shards`` in descending order of errors: those of ``reference`` (when all its shards
+        are known), then those of every result seen so far on that shard, then by index."""
+        ref = self.shard_errors(reference, split) if reference is not None else None
+        return sorted(shards, key=lambda i: (-(ref[i] if ref else 0), -self._hardness[(split, i)], i))
+
+    def submit(self, recipe: Recipe, split: str, want_logprobs: bool = False, max_errors: int | None = None,
+               reference: Recipe | None = None) -> int:
         """Schedule ``recipe`` on ``split``; returns a ticket for :meth:`wait`. With
         ``want_logprobs`` the per-example log-probabilities are kept (see :meth:`logprobs`).
 
@@ -103,7 +123,10 @@ class EvalPool:
         than ``max_errors`` misclassified examples. Its accuracy is then known to be below
         ``1 - (max_errors + 1) / N`` whatever the other shards hold; :meth:`wait` returns the
         counts of the shards seen and puts the ticket in :attr:`rejected`. Shards nobody else
-        waits for are dropped from the queue (those already running finish and are cached)."""
+        waits for are dropped from the queue (those already running finish and are cached).
+        Such a request's shards are scored hardest first (most errors of ``reference``, e.g.
+        the soup to beat, else of every result seen), so a candidate that cannot make it
+        crosses its budget sooner; the outcome is the same in any order."""
         if split not in self.split_sizes:
             raise EvaluationError(f"unknown split {split!r}; known: {', '.join(self.split_sizes)}")
         t = next(self._tickets)
@@ -122,7 +145,8 @@ class EvalPool:
             req.missing.clear()  # the stored shards already decide it
             self.rejected.add(t)
             self.stats["rejected_early"] += 1
-        for i in sorted(req.missing):
+        order = sorted(req.missing) if max_errors is None else self._hard_first(split, req.missing, reference)
+        for i in order:
             key = (recipe.key, split, i)
             self._waiting.setdefault(key, set()).add(t)
             if key not in self._queued:
@@ -173,6 +197,7 @@ class EvalPool:
         if lp is not None:
             self._logprobs[key] = lp
         self._queued.discard(key)
+        self._hardness[(task.split, task.shard)] += counts.n - int(counts.confusion.trace())
         self.node_ids.add(node_id)
         self.stats["shards_evaluated"] += 1
         if self.store is not None:

@@ -150,14 +150,17 @@ class Context:
                 recipe = dataclasses.replace(recipe, stats_tag=tag)
         return recipe
 
-    def submit(self, recipe: Recipe, split: str = "val", must_reach: tuple[float, bool] | None = None) -> int:
+    def submit(self, recipe: Recipe, split: str = "val", must_reach: tuple[float, bool] | None = None,
+               reference: Recipe | None = None) -> int:
         """Start scoring ``recipe`` on ``split``; collect it with :meth:`wait`.
 
         ``must_reach=(score, strict)``: the caller only needs to know whether the selection
         metric reaches ``score`` (``> score`` when ``strict``). With accuracy, scoring stops
         as soon as that is impossible (more misclassified examples than the bound allows:
         exact, whatever the remaining shards hold); :meth:`wait` then returns an upper bound
-        of the accuracy, below ``score``, with ``"stopped_early": True``."""
+        of the accuracy, below ``score``, with ``"stopped_early": True``. ``reference``: the
+        recipe whose score is to be reached (the current soup); its hardest shards are scored
+        first, so a candidate that cannot reach it stops sooner (same outcome, fewer shards)."""
         max_errors = None
         if must_reach is not None and self.selection_metric == "accuracy" and split in self.pool.split_sizes:
             n = self.pool.split_sizes[split]
@@ -166,7 +169,8 @@ class Context:
             need = math.floor(score * n + 1e-9) + 1 if strict else math.ceil(score * n - 1e-9)
             if need <= n:  # else nothing can reach it: scored in full, never kept
                 max_errors = n - max(need, 0)
-        return self.pool.submit(self._prepare(recipe), split, max_errors=max_errors)
+        ref = self._prepare(reference) if reference is not None and max_errors is not None else None
+        return self.pool.submit(self._prepare(recipe), split, max_errors=max_errors, reference=ref)
 
     def wait(self, num_returns: int = 1) -> list[tuple[int, Recipe, dict[str, float]]]:
         """Completed submissions as ``(ticket, recipe, metrics)``, at least ``num_returns``."""
@@ -426,7 +430,7 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
         ev = Evaluator(cfg.model.factory, cfg.model.kwargs, spec, stack.layout, stack.fixed, suite.arrays(),
                        cfg.eval.batch_size,
                        device="cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and torch.cuda.is_available()) else "cpu",
-                       normalize=cfg.data.normalize, subsets=suite.subsets())
+                       normalize=cfg.data.normalize, subsets=suite.subsets(), precision=cfg.eval.precision)
         pool = LocalEvalPool(ev, sizes, **common)
         pool.actor_infos = [{"held_bytes": ev.held_bytes, "digests": ev.digests, "rank": 0}]
         pool.plan = None
@@ -446,7 +450,7 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
             f"{_fit_advice(cfg, plan)}")
     args = dict(model_factory=cfg.model.factory, model_kwargs=cfg.model.kwargs, W=spec, layout=stack.layout,
                 fixed=stack.fixed, splits=ray.put(suite.arrays()), batch_size=cfg.eval.batch_size,
-                normalize=cfg.data.normalize, subsets=suite.subsets())
+                normalize=cfg.data.normalize, subsets=suite.subsets(), precision=cfg.eval.precision)
     if plan.s == 1:
         say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'} in {len(actor_plan)} actor process(es) "
             f"({', '.join(str(k) for k, _ in actor_plan)} per actor), each holding the stack")
@@ -592,7 +596,10 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
         pool = make_pool(cfg, stack, suite)
         # the stack's fingerprint from the holders' per-tensor digests (the same for any sharding)
         digests = {k: v for info in pool.actor_infos for k, v in (info.get("digests") or {}).items()}
-        store = ResultStore(run_dir / "results.sqlite", combine_digests(stack.layout, digests),
+        stack_fp = combine_digests(stack.layout, digests)
+        if cfg.eval.precision != "float32":  # other numbers: cached (and studies named) apart
+            stack_fp += f"-{cfg.eval.precision}"
+        store = ResultStore(run_dir / "results.sqlite", stack_fp,
                             {n: fingerprint_arrays(s.x, s.y) for n, s in suite.splits.items()})
         pool.store = store
         s_used = pool.plan.s if getattr(pool, "plan", None) is not None else 1

@@ -81,7 +81,7 @@ class FakeContext:
     def result(self, name):
         return self.results.get(name)
 
-    def submit(self, recipe, split="val", must_reach=None):  # greedy seeds may pass must_reach (ignored here)
+    def submit(self, recipe, split="val", must_reach=None, reference=None):  # greedy seeds may pass must_reach (ignored here)
         assert split == "val"  # selection on val only
         if self.fail_in == "submit" and self.fail_if(recipe):
             raise EvaluationError(f"cannot submit {recipe.label}")

@@ -190,6 +190,64 @@ def test_greedy_early_stop_keeps_the_same_soup_with_fewer_shards():
             assert a["candidate_score"] == b["candidate_score"]
 
 
+def _hard_tail(n=8, size=160, scale=0.4, tail=0.4, seed=0):
+    """Labels = the uniform soup's predictions on the first part of val and random labels on
+    the last ``tail`` of it: every candidate's errors sit in the last shards."""
+    stack, splits = _labelled_by_uniform_soup(n=n, size=size, scale=scale)
+    x, y = splits["val"]
+    y = y.copy()
+    k = int(size * (1 - tail))
+    y[k:] = np.random.default_rng(seed).integers(0, 10, size - k)
+    return stack, {"val": (x, y)}
+
+
+def test_shards_of_a_request_that_may_stop_early_go_hardest_first():
+    """With ``max_errors`` the shards are queued by the reference's errors per shard (most
+    first, ties by index), computed here directly from each shard; without it, by index."""
+    from soupsearch.evaluator import ShardTask
+
+    stack, splits = _hard_tail()
+    ev = Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, splits, 32)
+    pool = LocalEvalPool(ev, {"val": 160}, shard_size=16)
+    ref = Recipe.uniform_over([0, 1], stack.n)
+    errs = []
+    for i, (a, b) in enumerate(pool.shard_bounds("val")):
+        c = ev.evaluate(ShardTask(ref, "val", i, a, b))
+        errs.append(c.n - int(c.confusion.trace()))
+    assert max(errs[:6]) < min(errs[6:])  # the construction: errors sit in the tail
+    pool.counts([(ref, "val")])  # the reference is known
+    cand = Recipe.uniform_over([0, 1, 2], stack.n)
+    pool.submit(cand, "val", max_errors=10**6, reference=ref)
+    assert [t.shard for t in pool._queue] == sorted(range(10), key=lambda i: (-errs[i], i))
+    pool.wait(1)
+    pool.submit(Recipe.uniform_over([0, 1, 3], stack.n), "val")  # no early stop: index order
+    assert [t.shard for t in pool._queue] == list(range(10))
+
+
+def test_greedy_hard_shards_first_skips_more_with_the_same_soup(monkeypatch):
+    from soupsearch.data import EvalSuite, TensorSplit
+    from soupsearch.search import Context
+    from soupsearch.strategies import create_strategy
+
+    stack, splits = _hard_tail()
+    suite = EvalSuite({"val": TensorSplit("val", *splits["val"], "val")}, num_classes=10)
+    runs = {}
+    for order in ("index", "hard_first"):
+        ev = Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, splits, 32)
+        pool = LocalEvalPool(ev, {"val": 160}, shard_size=16)
+        if order == "index":  # what scoring in shard order did
+            monkeypatch.setattr(pool, "_hard_first", lambda split, shards, reference: sorted(shards))
+        ctx = Context(pool, stack, suite, "accuracy")
+        ctx.individual_scores()
+        before = pool.stats["shards_evaluated"]
+        [res] = create_strategy("greedy").run(ctx)
+        runs[order] = (res, pool.stats["shards_evaluated"] - before)
+    (a, shards_index), (b, shards_hard) = runs["index"], runs["hard_first"]
+    assert a.recipe == b.recipe and a.info["kept"] == b.info["kept"]
+    assert [r["kept"] for r in a.trajectory] == [r["kept"] for r in b.trajectory]
+    assert shards_hard < shards_index, (shards_hard, shards_index)
+
+
 def test_plan_actors_fits_every_actor_on_a_node():
     from soupsearch.pool import plan_actors
 
@@ -229,3 +287,32 @@ def test_cancel_forgets_a_request_and_drops_its_unstarted_shards():
     # 4 val shards of `keep` + 2 test shards; the 4 shards of `drop` never ran
     assert pool.stats["shards_evaluated"] == 6 and pool.stats["shards_skipped"] == 4
     assert pool.stats["cancelled"] == 2
+
+
+def test_reduced_precision_runs_the_forward_under_autocast():
+    """bfloat16 / float16 change the logits a little (autocast really ran), keep them float32
+    and close to the float32 ones; the mixed soup itself stays float32."""
+    import torch
+
+    stack, splits = _labelled_by_uniform_soup(n=3, size=64)
+    r = Recipe.uniform_over(range(3), 3)
+    out = {}
+    for p in ("float32", "bfloat16", "float16"):
+        ev = Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, splits, 32,
+                       precision=p)
+        logits, _ = ev.logits(r, "val", 0, 64)
+        assert logits.dtype == torch.float32 and ev.theta.dtype == torch.float32
+        out[p] = logits
+    for p in ("bfloat16", "float16"):
+        diff = (out[p] - out["float32"]).abs().max().item()
+        scale = out["float32"].abs().max().item()
+        assert 0 < diff < 0.05 * scale, (p, diff, scale)
+        agree = (out[p].argmax(1) == out["float32"].argmax(1)).float().mean().item()
+        assert agree >= 0.9
+    try:
+        Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, splits, 32,
+                  precision="int8")
+    except ValueError as e:
+        assert "int8" in str(e) and "bfloat16" in str(e)
+    else:
+        raise AssertionError("an unknown precision must be refused")

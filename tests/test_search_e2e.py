@@ -106,3 +106,33 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "unknown strategy 'soupy'" in lines[0] and "bad.yaml" in lines[0]
+
+
+def test_eval_precision_caches_results_apart(tiny_sweep, tmp_path):
+    """``eval.precision: bfloat16`` runs the forward passes under autocast: its shard results are
+    stored apart from float32's (never reused for one another) and close to them; a re-run at
+    float32 reuses the float32 results."""
+    import sqlite3
+
+    def run(precision):
+        raw = tiny_config(tiny_sweep, tmp_path, **{"eval.backend": "local", "eval.precision": precision,
+                                                    "tracking.log_best_model": False,
+                                                    "tracking.log_soup_weights": False})
+        return run_search(config_from_dict(raw))
+
+    def rows():
+        con = sqlite3.connect(tmp_path / "run" / "results.sqlite")
+        return dict(con.execute("SELECT stack_fp, COUNT(*) FROM shard_results GROUP BY stack_fp").fetchall())
+
+    fp32 = run("float32")
+    first = rows()
+    assert len(first) == 1
+    bf16 = run("bfloat16")
+    second = rows()
+    [fp] = [k for k in second if k not in first]
+    assert "-bfloat16" in fp and second[fp] > 0 and second == {**first, fp: second[fp]}
+    for a, b in zip(fp32.ingredients + fp32.soups, bf16.ingredients + bf16.soups):
+        assert a.name == b.name
+        assert abs(a.metrics["val"]["accuracy"] - b.metrics["val"]["accuracy"]) <= 0.05
+    run("float32")
+    assert rows() == second  # everything came from the float32 results already stored

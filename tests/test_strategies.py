@@ -100,7 +100,7 @@ class AsyncTableContext(TableContext):
         self._next = 0
         self.max_inflight = 0
 
-    def submit(self, recipe, split="val", must_reach=None):
+    def submit(self, recipe, split="val", must_reach=None, reference=None):
         t = self._next
         self._next += 1
         self._pending[t] = (recipe, must_reach)

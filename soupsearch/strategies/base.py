@@ -37,10 +37,12 @@ class SearchContext(Protocol):
     layer_groups: list[str]  # names of the layer groups at the configured group depth
     group_depth: int  # module depth of those layer groups
 
-    def submit(self, recipe: Recipe, split: str = "val", must_reach: tuple[float, bool] | None = None) -> int:
+    def submit(self, recipe: Recipe, split: str = "val", must_reach: tuple[float, bool] | None = None,
+               reference: Recipe | None = None) -> int:
         """Start scoring a recipe asynchronously; returns a ticket. ``must_reach=(score,
         strict)``: only whether the selection metric reaches ``score`` matters, so scoring
-        may stop early and report a bound (``"stopped_early": True``) when it cannot."""
+        may stop early and report a bound (``"stopped_early": True``) when it cannot;
+        ``reference`` (the recipe that scored ``score``) lets its hardest shards go first."""
 
     def wait(self, num_returns: int = 1) -> list[tuple[int, Recipe, dict[str, float]]]:
         """Block until >= ``num_returns`` submissions completed; ``(ticket, recipe, metrics)``."""

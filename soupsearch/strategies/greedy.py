@@ -77,11 +77,12 @@ class Greedy(Strategy):
         traj.append(row)
         return current
 
-    def _reach(self, current: float) -> dict:
-        """``must_reach`` for a candidate against the current soup (when early stop is on)."""
+    def _reach(self, current: float, kept: list[int], n: int) -> dict:
+        """``must_reach`` for a candidate against the current soup (when early stop is on); the
+        soup is the reference whose hardest shards are scored first."""
         if not self.options.early_stop:
             return {}
-        return {"must_reach": (current, self.options.rule == ">")}
+        return {"must_reach": (current, self.options.rule == ">"), "reference": Recipe.uniform_over(kept, n)}
 
     def _speculative(self, ctx, order, kept, current, lookahead, metric, hib, traj, stats):
         n_steps = len(order)
@@ -95,7 +96,7 @@ class Greedy(Strategy):
             while nxt < n_steps and nxt < step + lookahead:
                 if submitted.get(nxt) != version:
                     cand = Recipe.uniform_over(kept + [order[nxt]], ctx.n, label=f"{self.label}_step{nxt}")
-                    inflight[ctx.submit(cand, "val", **self._reach(current))] = (nxt, version)
+                    inflight[ctx.submit(cand, "val", **self._reach(current, kept, ctx.n))] = (nxt, version)
                     submitted[nxt] = version
                     stats["evaluated"] += 1
                 nxt += 1
