@@ -78,6 +78,7 @@ class EvalPool:
         # misclassified examples per (split, shard), summed over every shard result recorded:
         # how hard each shard is, for ordering the shards of requests that may stop early
         self._hardness: Counter = Counter()
+        self.first_result_at: float | None = None  # time.time() of the first shard scored
 
     # ------------------------------------------------------------------ sharding
     def shard_bounds(self, split: str) -> list[tuple[int, int]]:
@@ -198,6 +199,8 @@ class EvalPool:
             self._logprobs[key] = lp
         self._queued.discard(key)
         self._hardness[(task.split, task.shard)] += counts.n - int(counts.confusion.trace())
+        if self.first_result_at is None:
+            self.first_result_at = time.time()
         self.node_ids.add(node_id)
         self.stats["shards_evaluated"] += 1
         if self.store is not None:

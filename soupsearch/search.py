@@ -510,6 +510,7 @@ class SearchOutcome:
     seconds: float
     stack: StackInfo | None = None  # the ingredients (names, layout)
     spread: dict | None = None  # per-tensor distances of the ingredients to the best soup (layer-spread plot)
+    startup_seconds: float | None = None  # from the start of run_search to the first shard scored
 
 
 def with_ood_mean(metrics: dict[str, dict[str, float]], shifts: list[str]) -> dict[str, dict[str, float]]:
@@ -543,12 +544,20 @@ def _manifest_for(cfg: Config) -> tuple[dict | None, Path | None]:
 # ----------------------------------------------------------------------------- the search
 
 
-def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
-    t0 = time.time()
-    run_dir = cfg.resolved_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Inputs:
+    """What the driver reads before the evaluators start: checkpoint headers, names and
+    hyper-parameters from the manifest, the eval suite."""
 
-    tracker = tracker or Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)
+    stack: StackInfo
+    hparams: dict[str, dict]
+    manifest: dict | None
+    manifest_path: Path | None
+    suite: EvalSuite
+
+
+def read_inputs(cfg: Config, tracker: Tracker) -> Inputs:
+    """Connect to MLflow, read the checkpoints' headers (no weights) and build the eval suite."""
     tracker.connect()  # fail before any evaluation if MLflow is unreachable
     say(f"MLflow: {tracker.uri} (experiment {tracker.experiment_name!r})")
 
@@ -586,13 +595,49 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
     # ---- data
     suite = build_suite(cfg.data)
     say("eval splits: " + ", ".join(f"{n}={len(s)}" for n, s in suite.splits.items()))
+    return Inputs(stack, hparams, manifest, manifest_path, suite)
 
+
+def start_with_ray(cfg: Config, tracker: Tracker) -> tuple[Inputs, bool]:
+    """Read the inputs (:func:`read_inputs`) in a thread while Ray starts in this one (both
+    take seconds); returns the inputs and whether a local Ray was started (to shut down).
+    An input error is raised first (and a Ray started meanwhile is shut down)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="soupsearch-inputs") as ex:
+        fut = ex.submit(read_inputs, cfg, tracker)
+        started, ray_error = False, None
+        try:
+            if cfg.eval.backend == "ray":
+                started = init_ray(cfg)
+        except BaseException as e:  # reported after the inputs' own errors
+            ray_error = e
+        try:
+            inputs = fut.result()
+            if ray_error is not None:
+                raise ray_error
+        except BaseException:
+            if started:
+                import ray
+
+                ray.shutdown()
+            raise
+    return inputs, started
+
+
+def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
+    t0 = time.time()
+    run_dir = cfg.resolved_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    tracker = tracker or Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)
     started_ray = False
     pool = None
     store = None
     try:
-        if cfg.eval.backend == "ray":
-            started_ray = init_ray(cfg)
+        inputs, started_ray = start_with_ray(cfg, tracker)
+        stack, suite, hparams = inputs.stack, inputs.suite, inputs.hparams
+        manifest, manifest_path = inputs.manifest, inputs.manifest_path
         pool = make_pool(cfg, stack, suite)
         # the stack's fingerprint from the holders' per-tensor digests (the same for any sharding)
         digests = {k: v for info in pool.actor_infos for k, v in (info.get("digests") or {}).items()}
@@ -625,6 +670,10 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
             tracker.log_metrics(parent, {"memory/stack_bytes_per_actor": max(held, pool.held_bytes())})
         except Exception as e:  # a metric must not fail a finished search
             say(f"could not read the holders' memory: {e}")
+        if pool.first_result_at is not None:  # start-up: config to the first shard scored
+            outcome.startup_seconds = pool.first_result_at - t0
+            say(f"the first shard was scored {outcome.startup_seconds:.1f}s after the start")
+            tracker.log_metrics(parent, {"startup_seconds": outcome.startup_seconds})
         tracker.log_metrics(parent, {"search_seconds": outcome.seconds,
                                      "shards_evaluated": pool.stats["shards_evaluated"],
                                      "evaluator_nodes": len(pool.node_ids)})
