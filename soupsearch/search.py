@@ -355,7 +355,7 @@ def plan_command(config: str | None, overrides: list[str] | None, *, gpus: int |
         source = f"{factory} x {n} (model skeleton)"
     else:
         skeleton = create_model(cfg.model.factory, **cfg.model.kwargs).state_dict()
-        files = discover(cfg.ingredients.path, cfg.ingredients.glob)
+        files = ingredient_files(cfg)
         stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
                              cfg.ingredients.base, cfg.ingredients.stack_dtype)
         source = f"{len(files)} checkpoint headers from {cfg.ingredients.path}"
@@ -527,6 +527,20 @@ def _mlflow_metrics(row: CandidateRow, suite: EvalSuite) -> dict[str, float]:
     return out
 
 
+def ingredient_files(cfg: Config) -> list[Path]:
+    """The sweep's checkpoint files, without the configured base (never an ingredient, even
+    when it sits in the sweep directory or is listed in its manifest)."""
+    from .checkpoints import exclude_base
+
+    files, excluded = exclude_base(discover(cfg.ingredients.path, cfg.ingredients.glob), cfg.ingredients.base)
+    if excluded:
+        say(f"ingredients.base {excluded[0]} is in the sweep: used as the base, not as an ingredient")
+    if not files:
+        raise CheckpointError(f"ingredients.path {cfg.ingredients.path}: no checkpoints besides the base "
+                              f"{cfg.ingredients.base}")
+    return files
+
+
 def _manifest_for(cfg: Config) -> tuple[dict | None, Path | None]:
     p = Path(cfg.ingredients.path)
     cand = p if p.suffix in (".json", ".csv") and not p.name.endswith(".index.json") else (
@@ -550,7 +564,7 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
 
     # ---- ingredients: headers only (the evaluators load the weights themselves)
     skeleton = create_model(cfg.model.factory, **cfg.model.kwargs).state_dict()
-    files = discover(cfg.ingredients.path, cfg.ingredients.glob)
+    files = ingredient_files(cfg)
     say(f"reading the headers of {len(files)} checkpoints from {cfg.ingredients.path}")
     stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
                          cfg.ingredients.base, cfg.ingredients.stack_dtype)
