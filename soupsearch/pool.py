@@ -27,6 +27,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from . import progress
 from .errors import EvaluationError
 from .evaluator import Evaluator, EvaluatorActor, ShardTask
 from .metrics import Counts, compute_metrics, reduce_counts
@@ -175,6 +176,7 @@ class EvalPool:
         self._queued.discard(key)
         self.node_ids.add(node_id)
         self.stats["shards_evaluated"] += 1
+        progress.advance("shard")
         if self.store is not None:
             self.store.save(task.recipe.key, task.split, task.start, task.stop, counts, node_id, pid)
         for t in self._waiting.pop(key, ()):
