@@ -85,12 +85,20 @@ def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help="no progress bars (they are off anyway when stderr is not a terminal or $CI is set)")
 
 
-def quiet_logs(verbose: bool) -> None:
-    """Optuna's per-trial and MLflow's INFO lines only with ``--verbose``; soupsearch's debug log then."""
+def quiet_logs(verbose: bool, search: bool = False) -> None:
+    """Optuna's per-trial and MLflow's INFO lines only with ``--verbose``; soupsearch's debug log
+    then. ``search``: this command runs a search (Optuna is configured now; its first import
+    would reset its level)."""
     import logging
 
-    logging.getLogger("optuna").setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # "Creating initial tables"
+    level = logging.INFO if verbose else logging.WARNING
+    # MLflow sets its loggers' level from this variable when it is imported ("Creating initial tables")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
+    logging.getLogger("mlflow").setLevel(level)
+    if search:
+        import optuna
+
+        optuna.logging.set_verbosity(level)
     if verbose:
         logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
         logging.getLogger("soupsearch").setLevel(logging.DEBUG)
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("SOUPSEARCH_DEBUG") == "1"
-    quiet_logs(args.verbose)
+    quiet_logs(args.verbose, search=args.command in ("run", "demo"))
     if args.no_progress:
         from .progress import set_progress
 

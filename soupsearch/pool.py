@@ -301,6 +301,9 @@ class EvalPool:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+        shared = getattr(self, "shared", None)  # the holder of the actors' shared inputs (soupsearch.shared)
+        if shared is not None:
+            shared.close()
 
 
 class LocalEvalPool(EvalPool):

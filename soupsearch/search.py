@@ -226,6 +226,10 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
         raise SoupSearchError(f"Ray address {address!r} is unreachable: {e.strerror or e}") from None
 
 
+def _no_auth_notice(record: logging.LogRecord) -> bool:
+    return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
 def init_ray(cfg: Config) -> bool:
     """Connect to Ray; returns True if this call started a local instance (to shut down)."""
     import ray
@@ -239,8 +243,13 @@ def init_ray(cfg: Config) -> bool:
         if address:
             ray.init(address=address, log_to_driver=True)
             return False
+        # a local instance: Ray turns token authentication on by default and says so on every
+        # start; that notice, and Ray's INFO lines, only when verbose
+        if not log.isEnabledFor(logging.DEBUG):
+            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_no_auth_notice)
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
+                 logging_level=logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
         return True
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -446,8 +455,11 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
             f"the stack does not fit: {stack.n} x {stack.num_params:,} parameters need {format_bytes(b)} per actor "
             f"with eval.stack_shards={plan.s}, the budget is {format_bytes(plan.budget)} per actor ({plan.device}); "
             f"{_fit_advice(cfg, plan)}")
+    from .shared import SharedObjects
+
+    shared = SharedObjects()  # the splits reach the actors by the holder's name, not as a plasma argument
     args = dict(model_factory=cfg.model.factory, model_kwargs=cfg.model.kwargs, W=spec, layout=stack.layout,
-                fixed=stack.fixed, splits=ray.put(suite.arrays()), batch_size=cfg.eval.batch_size,
+                fixed=stack.fixed, splits=shared.share(suite.arrays()), batch_size=cfg.eval.batch_size,
                 normalize=cfg.data.normalize, subsets=suite.subsets())
     if plan.s == 1:
         say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'} in {len(actor_plan)} actor process(es) "
@@ -469,6 +481,7 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
                                     max_in_flight=cfg.eval.max_in_flight_per_evaluator,
                                     collective_timeout=cfg.eval.collective_timeout, **common)
     pool.plan = plan
+    pool.shared = shared
     return pool
 
 
