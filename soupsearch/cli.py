@@ -27,7 +27,28 @@ def _cmd_run(args) -> int:
     outcome = run_search(cfg)
     print(search_table(outcome))
     print(f"run dir: {outcome.run_dir}   MLflow parent run: {outcome.parent_run_id}")
+    for line in open_hint(cfg.tracking.resolved_uri(), cfg.tracking.experiment):
+        print(line)
     return 0
+
+
+def open_hint(uri: str, experiment: str) -> list[str]:
+    """How to look at the results: the command that opens the MLflow UI on this store (or
+    its address), and `soupsearch compare`."""
+    if uri.startswith(("http://", "https://")):
+        ui = f"open {uri.rstrip('/')} in a browser (experiment {experiment!r})"
+    else:
+        exe = Path(sys.executable).parent / "mlflow"
+        try:
+            exe_s = str(exe.relative_to(Path.cwd()))
+        except ValueError:
+            exe_s = str(exe) if exe.exists() else "mlflow"
+        ui = (f"{exe_s} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
+              f"# then open http://127.0.0.1:5000 (experiment {experiment!r})")
+    return ["", "Results in MLflow:", f"  {ui}",
+            f"  soupsearch compare --experiment {experiment}" + ("" if uri == "sqlite:///mlflow.db" else
+                                                              f" --tracking-uri {uri}")
+            + "   # the soups side by side in the terminal"]
 
 
 def _cmd_sweep(args) -> int:
