@@ -33,8 +33,8 @@ def enabled() -> bool:
     if _mode is not None:
         return _mode
     try:
-        tty = sys.stderr.isatty()
-    except (AttributeError, ValueError):
+        tty = sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns >= 20
+    except (AttributeError, ValueError, OSError):  # no fileno, or a terminal of no size (a bare pty)
         tty = False
     return tty and not os.environ.get("CI") and os.environ.get("TERM") != "dumb"
 
