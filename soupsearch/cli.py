@@ -27,7 +27,28 @@ def _cmd_run(args) -> int:
     outcome = run_search(cfg)
     print(search_table(outcome))
     print(f"run dir: {outcome.run_dir}   MLflow parent run: {outcome.parent_run_id}")
+    for line in open_hint(cfg.tracking.resolved_uri(), cfg.tracking.experiment):
+        print(line)
     return 0
+
+
+def open_hint(uri: str, experiment: str) -> list[str]:
+    """How to look at the results: the command that opens the MLflow UI on this store (or
+    its address), and `soupsearch compare`."""
+    if uri.startswith(("http://", "https://")):
+        ui = f"open {uri.rstrip('/')} in a browser (experiment {experiment!r})"
+    else:
+        exe = Path(sys.executable).parent / "mlflow"
+        try:
+            exe_s = str(exe.relative_to(Path.cwd()))
+        except ValueError:
+            exe_s = str(exe) if exe.exists() else "mlflow"
+        ui = (f"{exe_s} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
+              f"# then open http://127.0.0.1:5000 (experiment {experiment!r})")
+    return ["", "Results in MLflow:", f"  {ui}",
+            f"  soupsearch compare --experiment {experiment}" + ("" if uri == "sqlite:///mlflow.db" else
+                                                              f" --tracking-uri {uri}")
+            + "   # the soups side by side in the terminal"]
 
 
 def _cmd_sweep(args) -> int:
@@ -73,29 +94,67 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """``--debug``, ``--verbose`` and ``--no-progress`` on the main parser and on every
+    subcommand, so they work anywhere on the command line."""
+    d = None if top else argparse.SUPPRESS  # a subcommand's flag must not reset the main one's
+    p.add_argument("--debug", action="store_true", default=d if not top else False,
+                   help="show the traceback of an error (also SOUPSEARCH_DEBUG=1)")
+    p.add_argument("-v", "--verbose", action="store_true", default=d if not top else False,
+                   help="log more: Optuna's per-trial INFO lines, soupsearch's debug log")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", default=d if not top else False,
+                   help="no progress bars (they are off anyway when stderr is not a terminal or $CI is set)")
+
+
+def quiet_logs(verbose: bool, search: bool = False) -> None:
+    """Optuna's per-trial and MLflow's INFO lines only with ``--verbose``; soupsearch's debug log
+    then. ``search``: this command runs a search (Optuna is configured now; its first import
+    would reset its level)."""
+    import logging
+
+    level = logging.INFO if verbose else logging.WARNING
+    # MLflow sets its loggers' level from this variable when it is imported ("Creating initial tables")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
+    logging.getLogger("mlflow").setLevel(level)
+    if search:
+        import optuna
+
+        optuna.logging.set_verbosity(level)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+        logging.getLogger("soupsearch").setLevel(logging.DEBUG)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="soupsearch", description="Search for the best model soup of a checkpoint sweep.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    _add_common(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="run a soup search from a YAML config")
-    r.add_argument("config")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    r = sub.add_parser("run", help="run a soup search from a YAML config",
+                       description="Run a soup search: score every ingredient, run the configured strategies on "
+                                   "Ray, log everything to MLflow and print the results table.")
+    r.add_argument("config", help="the search's YAML config (see the README's config reference)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set eval.num_evaluators=2 (repeatable)")
     r.set_defaults(func=_cmd_run)
 
-    d = sub.add_parser("demo", help="build the demo sweep if missing, then run configs/demo.yaml")
-    d.add_argument("--config", default=None)
-    d.add_argument("--sweep", default=str(DEMO_SWEEP))
-    d.add_argument("--n", type=int, default=16)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--set", action="append", metavar="KEY=VALUE")
+    d = sub.add_parser("demo", help="build the demo sweep if missing, then run configs/demo.yaml",
+                       description="Build the bundled demo sweep (real training of a small CNN on scikit-learn's "
+                                   "digits, offline) when it is missing, then run the demo search on it.")
+    d.add_argument("--config", default=None, help=f"the search config (default: {DEMO_CONFIG})")
+    d.add_argument("--sweep", default=str(DEMO_SWEEP), help=f"where the demo sweep is (or is built) (default: {DEMO_SWEEP})")
+    d.add_argument("--n", type=int, default=16, help="number of fine-tunes when the sweep is built (default: 16)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the sweep's training (default: 0)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     d.set_defaults(func=_cmd_demo)
 
-    s = sub.add_parser("sweep", help="build a checkpoint sweep (offline, real training)")
-    s.add_argument("kind", choices=["demo"])
-    s.add_argument("--out", required=True)
-    s.add_argument("--n", type=int, default=16)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("sweep", help="build a checkpoint sweep (offline, real training)",
+                       description="Train a sweep of fine-tunes from one pre-trained model (offline) and write "
+                                   "their checkpoints and a manifest.json with their hyperparameters.")
+    s.add_argument("kind", choices=["demo"], help="the sweep to build (demo: a small CNN on scikit-learn's digits)")
+    s.add_argument("--out", required=True, help="output directory (checkpoints, manifest.json, splits.json)")
+    s.add_argument("--n", type=int, default=16, help="number of fine-tunes (default: 16)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the data splits and hyperparameters (default: 0)")
     s.set_defaults(func=_cmd_sweep)
 
     pl = sub.add_parser("plan", help="how a sweep's stack is sharded on a cluster, from checkpoint headers alone",
@@ -117,12 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plan)
 
     j = sub.add_parser("submit", help="submit a search as a Ray job (JobSubmissionClient) and follow its logs")
-    j.add_argument("config")
+    j.add_argument("config", help="the search's YAML config, relative to the working directory")
     j.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
                    help="the cluster's dashboard/jobs address (default $RAY_ADDRESS or http://127.0.0.1:8265)")
-    j.add_argument("--working-dir", default=".")
-    j.add_argument("--set", action="append", metavar="KEY=VALUE")
-    j.add_argument("--no-wait", action="store_true")
+    j.add_argument("--working-dir", default=".",
+                   help="directory uploaded as the job's working directory (default: .)")
+    j.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    j.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the logs")
     j.set_defaults(func=_cmd_submit)
 
     from .compare import add_compare_subparser
@@ -132,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .merge import add_merge_subparser
 
     add_merge_subparser(sub)
+    for sp in sub.choices.values():
+        _add_common(sp)
     return p
 
 
@@ -139,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("SOUPSEARCH_DEBUG") == "1"
+    quiet_logs(args.verbose, search=args.command in ("run", "demo"))
+    if args.no_progress:
+        from .progress import set_progress
+
+        set_progress(False)
     try:
         return int(args.func(args) or 0)
     except SoupSearchError as e:

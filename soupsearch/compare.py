@@ -22,6 +22,7 @@ from .report import format_table
 
 BASELINE = "best_individual"
 FORMATS = ("table", "markdown", "csv")
+LOWER_IS_BETTER = ("nll", "ece")
 _SEARCH_FILTER = "tags.`soupsearch.role` = 'search'"
 
 
@@ -146,6 +147,11 @@ def _compare(tracking_uri: str | None, experiment: str | None, run_id: str | Non
     suffix = f"/{metric}"
     shifts = sorted({k[: -len(suffix)] for r in children for k in r.data.metrics
                      if k.startswith("shift/") and k.endswith(suffix)}, key=_natural)
+    logged = sorted({k[len("val/"):] for r in children for k in r.data.metrics if k.startswith("val/")})
+    if metric not in logged:
+        raise SoupSearchError(f"--metric {metric!r}: not logged by search {parent.info.run_name} "
+                              f"(expected one of: {', '.join(logged) or 'none logged'})")
+    lower_better = metric in LOWER_IS_BETTER
     rows: list[dict[str, Any]] = []
     for r in children:
         m = r.data.metrics
@@ -156,7 +162,10 @@ def _compare(tracking_uri: str | None, experiment: str | None, run_id: str | Non
                                "val": _value(m, f"val{suffix}"), "test": _value(m, f"test{suffix}")}
         for s in shifts:
             row[s] = _value(m, f"{s}{suffix}")
+        vals = [row[s] for s in shifts if row[s] is not None]
+        row["worst_shift"] = (max(vals) if lower_better else min(vals)) if vals else None
         row["ood_mean"] = _value(m, f"ood_mean{suffix}")
+        row["n"] = row["num_ingredients"]
         rows.append(row)
     best = next((row for row in rows if row["name"] == BASELINE), None)
     for row in rows:
@@ -174,7 +183,8 @@ def compare_rows(tracking_uri: str | None = None, experiment: str | None = None,
     """One dict per child run (soup/baseline) of a search, in logging order.
 
     Keys: ``name``, ``run_id``, ``num_ingredients``, ``forward_passes``, ``val``, ``test``,
-    ``shift/<set>`` for every shifted set, ``ood_mean`` (values of ``<split>/<metric>``;
+    ``shift/<set>`` for every shifted set, ``worst_shift`` (the worst of them), ``ood_mean``,
+    ``n`` (= ``num_ingredients``) (values of ``<split>/<metric>``;
     ``None`` where a run lacks one), and ``val_vs_best``, ``test_vs_best``,
     ``ood_mean_vs_best``: the difference to the child run ``best_individual`` (``None``
     without one). The search is the latest parent run of ``experiment`` (default: the
@@ -190,9 +200,29 @@ def compare_rows(tracking_uri: str | None = None, experiment: str | None = None,
 
 
 def columns_of(rows: Sequence[dict]) -> list[str]:
+    """Every column (``--wide``, and the CSV default): one per shifted set included."""
     shifts = [k for k in (rows[0] if rows else {}) if k.startswith("shift/")]
-    return (["name", "num_ingredients", "forward_passes", "val", "test", *shifts, "ood_mean",
+    return (["name", "num_ingredients", "forward_passes", "val", "test", *shifts, "worst_shift", "ood_mean",
              "val_vs_best", "test_vs_best", "ood_mean_vs_best"])
+
+
+# the default terminal table: fits 100 columns whatever the number of shifted sets
+COMPACT = ["name", "n", "val", "test", "ood_mean", "worst_shift", "val_vs_best", "test_vs_best"]
+
+
+def pick_columns(rows: Sequence[dict], spec: str | None, wide: bool = False, fmt: str = "table") -> list[str]:
+    """The columns to show: ``spec`` (comma-separated names, validated), else all of them with
+    ``wide`` or for CSV, else :data:`COMPACT`."""
+    every = columns_of(rows)
+    if spec:
+        known = ["n", *every]
+        cols = [c.strip() for c in spec.split(",") if c.strip()]
+        bad = [c for c in cols if c not in known]
+        if bad or not cols:
+            raise SoupSearchError(f"--columns {spec!r}: unknown column {bad[0] if bad else '(none)'!r} "
+                                  f"(expected a comma-separated list of: {', '.join(known)})")
+        return cols if cols[0] == "name" else ["name", *cols]
+    return every if wide or fmt == "csv" else list(COMPACT)
 
 
 def format_compare(rows: Sequence[dict], fmt: str = "table", title: str | None = None,
@@ -222,9 +252,11 @@ def add_compare_subparser(subparsers) -> argparse.ArgumentParser:
     """Add ``compare`` to an argparse sub-parser set; dispatch with ``args.func(args)``."""
     p = subparsers.add_parser(
         "compare", help="compare the soups of a logged search (read from MLflow)",
-        description=("One row per soup/baseline of a search logged to MLflow: val, test, every shifted set, "
-                     "their mean, ingredients used, forward passes, and the difference to the best individual "
-                     "ingredient. Reads the tracking store, not the run directory."))
+        description=("One row per soup/baseline of a search logged to MLflow. The default table shows val, "
+                     "test, the mean and the worst over the shifted sets, the number of ingredients and the "
+                     "difference to the best individual ingredient (val_vs_best, test_vs_best); --wide adds one "
+                     "column per shifted set and the forward passes, --columns picks columns. Reads the tracking "
+                     "store, not the run directory."))
     p.add_argument("--experiment", default=None,
                    help="MLflow experiment (default: the most recently created one with a search run)")
     p.add_argument("--run", dest="run_id", default=None, metavar="PARENT_RUN_ID",
@@ -232,6 +264,11 @@ def add_compare_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--format", dest="fmt", choices=FORMATS, default="table", help="output format (default: table)")
     p.add_argument("--metric", default="accuracy",
                    help="metric of every split column (default: accuracy; e.g. nll, ece, macro_f1)")
+    p.add_argument("--columns", default=None, metavar="COL,COL,...",
+                   help="columns to show, comma-separated (e.g. val,test,shift/blur:3,forward_passes); "
+                        "default: " + ",".join(COMPACT[1:]) + " (CSV: every column)")
+    p.add_argument("--wide", action="store_true",
+                   help="every column: one per shifted set, forward passes and every difference to the best")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.set_defaults(func=run_compare)
@@ -244,7 +281,8 @@ def run_compare(args) -> int:
     if args.fmt != "csv":
         title = (f"{meta['metric']} of search {meta['parent_run_name']} ({meta['parent_run_id']}, "
                  f"{meta['status'].lower()}) in experiment {meta['experiment']!r}")
-    print(format_compare(rows, args.fmt, title=title), end="")
+    cols = pick_columns(rows, getattr(args, "columns", None), getattr(args, "wide", False), args.fmt)
+    print(format_compare(rows, args.fmt, title=title, columns=cols), end="")
     if not meta["has_baseline"]:
         print(f"[soupsearch] no {BASELINE} run in this search: the *_vs_best columns are empty", file=sys.stderr)
     return 0

@@ -174,6 +174,10 @@ class TrackingConfig(_Strict):
     experiment: str = "soupsearch"
     log_soup_weights: bool = True
     log_best_model: bool = True  # the best soup as an MLflow PyTorch model (+ model card)
+    # pickle: mlflow.pytorch.load_model returns the factory's own module class (its module must be
+    # importable where it is loaded); pt2: a torch.export graph (loads without the class's code)
+    model_format: Literal["pickle", "pt2"] = "pickle"
+    register_as: str | None = None  # register the best soup in the Model Registry: a new version, alias "best"
 
     def resolved_uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI

@@ -298,7 +298,9 @@ class EvaluatorActor:
     def __init__(self, *args, torch_threads: int = 1, slots: int = 1, **kwargs):
         self.torch_threads = max(1, torch_threads)
         torch.set_num_threads(self.torch_threads)
-        first = Evaluator(*args, **kwargs)
+        from .shared import resolve_shared
+
+        first = Evaluator(*args, **resolve_shared(kwargs))
         self.slots = [first] + [first.sibling() for _ in range(max(1, slots) - 1)]
         self._free = list(self.slots)
         self._cond = threading.Condition()

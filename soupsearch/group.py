@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .evaluator import Evaluator, ShardTask, _node_info, fetch_rows
+from .shared import resolve_shared
 from .mixing import Recipe
 
 
@@ -143,7 +144,7 @@ class HolderActor:
         torch.set_num_threads(self.torch_threads)
         dev = torch.device(device)
         self.group = ShardGroup(rank, sizes, tensor_counts, dev)
-        first = Evaluator(*args, device=device, group=self.group, **kwargs)
+        first = Evaluator(*args, device=device, group=self.group, **resolve_shared(kwargs))
         self.slots = [first] + [first.sibling(share_theta=True) for _ in range(max(1, slots) - 1)]
         self._pool = ThreadPoolExecutor(max_workers=len(self.slots), initializer=torch.set_num_threads,
                                         initargs=(self.torch_threads,))

@@ -6,8 +6,9 @@ Every float tensor of the state dict (parameters and float buffers such as Batch
 running statistics) lives in ``W`` and is mixed; integer/bool buffers (e.g.
 ``num_batches_tracked``) are taken from the first ingredient.
 
-Checkpoints are data, never code: ``.safetensors`` are memory-mapped, ``.pt/.pth/.bin``
-are read with ``torch.load(weights_only=True)`` which refuses arbitrary objects.
+Checkpoints are data, never code: ``.safetensors`` are memory-mapped, ``.pt/.pth/.bin/.ckpt``
+are read by :mod:`soupsearch.checkpoints` (``torch.load(weights_only=True)``, else a restricted
+unpickler that imports and calls nothing from the file).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch
 
 from .errors import CheckpointError
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+from .checkpoints import PICKLE_SUFFIXES, load_checkpoint_state_dict
+
+CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -279,18 +281,9 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, to
             sd = load_file(str(p))  # memory-mapped
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {p}: not a readable safetensors file ({e})") from None
-    elif p.suffix in (".pt", ".pth", ".bin"):
-        try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "weights_only" in str(e) or "Unsupported global" in str(e):
-                raise CheckpointError(
-                    f"checkpoint {p}: refused, it contains arbitrary Python objects and "
-                    "soupsearch never unpickles them (load with weights_only=True failed)"
-                ) from None
-            raise CheckpointError(f"checkpoint {p}: not a readable torch checkpoint ({msg})") from None
-        sd = _unwrap(obj, p)
+    elif p.suffix in PICKLE_SUFFIXES:
+        # weights_only first; classes it refuses (argparse.Namespace, ...) become inert placeholders
+        sd = load_checkpoint_state_dict(p, mmap=mmap)
     else:
         raise CheckpointError(
             f"checkpoint {p}: unknown suffix {p.suffix!r}, expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
@@ -331,15 +324,15 @@ def _load_sharded(p: Path) -> dict[str, torch.Tensor]:
     return {n: sd[n] for n in wm}
 
 
-def _unwrap(obj, p: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping):
-        for k in _WRAPPER_KEYS:
-            if k in obj and isinstance(obj[k], Mapping):
-                obj = obj[k]
-                break
-        if all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
-            return dict(obj)
-    raise CheckpointError(f"checkpoint {p}: expected a state dict of tensors, found {type(obj).__name__}")
+def aligned_to(sd: dict[str, torch.Tensor], model_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``sd`` with the prefix stripped that makes the model's keys match (Lightning's
+    ``model.``; see :func:`soupsearch.checkpoints.align_prefix`), else unchanged."""
+    from .checkpoints import align_prefix
+
+    prefix = align_prefix(list(sd), list(model_keys))
+    if not prefix:
+        return sd
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -462,6 +455,8 @@ class IngredientStack:
         fixed: dict[str, torch.Tensor] = {}
         for i, f in it:
             sd = first if i == 0 else load_state_dict(f)
+            if skeleton is not None:
+                sd = aligned_to(sd, skeleton)
             check_compatible(sd, ref, str(f), ref_name, allow_cast=allow_cast)
             layout.flatten(sd, out=W[i])
             if not fixed:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import sys
 import time
@@ -32,7 +33,26 @@ def main(argv=None) -> int:
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[])
     a = p.parse_args(argv)
-    return cli_main(["run", a.config, *sum((["--set", s] for s in a.set), [])])
+    config = leave_job_dir(a.config, a.set)
+    return cli_main(["run", config, *sum((["--set", s] for s in a.set), [])])
+
+
+def leave_job_dir(config: str, overrides: list[str]) -> str:
+    """Run the job from the config's ``root`` (``--set root=DIR``) instead of the directory Ray
+    unpacked the job's working_dir into.
+
+    Ray unpacks a working_dir into a directory named by the hash of its content; a second
+    submission of the same content unpacks it again into the same path, replacing the
+    directory the first job runs in. The first job's cwd is then a deleted directory, and
+    anything that asks for it (``Path.cwd()`` in MLflow's environment detection when the model
+    is logged) fails with FileNotFoundError. With ``root`` every path of the config is
+    absolute already, so the job moves there before anything runs. Returns the config path,
+    made absolute."""
+    root = next((o.split("=", 1)[1] for o in reversed(overrides or []) if o.startswith("root=")), None)
+    path = os.path.abspath(config)
+    if root and os.path.isdir(root):
+        os.chdir(root)
+    return path
 
 
 def submit(config: str, address: str, working_dir: str = ".", overrides: list[str] | None = None,

@@ -439,6 +439,12 @@ def merge(
     if n:  # weights checked before any checkpoint is read
         _coefficients(cls, weights, n, normalize)
     items, names, labels = _normalize_inputs(inputs, names)
+    if _is_path(inputs) and _is_path(base):  # a directory / glob holding the base too: it is no ingredient
+        from .checkpoints import exclude_base
+
+        keep = {str(f) for f in exclude_base([Path(x) for x in items], base)[0]}
+        picked = [i for i, x in enumerate(items) if str(Path(x)) in keep]
+        items, names, labels = [items[i] for i in picked], [names[i] for i in picked], [labels[i] for i in picked]
     coeffs = _coefficients(cls, weights, len(items), normalize)
     recipe = Recipe(tuple(coeffs), method=method, params=params, label=method)
     if fishers is not None:

@@ -4,6 +4,9 @@ A spec is one of
 
 * ``builtin:<name>`` -- a model registered in this module (e.g. ``builtin:digits_cnn``),
 * ``torchvision:<name>`` -- ``torchvision.models.get_model(name, weights=None, **kwargs)``,
+* ``timm:<name>`` -- ``timm.create_model(name, pretrained=False, **kwargs)``,
+* ``open_clip:<name>`` -- an open_clip image tower with a linear head (:class:`OpenCLIPClassifier`,
+  ``num_classes`` required),
 * ``package.module:function`` -- any importable callable returning an ``nn.Module``.
 
 The factory is the only code soupsearch imports because of a config; nothing in a
@@ -76,12 +79,90 @@ def digits_cnn(num_classes: int = 10, width: int = 16, in_channels: int = 1, hid
     return DigitsCNN(num_classes=num_classes, width=width, in_channels=in_channels, hidden=hidden)
 
 
+def _import_zoo(spec: str, module: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ModelFactoryError(f"model factory {spec!r}: {module} is not installed ({e}); "
+                                f"pip install {package}") from None
+
+
+def _timm_factory(spec: str, name: str):
+    """``timm:<name>``: ``timm.create_model(name, pretrained=False, **kwargs)``: the
+    architecture only; the weights come from the checkpoints."""
+    timm = _import_zoo(spec, "timm", "timm")
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
+        raise ModelFactoryError(f"model factory {spec!r}: timm has no model {name!r}"
+                                + (f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"))
+
+    def fn(**kw):
+        if kw.pop("pretrained", False):
+            raise ModelFactoryError(f"model factory {spec!r}: pretrained weights are never downloaded; the weights "
+                                    "come from the checkpoints (drop model.kwargs.pretrained)")
+        return timm.create_model(name, pretrained=False, **kw)
+
+    return fn
+
+
+class OpenCLIPClassifier(nn.Module):
+    """An open_clip image tower with a linear classification head: the model fine-tuned in
+    the model-soups and WiSE-FT recipes. State-dict keys: ``visual.*`` (as in the CLIP model)
+    and ``classification_head.weight/bias``. ``normalize``: the image features are L2
+    normalized before the head, as CLIP's zero-shot heads expect."""
+
+    def __init__(self, name: str, num_classes: int, normalize: bool = True, **clip_kwargs):
+        super().__init__()
+        import open_clip
+
+        clip = open_clip.create_model(name, pretrained=None, **clip_kwargs)
+        self.visual = clip.visual
+        dim = getattr(clip.visual, "output_dim", None) or getattr(clip, "embed_dim", None)
+        if dim is None:  # pragma: no cover - every open_clip tower has one of them
+            with torch.no_grad():
+                size = getattr(clip.visual, "image_size", (224, 224))
+                size = size if isinstance(size, (tuple, list)) else (size, size)
+                dim = clip.visual(torch.zeros(1, 3, *size)).shape[-1]
+        self.normalize = normalize
+        self.classification_head = nn.Linear(int(dim), int(num_classes))
+        del clip  # the text tower is not part of the classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.visual(x)
+        if self.normalize:
+            f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return self.classification_head(f)
+
+
+def _open_clip_factory(spec: str, name: str):
+    """``open_clip:<name>``: :class:`OpenCLIPClassifier` over an open_clip architecture (no
+    weights are downloaded); ``model.kwargs``: ``num_classes`` (required), ``normalize``,
+    and open_clip's ``create_model`` options (e.g. ``force_image_size``)."""
+    open_clip = _import_zoo(spec, "open_clip", "open_clip_torch")
+    if name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if name.lower()[:6] in m.lower()][:5]
+        raise ModelFactoryError(f"model factory {spec!r}: open_clip has no architecture {name!r}"
+                                + (f" (similar: {', '.join(close)})" if close else " (see open_clip.list_models())"))
+
+    def fn(num_classes: int | None = None, **kw):
+        if not num_classes:
+            raise ModelFactoryError(f"model factory {spec!r}: set model.kwargs.num_classes (the classifier head's "
+                                    "outputs)")
+        if kw.get("pretrained"):
+            raise ModelFactoryError(f"model factory {spec!r}: pretrained weights are never downloaded; the weights "
+                                    "come from the checkpoints (drop model.kwargs.pretrained)")
+        kw.pop("pretrained", None)
+        return OpenCLIPClassifier(name, num_classes, **kw)
+
+    return fn
+
+
 def create_model(spec: str, **kwargs) -> nn.Module:
     """Build a model skeleton from a factory spec (see module docstring)."""
     if not isinstance(spec, str) or ":" not in spec:
         raise ModelFactoryError(
-            f"model factory {spec!r}: expected 'builtin:<name>', 'torchvision:<name>' "
-            "or 'package.module:function'"
+            f"model factory {spec!r}: expected 'builtin:<name>', 'torchvision:<name>', 'timm:<name>', "
+            "'open_clip:<name>' or 'package.module:function'"
         )
     prefix, _, name = spec.partition(":")
     if prefix == "builtin":
@@ -107,6 +188,10 @@ def create_model(spec: str, **kwargs) -> nn.Module:
             kw.setdefault("weights", None)  # never download weights
             return torchvision.models.get_model(name, **kw)
 
+    elif prefix == "timm":
+        fn = _timm_factory(spec, name)
+    elif prefix == "open_clip":
+        fn = _open_clip_factory(spec, name)
     else:
         module_name, func_name = prefix, name
         try:
@@ -122,6 +207,8 @@ def create_model(spec: str, **kwargs) -> nn.Module:
             )
     try:
         model = fn(**kwargs)
+    except ModelFactoryError:
+        raise
     except Exception as e:
         raise ModelFactoryError(f"model factory {spec!r} failed with kwargs {kwargs}: {e}") from e
     if not isinstance(model, nn.Module):

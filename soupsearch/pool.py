@@ -27,6 +27,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from . import progress
 from .errors import EvaluationError
 from .evaluator import Evaluator, EvaluatorActor, ShardTask
 from .metrics import Counts, compute_metrics, reduce_counts
@@ -203,6 +204,7 @@ class EvalPool:
             self.first_result_at = time.time()
         self.node_ids.add(node_id)
         self.stats["shards_evaluated"] += 1
+        progress.advance("shard")
         if self.store is not None:
             self.store.save(task.recipe.key, task.split, task.start, task.stop, counts, node_id, pid)
         for t in self._waiting.pop(key, ()):
@@ -327,6 +329,9 @@ class EvalPool:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+        shared = getattr(self, "shared", None)  # the holder of the actors' shared inputs (soupsearch.shared)
+        if shared is not None:
+            shared.close()
 
 
 class LocalEvalPool(EvalPool):

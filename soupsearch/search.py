@@ -5,6 +5,7 @@ Ray appears only in :func:`make_pool`; everything else is plain Python.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import progress
 from .config import Config
 from .data import EvalSuite, build_suite
 from .errors import CheckpointError, ConfigError, SoupSearchError
@@ -39,7 +41,7 @@ log = logging.getLogger("soupsearch")
 
 
 def say(msg: str) -> None:
-    print(f"[soupsearch] {msg}", file=sys.stderr, flush=True)
+    progress.write(f"[soupsearch] {msg}")
 
 
 # ----------------------------------------------------------------------------- context
@@ -228,6 +230,10 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
         raise SoupSearchError(f"Ray address {address!r} is unreachable: {e.strerror or e}") from None
 
 
+def _no_auth_notice(record: logging.LogRecord) -> bool:
+    return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
 def init_ray(cfg: Config) -> bool:
     """Connect to Ray; returns True if this call started a local instance (to shut down)."""
     import ray
@@ -241,8 +247,13 @@ def init_ray(cfg: Config) -> bool:
         if address:
             ray.init(address=address, log_to_driver=True)
             return False
+        # a local instance: Ray turns token authentication on by default and says so on every
+        # start; that notice, and Ray's INFO lines, only when verbose
+        if not log.isEnabledFor(logging.DEBUG):
+            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_no_auth_notice)
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
+                 logging_level=logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
         return True
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -359,7 +370,7 @@ def plan_command(config: str | None, overrides: list[str] | None, *, gpus: int |
         source = f"{factory} x {n} (model skeleton)"
     else:
         skeleton = create_model(cfg.model.factory, **cfg.model.kwargs).state_dict()
-        files = discover(cfg.ingredients.path, cfg.ingredients.glob)
+        files = ingredient_files(cfg)
         stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
                              cfg.ingredients.base, cfg.ingredients.stack_dtype)
         source = f"{len(files)} checkpoint headers from {cfg.ingredients.path}"
@@ -448,8 +459,11 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
             f"the stack does not fit: {stack.n} x {stack.num_params:,} parameters need {format_bytes(b)} per actor "
             f"with eval.stack_shards={plan.s}, the budget is {format_bytes(plan.budget)} per actor ({plan.device}); "
             f"{_fit_advice(cfg, plan)}")
+    from .shared import SharedObjects
+
+    shared = SharedObjects()  # the splits reach the actors by the holder's name, not as a plasma argument
     args = dict(model_factory=cfg.model.factory, model_kwargs=cfg.model.kwargs, W=spec, layout=stack.layout,
-                fixed=stack.fixed, splits=ray.put(suite.arrays()), batch_size=cfg.eval.batch_size,
+                fixed=stack.fixed, splits=shared.share(suite.arrays()), batch_size=cfg.eval.batch_size,
                 normalize=cfg.data.normalize, subsets=suite.subsets(), precision=cfg.eval.precision)
     if plan.s == 1:
         say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'} in {len(actor_plan)} actor process(es) "
@@ -471,6 +485,7 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
                                     max_in_flight=cfg.eval.max_in_flight_per_evaluator,
                                     collective_timeout=cfg.eval.collective_timeout, **common)
     pool.plan = plan
+    pool.shared = shared
     return pool
 
 
@@ -532,6 +547,20 @@ def _mlflow_metrics(row: CandidateRow, suite: EvalSuite) -> dict[str, float]:
     return out
 
 
+def ingredient_files(cfg: Config) -> list[Path]:
+    """The sweep's checkpoint files, without the configured base (never an ingredient, even
+    when it sits in the sweep directory or is listed in its manifest)."""
+    from .checkpoints import exclude_base
+
+    files, excluded = exclude_base(discover(cfg.ingredients.path, cfg.ingredients.glob), cfg.ingredients.base)
+    if excluded:
+        say(f"ingredients.base {excluded[0]} is in the sweep: used as the base, not as an ingredient")
+    if not files:
+        raise CheckpointError(f"ingredients.path {cfg.ingredients.path}: no checkpoints besides the base "
+                              f"{cfg.ingredients.base}")
+    return files
+
+
 def _manifest_for(cfg: Config) -> tuple[dict | None, Path | None]:
     p = Path(cfg.ingredients.path)
     cand = p if p.suffix in (".json", ".csv") and not p.name.endswith(".index.json") else (
@@ -563,7 +592,7 @@ def read_inputs(cfg: Config, tracker: Tracker) -> Inputs:
 
     # ---- ingredients: headers only (the evaluators load the weights themselves)
     skeleton = create_model(cfg.model.factory, **cfg.model.kwargs).state_dict()
-    files = discover(cfg.ingredients.path, cfg.ingredients.glob)
+    files = ingredient_files(cfg)
     say(f"reading the headers of {len(files)} checkpoints from {cfg.ingredients.path}")
     stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
                          cfg.ingredients.base, cfg.ingredients.stack_dtype)
@@ -651,11 +680,12 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
         held = max(int(info.get("held_bytes", 0)) for info in pool.actor_infos)
         say(f"holders report {format_bytes(held)} of stack per actor ({s_used} shard(s))")
         parent = tracker.start_parent(
-            f"{cfg.name}:{(manifest or {}).get('name', Path(cfg.ingredients.path).stem)}",
+            cfg.name,
             params={"config": cfg.model_dump(mode="json"), "num_ingredients": stack.n,
                     "num_params": stack.num_params, "num_evaluators": pool.num_evaluators,
                     "stack_dtype": cfg.ingredients.stack_dtype},
-            tags={"soupsearch.config_name": cfg.name, "soupsearch.stack_shards": str(s_used)},
+            tags={"soupsearch.config_name": cfg.name, "soupsearch.stack_shards": str(s_used),
+                  "soupsearch.sweep": str((manifest or {}).get("name", Path(cfg.ingredients.path).stem))},
         )
         tracker.log_metrics(parent, {"memory/stack_bytes": stack.nbytes, "memory/stack_bytes_per_actor": held})
         write_text_atomic(run_dir / "config.resolved.yaml", cfg.to_yaml())
@@ -710,9 +740,17 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
     t = time.time()
     want_preds = any(s.name == "ensemble" for s in cfg.search.strategies)
     one_hots = [Recipe.one_hot(i, stack.n, label=stack.names[i]) for i in range(stack.n)]
-    if want_preds:
-        _load_or_make_predictions(ctx, one_hots, run_dir)
-    ind = ctx.evaluate_all(one_hots)
+    shards = stack.n * sum(len(pool.shard_bounds(s)) for s in eval_splits)
+    with progress.phase(f"scoring {stack.n} ingredients", total=shards):
+        if want_preds:
+            _load_or_make_predictions(ctx, one_hots, run_dir)
+        ind = ctx.evaluate_all(one_hots)
+    from .sanity import near_chance_warning
+
+    warning = near_chance_warning([m["val"]["accuracy"] for m in ind], suite.splits["val"].y, stack.names)
+    if warning:
+        say(f"WARNING: {warning}")
+        tracker.set_tag(tracker.parent_id, "soupsearch.warning", warning)
     ingredient_rows = [CandidateRow(stack.names[i], "ingredient", 1, ind[i], {"hparams": hparams.get(stack.names[i], {})})
                        for i in range(stack.n)]
     say(f"scored {stack.n} ingredients on {len(eval_splits)} splits in {time.time() - t:.1f}s")
@@ -731,7 +769,8 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
         t = time.time()
         strategy = create_strategy(spec.name, label=spec.label, **spec.options)
         say(f"strategy {spec.run_name}: running")
-        results = strategy.run(ctx)
+        with progress.phase(f"strategy {spec.run_name}"):
+            results = strategy.run(ctx)
         for res in results:
             if res.recipe is not None and res.recipe.stats:
                 res.recipe = ctx._prepare(res.recipe)
@@ -744,20 +783,39 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
                                res.num_ingredients, metrics, {"params": res.params},
                                forward_passes=int(res.info.get("forward_passes", 1)))
             soups.append(row)
-            _log_soup(cfg, tracker, stack, suite, res, row, run_dir, ctx)
+            _log_soup(cfg, tracker, stack, suite, res, row, run_dir, ctx, started=t)
             say(f"strategy {res.name}: val {metrics['val'][ctx.selection_metric]:.4f}, test "
                 f"{metrics['test']['accuracy']:.4f}" + (f", ood_mean {metrics['ood_mean']['accuracy']:.4f}" if shifts else "")
                 + f", {row.num_ingredients} ingredients ({time.time() - t:.1f}s)")
 
+    model_error = logged = None
     if cfg.tracking.log_best_model:
+        for attempt in (1, 2):  # one retry: a transient store or file-system error
+            try:
+                logged = _log_best_model(cfg, tracker, stack, suite, soups, ctx, run_dir)
+                model_error = None
+                break
+            except Exception as e:  # the search's results are written first, then the search fails
+                model_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+                say(f"could not log the best soup as an MLflow model (attempt {attempt} of 2): {model_error}")
+    registry_error = None
+    if logged is not None:
         try:
-            _log_best_model(cfg, tracker, stack, suite, soups, ctx, run_dir)
-        except Exception as e:  # a model-logging problem never loses the search's results
-            say(f"could not log the best soup as an MLflow model: {type(e).__name__}: {e}")
+            _register_best(cfg, tracker, *logged)
+        except SoupSearchError as e:
+            registry_error = e
 
     results_rows = [r.flat() for r in ingredient_rows + soups]
     write_parquet_atomic(results_rows, run_dir / "results.parquet")
     tracker.log_artifact(tracker.parent_id, run_dir / "results.parquet")
+    if model_error is not None:
+        from .errors import TrackingError
+
+        raise TrackingError(f"the best soup could not be logged as an MLflow model ({model_error}); every soup's "
+                            f"metrics and weights are logged and in {run_dir}; set tracking.log_best_model: false "
+                            "to skip the model")
+    if registry_error is not None:
+        raise registry_error
     return SearchOutcome(cfg, run_dir, ingredient_rows, soups, dict(ctx.results), tracker.parent_id,
                          dict(tracker.child_ids), dict(pool.stats), sorted(pool.node_ids), shifts, 0.0, stack)
 
@@ -855,6 +913,20 @@ def _model_card(name: str, row: CandidateRow, res: SoupResult, stack: StackInfo,
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def _quiet_pickle_caution():
+    """MLflow warns on every pickle-format log that unpickling runs code; soupsearch picks that
+    format on purpose (``tracking.model_format: pickle``, so that load_model returns the
+    user's class; documented in the README) and says so once there, not on every run."""
+    lg = logging.getLogger("mlflow.pytorch")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
 def _log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: Context, run_dir: Path) -> None:
     """Log the best soup (by val selection metric) as an MLflow PyTorch model, with an input
     example, a signature and a model card, in its own child run."""
@@ -864,7 +936,7 @@ def _log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: 
     metric = cfg.eval.selection_metric
     cands = [r for r in soups if ctx.results.get(r.name) is not None and ctx.results[r.name].recipe is not None]
     if not cands:
-        return
+        return None
     sign = 1 if ctx.higher_is_better else -1
     best = max(cands, key=lambda r: sign * r.metrics["val"][metric])  # first of equals wins
     res = ctx.results[best.name]
@@ -885,20 +957,44 @@ def _log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: 
     pkg_dir = str(Path(__file__).resolve().parent)
     from .tracking import use_tracking_uri
 
-    with use_tracking_uri(tracker.uri), mlflow.start_run(run_id=rid):
-        mlflow.pytorch.log_model(
-            model, name="model", input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"],
-            code_paths=[pkg_dir],
-        )
+    ended = tracker.client.get_run(rid).info.end_time  # the strategy's end: reopening must not move it
+    try:
+        with use_tracking_uri(tracker.uri), mlflow.start_run(run_id=rid), _quiet_pickle_caution():
+            info = mlflow.pytorch.log_model(
+                model, name="model", input_example=example, serialization_format=cfg.tracking.model_format,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"],
+                code_paths=[pkg_dir],
+            )
+    finally:
+        tracker.client.set_terminated(rid, "FINISHED", end_time=ended)
     tracker.set_tag(tracker.parent_id, "soupsearch.best_soup", best.name)
     tracker.set_tag(rid, "soupsearch.best", "true")
-    say(f"best soup by val/{metric}: {best.name}, logged as an MLflow model (runs:/{rid}/model)")
+    say(f"best soup by val/{metric}: {best.name}, logged as an MLflow model ({info.model_uri})")
+    return info.model_uri, best, rid
 
 
-def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, run_dir: Path, ctx: Context) -> None:
-    rid = tracker.start_child(res.name, params={"strategy": res.name, **res.params})
+def _register_best(cfg, tracker, model_uri: str, best: "CandidateRow", rid: str) -> None:
+    """``tracking.register_as``: the best soup as a new version of a registered model."""
+    if cfg.tracking.register_as:
+        from .tracking import register_best
+
+        version = register_best(tracker, model_uri, cfg.tracking.register_as, {
+            "soupsearch.search": tracker.client.get_run(tracker.parent_id).info.run_name,
+            "soupsearch.parent_run_id": tracker.parent_id, "soupsearch.soup": best.name,
+            "soupsearch.strategy_run_id": rid, "soupsearch.num_ingredients": str(best.num_ingredients),
+            **{f"{split}/{m}": f"{best.metrics[split][m]:.6f}" for split in ("val", "test", "ood_mean")
+               if split in best.metrics for m in ("accuracy", "nll")}})
+        say(f"registered as {cfg.tracking.register_as!r} version {version} (alias 'best'): "
+            f"models:/{cfg.tracking.register_as}@best")
+
+
+def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, run_dir: Path, ctx: Context,
+              started: float | None = None) -> None:
+    ended = time.time()  # the run spans the strategy (and its soups' scoring), not the logging
+    rid = tracker.start_child(res.name, params={"strategy": res.name, **res.params}, start_time=started)
     tracker.log_metrics(rid, _mlflow_metrics(row, suite))
+    if started is not None:
+        tracker.log_metrics(rid, {"strategy_seconds": ended - started})
     if res.info.get("extra_metrics"):
         tracker.log_metrics(rid, res.info["extra_metrics"])
     if res.step_metrics:
@@ -920,4 +1016,4 @@ def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, ru
             path = run_dir / "soups" / res.name / "soup.safetensors"
             save_safetensors_atomic(sd, path, metadata={"soupsearch.recipe": json.dumps(res.recipe.to_dict())})
             tracker.log_artifact(rid, path)
-    tracker.end(rid)
+    tracker.end(rid, end_time=ended if started is not None else None)

@@ -68,7 +68,7 @@ def read_headers(files: Sequence[str | os.PathLike], skeleton, group_depth: int 
         raise CheckpointError("the model has no floating-point tensors to mix")
     fixed: dict[str, torch.Tensor] = {}
     for i, f in enumerate(list(files) + ([base] if base else [])):
-        with open_reader(f) as r:
+        with open_reader(f, expected=skeleton.keys()) as r:
             label = f"base {f}" if base and i == len(files) else str(f)
             check_compatible(meta_tensors(r.meta()), skeleton, label, "model skeleton", allow_cast=allow_cast)
             if i == 0:
@@ -150,7 +150,7 @@ def load_columns(spec: StackSpec, layout: ParamLayout) -> LoadedColumns:
 
 
 def _fill(row: torch.Tensor, path: str, sub: ParamLayout, allow_cast: bool, what: str) -> None:
-    with open_reader(path) as r:
+    with open_reader(path, expected=sub.order or [s.name for s in sub.specs]) as r:
         meta = r.meta()
         for s in sub.specs:
             m = meta.get(s.name)
@@ -183,7 +183,7 @@ def nonfinite_files(files: Sequence[str], layout: ParamLayout) -> list[int]:
     (one tensor in memory at a time): for ``ingredients.nonfinite: exclude``."""
     bad = []
     for i, f in enumerate(files):
-        with open_reader(f) as r:
+        with open_reader(f, expected=layout.order or layout.names) as r:
             for s in layout.specs:
                 t = r.get(s.name)
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -243,11 +243,13 @@ class PickleReader(TensorReader):
 
 
 class _Prefixed(TensorReader):
-    """A reader whose names lose a common ``module.`` prefix (DataParallel checkpoints)."""
+    """A reader whose names lose a common prefix: ``module.`` (DataParallel checkpoints) or the
+    one that matches the model's keys (``model.`` in a Lightning checkpoint); tensors outside
+    the prefix are not shown."""
 
     def __init__(self, inner: TensorReader, prefix: str):
         self.inner, self.prefix, self.label = inner, prefix, inner.label
-        self._meta = {k[len(prefix):]: v for k, v in inner.meta().items()}
+        self._meta = {k[len(prefix):]: v for k, v in inner.meta().items() if k.startswith(prefix)}
 
     def meta(self):
         return self._meta
@@ -273,8 +275,23 @@ def _sharded_index(d: Path) -> Path | None:
     return idx[0] if idx else None
 
 
-def open_reader(x: Any, label: str | None = None) -> TensorReader:
-    """A :class:`TensorReader` over a checkpoint path, a state dict or an ``nn.Module``."""
+def open_reader(x: Any, label: str | None = None, expected=None) -> TensorReader:
+    """A :class:`TensorReader` over a checkpoint path, a state dict or an ``nn.Module``.
+
+    ``expected``: the model's state-dict keys; when the checkpoint holds them all under a
+    common prefix (Lightning's ``model.``), the reader strips it (see
+    :func:`soupsearch.checkpoints.align_prefix`)."""
+    r = _open_reader(x, label)
+    if expected is not None:
+        from .checkpoints import align_prefix
+
+        prefix = align_prefix(list(r.meta()), expected)
+        if prefix:
+            return _Prefixed(r, prefix)
+    return r
+
+
+def _open_reader(x: Any, label: str | None = None) -> TensorReader:
     from torch import nn
 
     if isinstance(x, nn.Module):

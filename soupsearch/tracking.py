@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,10 @@ from typing import Any
 from .errors import TrackingError
 
 _BAD = re.compile(r"[^/\w.\- :]")
+
+# MLflow 3 opens an experiment on the page of its kind; without this tag it guesses, and a
+# new experiment opens on the GenAI traces page instead of the training runs
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def metric_prefix(split: str, kind: str) -> str:
@@ -85,7 +90,13 @@ class Tracker:
         try:
             self._client = MlflowClient(tracking_uri=self.uri)
             exp = self._client.get_experiment_by_name(self.experiment_name)
-            self.experiment_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment_name)
+            if exp is None:
+                self.experiment_id = self._client.create_experiment(self.experiment_name, tags=EXPERIMENT_TAGS)
+            else:
+                self.experiment_id = exp.experiment_id
+                for k, v in EXPERIMENT_TAGS.items():  # an experiment made elsewhere keeps its kind
+                    if k not in (exp.tags or {}):
+                        self._client.set_experiment_tag(self.experiment_id, k, v)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrackingError(f"MLflow tracking URI {self.uri!r} is unreachable or unusable: {first[:300]}") from None
@@ -97,16 +108,24 @@ class Tracker:
         return self._client
 
     # ----------------------------------------------------------------- runs
-    def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+    def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+                     unique: bool = True) -> str:
+        """The search's parent run, named ``run_name`` plus a short unique suffix (``demo-3f9a1c``),
+        so that re-runs of one search are told apart in the runs list."""
+        if unique:
+            run_name = f"{run_name}-{secrets.token_hex(3)}"
         run = self.client.create_run(self.experiment_id, run_name=run_name,
                                      tags={"soupsearch.role": "search", **(tags or {})})
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
         return self.parent_id
 
-    def start_child(self, name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+    def start_child(self, name: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+                    start_time: float | None = None) -> str:
+        """A soup's child run; ``start_time`` (seconds since the epoch): when its strategy
+        started, so that the run's duration is the strategy's time."""
         run = self.client.create_run(
-            self.experiment_id, run_name=name,
+            self.experiment_id, run_name=name, start_time=int(start_time * 1000) if start_time else None,
             tags={"mlflow.parentRunId": self.parent_id, "soupsearch.strategy": name, "soupsearch.role": "soup",
                   **(tags or {})},
         )
@@ -145,8 +164,8 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+    def end(self, run_id: str, status: str = "FINISHED", end_time: float | None = None) -> None:
+        self.client.set_terminated(run_id, status=status, end_time=int(end_time * 1000) if end_time else None)
 
     def end_all(self, status: str = "FINISHED", error: str | None = None) -> None:
         """End every run of this search still open (children first)."""
@@ -159,3 +178,30 @@ class Tracker:
                     self.client.set_terminated(rid, status=status)
             except Exception:  # pragma: no cover - best effort on the way out
                 pass
+
+
+def register_best(tracker: Tracker, model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """Register ``model_uri`` as a new version of the registered model ``name``, point the
+    alias ``best`` at it and tag the version (search, soup, scores); returns the version."""
+    client = tracker.client
+    try:
+        with use_tracking_uri(tracker.uri):  # the source models:/... resolves against the global URI
+            return _register(client, tracker, model_uri, name, tags)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingError(f"tracking.register_as {name!r}: could not register {model_uri}: {first[:300]}") from None
+
+
+def _register(client, tracker, model_uri, name, tags) -> str:
+    try:
+        client.get_registered_model(name)
+    except Exception:  # not registered yet
+        client.create_registered_model(name, tags={"soupsearch": "true"},
+                                       description="Model soups found by soupsearch; alias 'best' is the latest "
+                                                   "search's best soup.")
+    parent = client.get_run(tracker.parent_id) if tracker.parent_id else None
+    mv = client.create_model_version(name, model_uri, run_id=tags.get("soupsearch.strategy_run_id"),
+                                     tags={k: str(v)[:5000] for k, v in tags.items()},
+                                     description=f"best soup of search {parent.info.run_name}" if parent else None)
+    client.set_registered_model_alias(name, "best", mv.version)
+    return str(mv.version)

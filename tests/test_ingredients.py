@@ -100,7 +100,7 @@ def test_pickle_with_arbitrary_object_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     f = tmp_path / "evil.pt"
     torch.save({"weight": torch.zeros(2), "x": _Evil(str(marker))}, f)
-    with pytest.raises(CheckpointError, match=r"evil.pt.*refused"):
+    with pytest.raises(CheckpointError, match=r"evil.pt: no state dict of tensors found; top-level keys: 'weight'"):
         load_state_dict(f)
     assert not marker.exists()  # refused without running the payload
 

@@ -94,6 +94,33 @@ class _OptionError(ValueError):
         self.field = field
 
 
+def _ingredient_labels(ax, ctx):
+    """Name the coefficients of an Optuna plot after the ingredients (``w3`` -> the 4th
+    ingredient's name, ``g1_w3`` -> ``<layer group 1>: <name>``) instead of ``w0..wN``."""
+    import re
+
+    names = list(getattr(ctx, "names", []) or [])
+    groups = list(getattr(ctx, "layer_groups", []) or [])
+
+    def label(text: str) -> str:
+        m = re.fullmatch(r"(?:g(\d+)_)?w(\d+)", text)
+        if not m or int(m.group(2)) >= len(names):
+            return text
+        name = names[int(m.group(2))]
+        if m.group(1) is not None:
+            g = int(m.group(1))
+            return f"{groups[g] if g < len(groups) else 'group ' + str(g)}: {name}"
+        return name
+
+    axes = list(ax.flat) if hasattr(ax, "flat") else [ax]
+    for a in axes:
+        ticks = a.get_yticks()
+        labels = [label(t.get_text()) for t in a.get_yticklabels()]
+        if any(labels):
+            a.set_yticks(ticks, labels=labels)
+    return ax
+
+
 def _say(ctx, msg: str) -> None:
     (getattr(ctx, "log", None) or log.info)(msg)
 
@@ -447,6 +474,12 @@ class Learned(Strategy):
                 return False
             return failed + len(inflight) < limit  # never more than `limit` failures
 
+        from .. import progress
+
+        sign = 1 if self._objectives(ctx)[1][0] == "maximize" else -1
+        best: list[float | None] = [None]
+        todo = max(0, opts.n_trials - n_done) if opts.n_trials is not None else None
+        bar = progress.Bar(f"{self.label} trials", total=todo, unit="trial")
         try:
             while True:
                 while len(inflight) < max(1, ctx.num_evaluators) and may_ask():
@@ -483,8 +516,14 @@ class Learned(Strategy):
                         continue
                     study.tell(trial, vals)
                     n_done += 1
-                    if n_done % 10 == 0:
-                        _say(ctx, f"{self.label}: {n_done} complete trials")
+                    first = vals[0] if objs[0] != "num_ingredients" else None
+                    if first is not None and (best[0] is None or sign * first > sign * best[0]):
+                        best[0] = first
+                    bar.update()
+                    best_text = f"best val {objs[0]} {best[0]:.4f}" if best[0] is not None else ""
+                    bar.postfix(best_text)
+                    if n_done % 10 == 0 and not progress.enabled():
+                        _say(ctx, f"{self.label}: {n_done} complete trials" + (f", {best_text}" if best_text else ""))
         except BaseException as e:
             reason = INTERRUPTED if not isinstance(e, Exception) else f"{INTERRUPTED}: {type(e).__name__}: {e}"[:500]
             for trial, _ in inflight.values():
@@ -496,6 +535,8 @@ class Learned(Strategy):
             if not isinstance(e, Exception):
                 _say(ctx, f"{self.label}: interrupted; {n_done} complete trials are kept in the study")
             raise
+        finally:
+            bar.close()
         if failed >= limit:
             _say(ctx, f"{self.label}: stopped after {failed} failed trials (max_failed_trials={limit})")
 
@@ -596,7 +637,8 @@ class Learned(Strategy):
         if len(complete) >= 2 and varied:
             ev = optuna.importance.FanovaImportanceEvaluator(n_trees=16, seed=ctx.seed)  # 64 trees: ~4x slower
             save("optuna_importance.png",
-                 lambda: ovm.plot_param_importances(study, evaluator=ev, target=target, target_name=objs[0]))
+                 lambda: _ingredient_labels(ovm.plot_param_importances(study, evaluator=ev, target=target,
+                                                                       target_name=objs[0]), ctx))
         else:
             _say(ctx, f"{self.label}: skipped optuna_importance.png (needs >= 2 complete trials with varied params)")
         if len(objs) > 1:
