@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TrackingError
+from .safety import redact, redact_obj
 
 _BAD = re.compile(r"[^/\w.\- :]")
 
@@ -76,19 +77,35 @@ class Tracker:
 
     # ----------------------------------------------------------------- setup
     def connect(self, timeout: float = 10.0) -> None:
-        """Reach the tracking store and get/create the experiment; fail fast if unreachable."""
+        """Reach the tracking store and get/create the experiment; fail fast if unreachable.
+        A fresh SQLite store created by two processes at once (a schema race) is retried."""
         if self.uri.startswith(("http://", "https://")):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout)))
         from mlflow.tracking import MlflowClient
 
-        try:
-            self._client = MlflowClient(tracking_uri=self.uri)
-            exp = self._client.get_experiment_by_name(self.experiment_name)
-            self.experiment_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment_name)
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrackingError(f"MLflow tracking URI {self.uri!r} is unreachable or unusable: {first[:300]}") from None
+        exp = None
+        for attempt in range(5):
+            try:
+                client = MlflowClient(tracking_uri=self.uri)
+                exp = client.get_experiment_by_name(self.experiment_name)
+                if exp is not None and exp.lifecycle_stage == "deleted":
+                    break
+                self.experiment_id = exp.experiment_id if exp else client.create_experiment(self.experiment_name)
+                self._client = _Guarded(client, self.uri)
+                return
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                racing = any(s in first for s in ("already exists", "UNIQUE constraint failed", "database is locked"))
+                if racing and attempt < 4:
+                    time.sleep(0.5 + attempt)
+                    continue
+                raise TrackingError(f"MLflow tracking URI {redact(self.uri)!r} is unreachable or unusable: "
+                                    f"{redact(first[:300])}") from None
+        raise TrackingError(
+            f"tracking.experiment {self.experiment_name!r} is deleted in {redact(self.uri)!r} (experiment id "
+            f"{exp.experiment_id}): restore it (mlflow experiments restore --experiment-id {exp.experiment_id}) "
+            "or set another tracking.experiment")
 
     @property
     def client(self):
@@ -117,7 +134,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = flatten_params(params)
+        flat = flatten_params(redact_obj(params))
         items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), 90):
             self.client.log_batch(run_id, params=items[i : i + 90])
@@ -140,7 +157,7 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 900])
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
-        self.client.set_tag(run_id, key, value[:5000])
+        self.client.set_tag(run_id, key, redact(value)[:5000])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
@@ -155,7 +172,33 @@ class Tracker:
                 run = self.client.get_run(rid)
                 if run.info.status == "RUNNING":
                     if error:
-                        self.client.set_tag(rid, "soupsearch.error", error[:5000])
+                        self.client.set_tag(rid, "soupsearch.error", redact(error)[:5000])
                     self.client.set_terminated(rid, status=status)
             except Exception:  # pragma: no cover - best effort on the way out
                 pass
+
+
+class _Guarded:
+    """An ``MlflowClient`` whose failures are :class:`TrackingError` (one line, the URI
+    redacted): a tracking server that dies mid-search is a user-facing error, not a trace."""
+
+    def __init__(self, client, uri: str):
+        self._c = client
+        self._uri = uri
+
+    def __getattr__(self, name):
+        attr = getattr(self._c, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except TrackingError:
+                raise
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise TrackingError(f"MLflow tracking URI {redact(self._uri)!r} failed in {name}: "
+                                    f"{redact(first[:300])}") from e
+
+        return call

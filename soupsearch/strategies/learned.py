@@ -98,9 +98,7 @@ def _say(ctx, msg: str) -> None:
     (getattr(ctx, "log", None) or log.info)(msg)
 
 
-def redact(url: str) -> str:
-    """``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+from ..safety import redact  # noqa: E402  (scheme://user:secret@host -> scheme://user:***@host)
 
 
 def _sqlite_engine_kwargs(url: str) -> dict:
