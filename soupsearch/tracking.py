@@ -78,10 +78,15 @@ class Tracker:
     # ----------------------------------------------------------------- setup
     def connect(self, timeout: float = 10.0) -> None:
         """Reach the tracking store and get/create the experiment; fail fast if unreachable.
-        A fresh SQLite store created by two processes at once (a schema race) is retried."""
+        Searches creating one fresh SQLite store together take turns (a lock file next to
+        it); other transient store races are retried."""
         if self.uri.startswith(("http://", "https://")):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout)))
+        with _sqlite_init_lock(self.uri):
+            self._connect()
+
+    def _connect(self) -> None:
         from mlflow.tracking import MlflowClient
 
         exp = None
@@ -176,6 +181,30 @@ class Tracker:
                     self.client.set_terminated(rid, status=status)
             except Exception:  # pragma: no cover - best effort on the way out
                 pass
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str):
+    """For a SQLite tracking store: hold an exclusive lock on ``.<db name>.lock`` next to the
+    database while connecting, so that searches starting together do not interleave the
+    creation of a fresh store's schema (MLflow's migrations are not safe to run twice at
+    once: one of them fails with errors such as "No such constraint")."""
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    try:
+        fd = os.open(db.parent / f".{db.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a missing or unwritable directory: MLflow reports the store itself
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class _Guarded:

@@ -274,3 +274,18 @@ def test_session_processes_are_found_by_session_not_by_title(tmp_path):
             if q.poll() is None:
                 q.kill()
             q.wait()
+
+
+def test_fresh_mlflow_db_created_by_several_searches_at_once(tmp_path):
+    """Two or more drivers creating one fresh SQLite tracking store race on its schema;
+    each connects (retrying), none reports the store unreachable."""
+    uri = f"sqlite:///{tmp_path}/fresh.db"
+    code = ("import sys, time; from soupsearch.tracking import Tracker; "
+            f"t0 = float(sys.argv[1]); time.sleep(max(0, t0 - time.time())); Tracker({uri!r}, 'race').connect()")
+    start = time.time() + 6  # imports first, then all connect at once
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(start)], stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert all(rc == 0 for rc, _ in results), [e[-1500:] for rc, e in results if rc]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert client.get_experiment_by_name("race") is not None
