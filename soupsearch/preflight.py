@@ -92,12 +92,34 @@ def model_num_classes(model, example: np.ndarray) -> int:
     return int(out.shape[1])
 
 
+def _meta_num_classes(cfg, x: np.ndarray) -> int:
+    import torch
+
+    from .models import create_model
+
+    with torch.device("meta"):
+        m = create_model(cfg.model.factory, **cfg.model.kwargs)
+    m.eval()
+    with torch.no_grad():
+        out = m(torch.empty((1, *x.shape[1:]), dtype=torch.float32, device="meta"))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if out.ndim != 2:
+        raise ValueError("not [1, C] logits")
+    return int(out.shape[1])
+
+
 def check_data_against_model(model, suite, cfg) -> int:
     """Every split's labels (or ``class_subset``) index the model's outputs, and
     ``data.num_classes`` (when set) equals them. Returns the model's number of classes."""
     val = suite.splits["val"]
     try:
-        c = model_num_classes(model, val.x)
+        c = _meta_num_classes(cfg, val.x)  # shapes only: no compute, any model size
+    except Exception:  # an op without a meta kernel: one real forward pass on the CPU
+        c = None
+    try:
+        if c is None:
+            c = model_num_classes(model, val.x)
     except DataError:
         raise
     except Exception as e:

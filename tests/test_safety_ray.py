@@ -157,8 +157,11 @@ def test_sigint_leaves_no_running_optuna_trial(ray_session, tiny_sweep, tmp_path
     def trials():
         if not db.exists():
             return []
-        with sqlite3.connect(db, timeout=30) as c:
-            return c.execute("SELECT trial_id, state FROM trials").fetchall()
+        try:
+            with sqlite3.connect(db, timeout=30) as c:
+                return c.execute("SELECT trial_id, state FROM trials").fetchall()
+        except sqlite3.OperationalError:  # the study's tables are not created yet
+            return []
 
     p = subprocess.Popen([sys.executable, "-m", "soupsearch.cli", "run", str(path)], env={**os.environ},
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
