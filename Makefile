@@ -50,4 +50,4 @@ submit: $(STAMP)
 	  -- python -m soupsearch.jobs $(CONFIG) --set root=$(CURDIR) $(ARGS)
 
 clean:
-	rm -rf runs mlflow.db mlruns mlartifacts .pytest_cache
+	rm -rf runs mlflow.db .mlflow.db.lock mlruns mlartifacts .pytest_cache

@@ -211,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     except SoupSearchError as e:
         if debug:
             traceback.print_exc()
-        print(f"soupsearch: error: {e}", file=sys.stderr)
+        from .safety import redact
+
+        msg = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
+        print(f"soupsearch: error: {redact(msg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("soupsearch: interrupted", file=sys.stderr)

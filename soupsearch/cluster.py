@@ -128,19 +128,12 @@ def auth_headers() -> dict:
 
 
 def cluster_pids(temp_dir: str = DEFAULT_TEMP) -> list[int]:
-    """PIDs of every process whose command line mentions this cluster's temp dir or session."""
-    marker = str(Path(temp_dir))
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            pids.append(int(p.name))
-    return pids
+    """PIDs of every process of this cluster: those that mention its temp dir (command line,
+    cwd, an open log file) and their descendants -- also the dashboard and runtime-env
+    agents, whose renamed process titles (``ray::DashboardAgent``) a name match misses."""
+    from .raysession import session_pids
+
+    return session_pids(str(Path(temp_dir)))
 
 
 def stop(temp_dir: str = DEFAULT_TEMP, grace: float = 5.0) -> int:

@@ -198,6 +198,16 @@ class StrategySpec(_Strict):
     label: str | None = None  # run name when one strategy is used twice (default: name)
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v):
+        from .safety import file_name_problem
+
+        problem = None if v is None else file_name_problem(v)
+        if problem:  # the label names the soup's directory under run_dir/soups
+            raise ValueError(f"label {v!r} cannot be used as a file name: {problem}")
+        return v
+
     @property
     def run_name(self) -> str:
         if self.label:

@@ -262,6 +262,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
     for i, e in enumerate(m["ingredients"]):
         if not isinstance(e, dict) or "file" not in e:
             raise CheckpointError(f"manifest {p}: ingredients[{i}] has no 'file' key")
+        if not isinstance(e["file"], str) or not e["file"].strip():
+            raise CheckpointError(f"manifest {p}: ingredients[{i}].file = {e['file']!r}, expected a non-empty "
+                                  "path string (relative to the manifest)")
+        if "name" in e and not isinstance(e["name"], str):
+            raise CheckpointError(f"manifest {p}: ingredients[{i}].name = {e['name']!r}, expected a string")
     return m
 
 

@@ -606,8 +606,12 @@ def merge_files(
     files = _expand_paths(paths)
     fisher_files = _expand_paths(fishers) if fishers else None
     inputs = files + ([Path(base)] if base is not None else []) + (fisher_files or [])
-    if out.exists() and any(out.resolve() == Path(f).resolve() for f in inputs):
-        raise RecipeError(f"output {out} is one of the inputs: refusing to overwrite it (choose another -o)")
+    from .safety import same_file
+
+    for f in inputs:  # the same path, a symlink to it, or a hard link of it
+        if same_file(out, f) or (Path(f).is_dir() and os.path.realpath(out).startswith(os.path.realpath(f) + os.sep)):
+            raise RecipeError(f"output {out} is the input {f} (or inside it): refusing to overwrite it "
+                              "(choose another -o)")
     soup = merge([str(f) for f in files], method, base=str(base) if base is not None else None, weights=weights,
                  normalize=normalize, fishers=[str(f) for f in fisher_files] if fisher_files else None,
                  normalize_fisher=normalize_fisher, dtype=dtype, **params)

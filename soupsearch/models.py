@@ -157,6 +157,55 @@ def _open_clip_factory(spec: str, name: str):
     return fn
 
 
+def _stdlib_module(name: str | None) -> bool:
+    """Whether the module ``name`` (imported) is part of the Python standard library: built
+    into the interpreter, or a file under the stdlib directory outside site-packages."""
+    import os
+    import sys
+    import sysconfig
+
+    if not name:
+        return False
+    top = name.split(".")[0]
+    if top == "builtins" or top in sys.builtin_module_names:
+        return True
+    mod = sys.modules.get(name) or sys.modules.get(top)
+    if mod is None:  # not imported yet: where would it come from?
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            return False
+        f = spec.origin if spec is not None and spec.origin not in ("built-in", "frozen") else None
+        if spec is not None and f is None:
+            return True
+    else:
+        f = getattr(mod, "__file__", None)
+    if f is None:
+        return top in sys.stdlib_module_names  # frozen modules
+    real = os.path.realpath(f)
+    parts = real.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return False
+    roots = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")}
+    return any(real.startswith(r + os.sep) for r in roots)
+
+
+def _refuse_stdlib(spec: str, module_name: str, fn) -> None:
+    """A model factory is a function that builds a model: callables of the standard library
+    and builtins (``os:system``, ``subprocess:run``, ``builtins:eval``) are refused, also
+    when re-exported by another module."""
+    owner = getattr(fn, "__module__", None)
+    if fn is None or _stdlib_module(module_name) or _stdlib_module(owner) or getattr(fn, "__self__", None) is not None \
+            and _stdlib_module(type(fn.__self__).__module__):
+        raise ModelFactoryError(
+            f"model factory {spec!r}: refused, "
+            f"{repr(getattr(fn, '__qualname__', fn)) + ' ' if fn is not None else ''}it comes from the Python "
+            f"standard library (module {owner or module_name}); a factory must be a function or class of your own package "
+            "that returns a torch.nn.Module")
+
+
 def create_model(spec: str, **kwargs) -> nn.Module:
     """Build a model skeleton from a factory spec (see module docstring)."""
     if not isinstance(spec, str) or ":" not in spec:
@@ -194,6 +243,8 @@ def create_model(spec: str, **kwargs) -> nn.Module:
         fn = _open_clip_factory(spec, name)
     else:
         module_name, func_name = prefix, name
+        if _stdlib_module(module_name):  # refused before importing it
+            _refuse_stdlib(spec, module_name, None)
         try:
             module = importlib.import_module(module_name)
         except Exception as e:
@@ -205,6 +256,7 @@ def create_model(spec: str, **kwargs) -> nn.Module:
             raise ModelFactoryError(
                 f"model factory {spec!r}: module {module_name!r} has no callable {func_name!r}"
             )
+        _refuse_stdlib(spec, module_name, fn)
     try:
         model = fn(**kwargs)
     except ModelFactoryError:

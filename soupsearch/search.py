@@ -27,6 +27,7 @@ from .errors import CheckpointError, ConfigError, SoupSearchError
 from .evaluator import Evaluator
 from .fileio import save_safetensors_atomic, write_json_atomic, write_parquet_atomic, write_text_atomic
 from .ingredients import discover, format_bytes, read_manifest
+from .safety import inside, redact, redact_obj
 from .shards import MemoryPlan, StackInfo, StackSpec, combine_digests, model_memory, parse_bytes, partition, \
     plan_memory, read_headers
 from .metrics import METRICS
@@ -222,42 +223,51 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     host, port = parsed.hostname, parsed.port
     if not host or not port:
-        raise SoupSearchError(f"Ray address {address!r}: expected host:port (or ray://host:port, http://host:port)")
+        raise SoupSearchError(f"Ray address {redact(address)!r}: expected host:port (or ray://host:port, http://host:port)")
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as e:
-        raise SoupSearchError(f"Ray address {address!r} is unreachable: {e.strerror or e}") from None
+        raise SoupSearchError(f"Ray address {redact(address)!r} is unreachable: {e.strerror or e}") from None
 
 
 def _no_auth_notice(record: logging.LogRecord) -> bool:
     return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
 
 
-def init_ray(cfg: Config) -> bool:
-    """Connect to Ray; returns True if this call started a local instance (to shut down)."""
-    import ray
+def init_ray(cfg: Config, lock=None) -> bool:
+    """Connect to Ray; returns True if this call started a local instance (to shut down).
+    A local instance listens on 127.0.0.1 only and lives in its own temp dir, recorded in
+    the run dir's driver state (``lock``) so that nothing of it outlives the search."""
+    from . import raysession
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_ray_address(address)  # also when this process is already connected somewhere
-    if ray.is_initialized():
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return False
+    temp_dir = None
     try:
         if address:
+            import ray
+
             ray.init(address=address, log_to_driver=True)
             return False
         # a local instance: Ray turns token authentication on by default and says so on every
         # start; that notice, and Ray's INFO lines, only when verbose
         if not log.isEnabledFor(logging.DEBUG):
             logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_no_auth_notice)
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
-                 logging_level=logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
+        temp_dir = raysession.new_temp_dir()
+        if lock is not None:
+            lock.record(ray_temp_dir=temp_dir)  # before any Ray process exists
+        raysession.start_local(cfg.ray.num_cpus, cfg.ray.include_dashboard, temp_dir, say=say,
+                               logging_level=logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
         return True
     except Exception as e:
+        if temp_dir is not None:
+            raysession.reap(temp_dir, remove=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SoupSearchError(f"Ray address {address or 'local'!r} is unreachable: {first[:300]}") from None
+        raise SoupSearchError(f"Ray address {redact(address or 'local')!r} is unreachable: {redact(first[:300])}") from None
 
 
 def resolve_evaluators(cfg: Config) -> tuple[int, bool, list[tuple[int, float]]]:
@@ -573,6 +583,14 @@ def _manifest_for(cfg: Config) -> tuple[dict | None, Path | None]:
 # ----------------------------------------------------------------------------- the search
 
 
+def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
+    """Run a search; one driver per run dir at a time (a second one is refused at once)."""
+    from .runlock import RunDirLock
+
+    with RunDirLock(cfg.resolved_run_dir()) as lock:
+        return _run_search(cfg, tracker, lock)
+
+
 @dataclass
 class Inputs:
     """What the driver reads before the evaluators start: checkpoint headers, names and
@@ -585,13 +603,26 @@ class Inputs:
     suite: EvalSuite
 
 
-def read_inputs(cfg: Config, tracker: Tracker) -> Inputs:
-    """Connect to MLflow, read the checkpoints' headers (no weights) and build the eval suite."""
+def read_inputs(cfg: Config, tracker: Tracker, lock) -> Inputs:
+    """Connect to MLflow, build the eval suite (checked against the model), read the
+    checkpoints' headers (no weights) and name the ingredients."""
+    from . import preflight
+    from .runlock import mark_stale_parent
+
     tracker.connect()  # fail before any evaluation if MLflow is unreachable
-    say(f"MLflow: {tracker.uri} (experiment {tracker.experiment_name!r})")
+    mark_stale_parent(tracker, lock.previous, say)
+    say(f"MLflow: {redact(tracker.uri)} (experiment {tracker.experiment_name!r})")
+
+    # ---- the model and the data first: labels are checked against the model's classes
+    # before any checkpoint is read
+    model = create_model(cfg.model.factory, **cfg.model.kwargs)
+    skeleton = model.state_dict()
+    suite = build_suite(cfg.data)
+    preflight.check_data_against_model(model, suite, cfg)
+    del model
+    say("eval splits: " + ", ".join(f"{n}={len(s)}" for n, s in suite.splits.items()))
 
     # ---- ingredients: headers only (the evaluators load the weights themselves)
-    skeleton = create_model(cfg.model.factory, **cfg.model.kwargs).state_dict()
     files = ingredient_files(cfg)
     say(f"reading the headers of {len(files)} checkpoints from {cfg.ingredients.path}")
     stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
@@ -608,37 +639,28 @@ def read_inputs(cfg: Config, tracker: Tracker) -> Inputs:
             keep = [i for i in range(stack.n) if i not in bad]
             stack.names, stack.paths = [stack.names[i] for i in keep], [stack.paths[i] for i in keep]
     manifest, manifest_path = _manifest_for(cfg)
-    hparams: dict[str, dict] = {}
-    if manifest:
-        by_file = {Path(e["file"]).name.removesuffix(".safetensors").removesuffix(".pt").removesuffix(".pth")
-                   .removesuffix(".bin"): e for e in manifest["ingredients"]}
-        for i, name in enumerate(stack.names):
-            e = by_file.get(name)
-            if e:
-                stack.names[i] = e.get("name", name)
-                hparams[stack.names[i]] = e.get("hparams", {})
+    # manifest entries matched to checkpoints by resolved path; names unique and usable as file names
+    hparams = preflight.name_ingredients(stack, manifest, manifest_path)
     if stack.n == 1:
         say("only one ingredient: every soup equals it; the search runs anyway")
     say(f"stack: {stack.n} ingredients x {stack.num_params:,} params ({format_bytes(stack.nbytes)})")
-
-    # ---- data
-    suite = build_suite(cfg.data)
-    say("eval splits: " + ", ".join(f"{n}={len(s)}" for n, s in suite.splits.items()))
     return Inputs(stack, hparams, manifest, manifest_path, suite)
 
 
-def start_with_ray(cfg: Config, tracker: Tracker) -> tuple[Inputs, bool]:
+def start_with_ray(cfg: Config, tracker: Tracker, lock) -> tuple[Inputs, bool]:
     """Read the inputs (:func:`read_inputs`) in a thread while Ray starts in this one (both
     take seconds); returns the inputs and whether a local Ray was started (to shut down).
-    An input error is raised first (and a Ray started meanwhile is shut down)."""
+    An input error is raised first, and a Ray started meanwhile is stopped completely."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from . import preflight
+
     with ThreadPoolExecutor(1, thread_name_prefix="soupsearch-inputs") as ex:
-        fut = ex.submit(read_inputs, cfg, tracker)
+        fut = ex.submit(read_inputs, cfg, tracker, lock)
         started, ray_error = False, None
         try:
             if cfg.eval.backend == "ray":
-                started = init_ray(cfg)
+                started = init_ray(cfg, lock)
         except BaseException as e:  # reported after the inputs' own errors
             ray_error = e
         try:
@@ -650,23 +672,26 @@ def start_with_ray(cfg: Config, tracker: Tracker) -> tuple[Inputs, bool]:
                 import ray
 
                 ray.shutdown()
+                preflight.stop_local_ray(lock, say)
             raise
     return inputs, started
 
 
-def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
+def _run_search(cfg: Config, tracker: Tracker | None, lock) -> SearchOutcome:
+    from . import preflight
+    from .runlock import uri_fingerprint
+
     t0 = time.time()
-    run_dir = cfg.resolved_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = lock.run_dir
+    preflight.clean_up_after_dead_driver(lock, say)
 
     tracker = tracker or Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)
-    started_ray = False
+    inputs, started_ray = start_with_ray(cfg, tracker, lock)
+    stack, suite, hparams = inputs.stack, inputs.suite, inputs.hparams
+    manifest, manifest_path = inputs.manifest, inputs.manifest_path
     pool = None
     store = None
     try:
-        inputs, started_ray = start_with_ray(cfg, tracker)
-        stack, suite, hparams = inputs.stack, inputs.suite, inputs.hparams
-        manifest, manifest_path = inputs.manifest, inputs.manifest_path
         pool = make_pool(cfg, stack, suite)
         # the stack's fingerprint from the holders' per-tensor digests (the same for any sharding)
         digests = {k: v for info in pool.actor_infos for k, v in (info.get("digests") or {}).items()}
@@ -687,8 +712,9 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
             tags={"soupsearch.config_name": cfg.name, "soupsearch.stack_shards": str(s_used),
                   "soupsearch.sweep": str((manifest or {}).get("name", Path(cfg.ingredients.path).stem))},
         )
+        lock.record(parent_run_id=parent, tracking_fp=uri_fingerprint(tracker.uri))
         tracker.log_metrics(parent, {"memory/stack_bytes": stack.nbytes, "memory/stack_bytes_per_actor": held})
-        write_text_atomic(run_dir / "config.resolved.yaml", cfg.to_yaml())
+        write_text_atomic(run_dir / "config.resolved.yaml", preflight.resolved_yaml(cfg))
         tracker.log_artifact(parent, run_dir / "config.resolved.yaml")
         if manifest_path:
             tracker.log_artifact(parent, manifest_path)
@@ -725,6 +751,7 @@ def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
             import ray
 
             ray.shutdown()
+            preflight.stop_local_ray(lock, say)
 
 
 def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome:
@@ -856,9 +883,15 @@ def _load_or_make_predictions(ctx: Context, one_hots: list[Recipe], run_dir: Pat
     fp = ctx.fingerprint
     missing = []
     for i, r in enumerate(one_hots):
-        path = run_dir / "predictions" / f"{i:04d}_{ctx.names[i]}.parquet"
+        path = inside(run_dir, "predictions", f"{i:04d}_{ctx.names[i]}.parquet")
         if path.exists():
-            table = pq.read_table(path)
+            try:
+                table = pq.read_table(path)
+            except Exception as e:  # a corrupt cache entry is rebuilt, not fatal
+                say(f"warning: predictions cache {path} is unreadable ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); recomputing it")
+                missing.append(i)
+                continue
             meta = table.schema.metadata or {}
             if meta.get(b"stack_fp", b"").decode() == fp and set(table.column("split").unique().to_pylist()) >= set(ctx.eval_splits):
                 for split in ctx.eval_splits:
@@ -884,7 +917,7 @@ def _load_or_make_predictions(ctx: Context, one_hots: list[Recipe], run_dir: Pat
         table = pa.table({"split": rows_split, "index": rows_idx, "label": rows_label,
                           "logprobs": pa.array(rows_lp, type=pa.list_(pa.float32()))},
                          metadata={"stack_fp": fp, "ingredient": ctx.names[i]})
-        path = run_dir / "predictions" / f"{i:04d}_{ctx.names[i]}.parquet"
+        path = inside(run_dir, "predictions", f"{i:04d}_{ctx.names[i]}.parquet")
         with atomic_path(path) as tmp:
             pq.write_table(table, str(tmp))
 
@@ -990,6 +1023,7 @@ def _register_best(cfg, tracker, model_uri: str, best: "CandidateRow", rid: str)
 
 def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, run_dir: Path, ctx: Context,
               started: float | None = None) -> None:
+    inside(run_dir, "soups", res.name)  # a soup's name is a directory name: never outside run_dir
     ended = time.time()  # the run spans the strategy (and its soups' scoring), not the logging
     rid = tracker.start_child(res.name, params={"strategy": res.name, **res.params}, start_time=started)
     tracker.log_metrics(rid, _mlflow_metrics(row, suite))

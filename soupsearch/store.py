@@ -47,12 +47,35 @@ class ResultStore:
         stack_fp = f"{stack_fp}-v{EVAL_SEMANTICS_VERSION}"
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.executescript(_SCHEMA)
+        try:
+            self.conn = self._open()
+        except sqlite3.DatabaseError as e:  # a cache: a corrupt one is set aside and rebuilt
+            import sys
+            import time
+
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                p = Path(str(self.path) + suffix)
+                if p.exists():
+                    p.replace(Path(str(aside) + suffix))
+            print(f"[soupsearch] warning: results cache {self.path} is unreadable ({e}); moved to {aside.name}, "
+                  "starting an empty one (its shards are evaluated again)", file=sys.stderr, flush=True)
+            self.conn = self._open()
         self.stack_fp = stack_fp
         self.split_fps = split_fps
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            conn.execute("SELECT COUNT(*) FROM shard_results").fetchone()
+            conn.execute("PRAGMA quick_check").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def load(self, recipe_key: str, split: str, start: int, stop: int) -> Counts | None:
         row = self.conn.execute(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TrackingError
+from .safety import redact, redact_obj
 
 _BAD = re.compile(r"[^/\w.\- :]")
 
@@ -81,25 +82,46 @@ class Tracker:
 
     # ----------------------------------------------------------------- setup
     def connect(self, timeout: float = 10.0) -> None:
-        """Reach the tracking store and get/create the experiment; fail fast if unreachable."""
+        """Reach the tracking store and get/create the experiment; fail fast if unreachable.
+        Searches creating one fresh SQLite store together take turns (a lock file next to
+        it); other transient store races are retried."""
         if self.uri.startswith(("http://", "https://")):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout)))
+        with _sqlite_init_lock(self.uri):
+            self._connect()
+
+    def _connect(self) -> None:
         from mlflow.tracking import MlflowClient
 
-        try:
-            self._client = MlflowClient(tracking_uri=self.uri)
-            exp = self._client.get_experiment_by_name(self.experiment_name)
-            if exp is None:
-                self.experiment_id = self._client.create_experiment(self.experiment_name, tags=EXPERIMENT_TAGS)
-            else:
-                self.experiment_id = exp.experiment_id
-                for k, v in EXPERIMENT_TAGS.items():  # an experiment made elsewhere keeps its kind
-                    if k not in (exp.tags or {}):
-                        self._client.set_experiment_tag(self.experiment_id, k, v)
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrackingError(f"MLflow tracking URI {self.uri!r} is unreachable or unusable: {first[:300]}") from None
+        exp = None
+        for attempt in range(5):
+            try:
+                client = MlflowClient(tracking_uri=self.uri)
+                exp = client.get_experiment_by_name(self.experiment_name)
+                if exp is not None and exp.lifecycle_stage == "deleted":
+                    break
+                if exp is None:
+                    self.experiment_id = client.create_experiment(self.experiment_name, tags=EXPERIMENT_TAGS)
+                else:
+                    self.experiment_id = exp.experiment_id
+                    for k, v in EXPERIMENT_TAGS.items():  # an experiment made elsewhere keeps its kind
+                        if k not in (exp.tags or {}):
+                            client.set_experiment_tag(self.experiment_id, k, v)
+                self._client = _Guarded(client, self.uri)
+                return
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                racing = any(s in first for s in ("already exists", "UNIQUE constraint failed", "database is locked"))
+                if racing and attempt < 4:
+                    time.sleep(0.5 + attempt)
+                    continue
+                raise TrackingError(f"MLflow tracking URI {redact(self.uri)!r} is unreachable or unusable: "
+                                    f"{redact(first[:300])}") from None
+        raise TrackingError(
+            f"tracking.experiment {self.experiment_name!r} is deleted in {redact(self.uri)!r} (experiment id "
+            f"{exp.experiment_id}): restore it (mlflow experiments restore --experiment-id {exp.experiment_id}) "
+            "or set another tracking.experiment")
 
     @property
     def client(self):
@@ -136,7 +158,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = flatten_params(params)
+        flat = flatten_params(redact_obj(params))
         items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), 90):
             self.client.log_batch(run_id, params=items[i : i + 90])
@@ -159,7 +181,7 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 900])
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
-        self.client.set_tag(run_id, key, value[:5000])
+        self.client.set_tag(run_id, key, redact(value)[:5000])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
@@ -174,7 +196,7 @@ class Tracker:
                 run = self.client.get_run(rid)
                 if run.info.status == "RUNNING":
                     if error:
-                        self.client.set_tag(rid, "soupsearch.error", error[:5000])
+                        self.client.set_tag(rid, "soupsearch.error", redact(error)[:5000])
                     self.client.set_terminated(rid, status=status)
             except Exception:  # pragma: no cover - best effort on the way out
                 pass
@@ -205,3 +227,53 @@ def _register(client, tracker, model_uri, name, tags) -> str:
                                      description=f"best soup of search {parent.info.run_name}" if parent else None)
     client.set_registered_model_alias(name, "best", mv.version)
     return str(mv.version)
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str):
+    """For a SQLite tracking store: hold an exclusive lock on ``.<db name>.lock`` next to the
+    database while connecting, so that searches starting together do not interleave the
+    creation of a fresh store's schema (MLflow's migrations are not safe to run twice at
+    once: one of them fails with errors such as "No such constraint")."""
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    try:
+        fd = os.open(db.parent / f".{db.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a missing or unwritable directory: MLflow reports the store itself
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class _Guarded:
+    """An ``MlflowClient`` whose failures are :class:`TrackingError` (one line, the URI
+    redacted): a tracking server that dies mid-search is a user-facing error, not a trace."""
+
+    def __init__(self, client, uri: str):
+        self._c = client
+        self._uri = uri
+
+    def __getattr__(self, name):
+        attr = getattr(self._c, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except TrackingError:
+                raise
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise TrackingError(f"MLflow tracking URI {redact(self._uri)!r} failed in {name}: "
+                                    f"{redact(first[:300])}") from e
+
+        return call

@@ -1,5 +1,6 @@
 """Bad input: one-line errors naming what and where, exit code 2, no traceback, nothing evaluated."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,155 @@ def case_ray_unreachable(tmp, ck, cfg):
     return ["Ray address", "unreachable"]
 
 
+# ---------------------------------------------------------------- safety and data integrity (issue 19)
+
+SECRET = "hunter2-s3cr3t"
+_HELD = []  # locks held by a case until the test ends
+
+
+def _manifest(tmp, ck, entries):
+    m = tmp / "manifest.json"
+    m.write_text(json.dumps({"name": "sweep", "ingredients": entries}))
+    return m
+
+
+def case_run_dir_is_a_file(tmp, ck, cfg):
+    (tmp / "runfile").write_text("not a directory")
+    cfg["run_dir"] = str(tmp / "runfile")
+    return ["run_dir", "runfile", "is a file, expected a directory"]
+
+
+def case_run_dir_parent_is_a_file(tmp, ck, cfg):
+    (tmp / "parentfile").write_text("x")
+    cfg["run_dir"] = str(tmp / "parentfile" / "run")
+    return ["parentfile", "is a file, expected a directory"]
+
+
+def case_run_dir_locked_by_another_search(tmp, ck, cfg):
+    from soupsearch.runlock import RunDirLock
+
+    _HELD.append(RunDirLock(cfg["run_dir"]).acquire())  # as a live driver would
+    return ["run_dir", "in use by another search", ".soupsearch.lock", "held by pid"]
+
+
+def case_manifest_file_not_a_string(tmp, ck, cfg):
+    cfg["ingredients"]["path"] = str(_manifest(tmp, ck, [{"file": "ckpts/m0.safetensors"}, {"file": 123}]))
+    return ["manifest.json", "ingredients[1].file = 123", "expected a non-empty path string"]
+
+
+def case_manifest_same_file_twice(tmp, ck, cfg):
+    cfg["ingredients"]["path"] = str(_manifest(tmp, ck, [{"file": "ckpts/m0.safetensors"},
+                                                         {"file": "ckpts/../ckpts/m0.safetensors"}]))
+    return ["manifest.json", "ingredients[0] and ingredients[1]", "same file", "listed once"]
+
+
+def case_manifest_name_escapes_run_dir(tmp, ck, cfg):
+    cfg["ingredients"]["path"] = str(_manifest(tmp, ck, [{"file": "ckpts/m0.safetensors", "name": "../../evil"},
+                                                         {"file": "ckpts/m1.safetensors"}]))
+    return ["manifest.json", "ingredients[0].name", "'../../evil'", "path separator"]
+
+
+def case_manifest_name_dotdot(tmp, ck, cfg):
+    cfg["ingredients"]["path"] = str(_manifest(tmp, ck, [{"file": "ckpts/m0.safetensors", "name": ".."}]))
+    return ["ingredients[0].name", "'..'", "cannot be used as a file name"]
+
+
+def case_manifest_duplicate_names(tmp, ck, cfg):
+    cfg["ingredients"]["path"] = str(_manifest(tmp, ck, [{"file": "ckpts/m0.safetensors", "name": "a"},
+                                                         {"file": "ckpts/m1.safetensors", "name": "a"}]))
+    return ["ingredient name 'a'", "m0.safetensors", "m1.safetensors", "unique"]
+
+
+def case_manifest_hparams_not_an_object(tmp, ck, cfg):
+    cfg["ingredients"]["path"] = str(_manifest(tmp, ck, [{"file": "ckpts/m0.safetensors", "hparams": [1, 2]}]))
+    return ["manifest.json", "ingredients[0].hparams", "list", "expected an object"]
+
+
+def case_same_stem_in_two_directories(tmp, ck, cfg):
+    (tmp / "other").mkdir()
+    save_file(_sd(ck, 2), str(tmp / "other" / "m0.safetensors"))
+    cfg["ingredients"]["path"] = str(tmp / "*" / "m0.safetensors")
+    return ["ingredient name 'm0'", "ckpts/m0.safetensors", "other/m0.safetensors", "unique"]
+
+
+def case_same_checkpoint_through_a_symlink(tmp, ck, cfg):
+    (ck / "m9.safetensors").symlink_to(ck / "m0.safetensors")
+    return ["m0.safetensors", "m9.safetensors", "same file"]
+
+
+def case_strategy_label_escapes_run_dir(tmp, ck, cfg):
+    cfg["search"] = {"strategies": ["uniform", {"name": "greedy", "label": "../../outside"}]}
+    return ["search.strategies.1.label", "'../../outside'", "cannot be used as a file name"]
+
+
+def case_factory_from_stdlib(tmp, ck, cfg):
+    Path("/tmp/soupsearch-factory-marker").unlink(missing_ok=True)
+    cfg["model"] = {"factory": "os:system", "kwargs": {"command": "touch /tmp/soupsearch-factory-marker"}}
+    return ["'os:system'", "refused", "standard library"]
+
+
+def case_factory_builtin_eval(tmp, ck, cfg):
+    cfg["model"] = {"factory": "builtins:eval", "kwargs": {}}
+    return ["'builtins:eval'", "refused", "standard library"]
+
+
+def case_factory_returns_no_module(tmp, ck, cfg):
+    cfg["model"] = {"factory": "torch:zeros", "kwargs": {"size": [2]}}
+    return ["'torch:zeros'", "returned Tensor", "expected torch.nn.Module"]
+
+
+def case_label_beyond_the_models_classes(tmp, ck, cfg):
+    x, y = random_split(40, 5)
+    y[3] = 12
+    np.savez(tmp / "val.npz", x=x, y=y)
+    return ["split val", "val.npz", "label 12", "10 classes", "0..9"]
+
+
+def case_negative_label(tmp, ck, cfg):
+    x, y = random_split(40, 6)
+    y[0] = -1
+    np.savez(tmp / "test.npz", x=x, y=y)
+    return ["test.npz", "-1"]
+
+
+def case_num_classes_disagrees_with_model(tmp, ck, cfg):
+    cfg["data"]["num_classes"] = 12
+    return ["data.num_classes = 12", "10 outputs"]
+
+
+def case_class_subset_beyond_the_model(tmp, ck, cfg):
+    cfg["data"]["val"]["class_subset"] = list(range(10)) + [99]
+    return ["split val", "class_subset index 99", "10 outputs"]
+
+
+def case_inputs_the_model_cannot_take(tmp, ck, cfg):
+    rng = np.random.default_rng(0)
+    for name in ("val", "test"):
+        np.savez(tmp / f"{name}.npz", x=rng.random((8, 3, 16, 16), dtype=np.float32), y=np.zeros(8, np.int64))
+    return ["builtin:digits_cnn", "cannot run on split val", "(3, 16, 16)"]
+
+
+def case_mlflow_experiment_deleted(tmp, ck, cfg):
+    import mlflow
+
+    uri = f"sqlite:///{tmp}/own-mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    cfg["tracking"] = {"tracking_uri": uri, "experiment": "gone"}
+    return ["tracking.experiment 'gone'", "deleted", "restore"]
+
+
+def case_tracking_uri_with_password(tmp, ck, cfg):
+    cfg["tracking"]["tracking_uri"] = f"http://admin:{SECRET}@127.0.0.1:{free_port()}"
+    return ["MLflow tracking URI", "admin:***@127.0.0.1", "unreachable"]
+
+
+def case_ray_address_with_password(tmp, ck, cfg):
+    cfg["eval"]["backend"] = "ray"
+    cfg["ray"] = {"address": f"ray://user:{SECRET}@127.0.0.1:{free_port()}"}
+    return ["Ray address", "user:***@127.0.0.1", "unreachable"]
+
+
 CASES = {k[5:]: v for k, v in dict(globals()).items() if k.startswith("case_")}
 
 
@@ -180,6 +330,17 @@ def test_bad_input(case, setup, capsys):
     assert last.startswith("soupsearch: error: ")
     for w in words:
         assert w in last, (w, last)
+    assert SECRET not in err  # credentials are redacted from messages
+    # no partial output: the run dir holds at most the lock and the driver's state
+    from soupsearch.runlock import LOCK_NAME, STATE_NAME
+
+    run_dir = Path(cfg["run_dir"])
+    if run_dir.is_dir():
+        assert {p.name for p in run_dir.iterdir()} <= {LOCK_NAME, STATE_NAME}, sorted(run_dir.iterdir())
+    assert not Path("/tmp/soupsearch-factory-marker").exists()  # a refused factory never ran
+    for held in _HELD:
+        held.release()
+    _HELD.clear()
     # failed before any evaluation: no shard results were stored
     res = Path(cfg["run_dir"]) / "results.sqlite"
     if res.exists():

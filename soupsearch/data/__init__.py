@@ -158,5 +158,10 @@ def build_suite(data_cfg) -> EvalSuite:
     inferred = int(ys.max()) + 1
     suite.num_classes = int(data_cfg.num_classes or inferred)
     if ys.min() < 0 or inferred > suite.num_classes:
+        for sp in suite.splits.values():  # name the split and file holding the first bad label
+            bad = sp.y[(sp.y < 0) | (sp.y >= suite.num_classes)] if sp.class_subset is None else sp.y[:0]
+            if len(bad):
+                raise DataError(f"split {sp.name} ({sp.source}): label {int(bad[0])} is out of range, expected "
+                                f"0..{suite.num_classes - 1} (labels of all splits range over [{ys.min()}, {ys.max()}])")
         raise DataError(f"labels range over [{ys.min()}, {ys.max()}], expected 0..{suite.num_classes - 1}")
     return suite

@@ -125,9 +125,7 @@ def _say(ctx, msg: str) -> None:
     (getattr(ctx, "log", None) or log.info)(msg)
 
 
-def redact(url: str) -> str:
-    """``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+from ..safety import redact  # noqa: E402  (scheme://user:secret@host -> scheme://user:***@host)
 
 
 def _sqlite_engine_kwargs(url: str) -> dict:
@@ -370,15 +368,16 @@ class Learned(Strategy):
         return storage, study, url
 
     @staticmethod
-    def _fail_stale(storage, study) -> int:
-        """Mark trials a killed run left RUNNING as FAIL (one driver per study)."""
+    def _fail_stale(storage, study, reason: str = INTERRUPTED) -> int:
+        """Mark trials a killed run left RUNNING as FAIL (one driver per study). Also used on
+        an interrupt for trials asked but not yet in flight (a Ctrl-C inside ``ask``)."""
         from optuna.trial import TrialState
 
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         study_id = storage.get_study_id_from_name(study.study_name)
         for t in stale:
             tid = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-            storage.set_trial_user_attr(tid, "fail_reason", INTERRUPTED)
+            storage.set_trial_user_attr(tid, "fail_reason", reason)
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         return len(stale)
 
@@ -430,6 +429,7 @@ class Learned(Strategy):
             _say(ctx, f"{self.label}: study {study.study_name!r} ({redact(url)}): {n_done} complete trials"
                       + (f", {stale} interrupted trial(s) marked FAIL" if stale else "")
                       + f"; budget n_trials={opts.n_trials}, timeout={opts.timeout}")
+            self._storage = storage
             self._optimize(ctx, study, space, objs, n_done)
             return [self._result(ctx, study, space, objs, dirs, url)]
         finally:
@@ -532,8 +532,20 @@ class Learned(Strategy):
                     study.tell(trial, state=TrialState.FAIL)
                 except Exception:  # pragma: no cover - best effort; resume marks them FAIL anyway
                     pass
+            storage = getattr(self, "_storage", None)
+            if storage is not None:  # trials asked but not yet in flight (interrupted in ask/submit/tell)
+                try:
+                    self._fail_stale(storage, study, reason)
+                except Exception:  # pragma: no cover - best effort; resume marks them FAIL anyway
+                    pass
             if not isinstance(e, Exception):
                 _say(ctx, f"{self.label}: interrupted; {n_done} complete trials are kept in the study")
+            import optuna
+
+            if isinstance(e, optuna.exceptions.UpdateFinishedTrialError):
+                raise SoupSearchError(
+                    f"strategy {self.label}: a trial of study {study.study_name!r} was finished by another process "
+                    f"({e}); two searches ran one study at once: give each its own run_dir or study_name") from None
             raise
         finally:
             bar.close()
