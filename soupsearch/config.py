@@ -132,7 +132,9 @@ class EvalConfig(_Strict):
     max_in_flight_per_evaluator: int = Field(default=2, gt=0)
     max_attempts: int = Field(default=3, gt=0)  # per shard, across evaluators
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    selection_metric: Literal["accuracy", "nll", "macro_f1"] = "accuracy"
+    # the val number every strategy compares (soupsearch.selection): accuracy, nll, macro_f1, or
+    # accuracy_nll (accuracy, ties broken by NLL)
+    selection_metric: Literal["accuracy", "nll", "macro_f1", "accuracy_nll"] = "accuracy"
     backend: Literal["ray", "local"] = "ray"  # local: in-process, no Ray (debugging)
     # holders per replica group: each holds ~1/s of the stack's columns (auto: the smallest s
     # whose per-actor memory fits eval.memory_per_actor / the GPU's memory)

@@ -167,6 +167,11 @@ class EvalPool:
         return np.concatenate([self._logprobs[(recipe.key, split, i)]
                                for i in range(len(self.shard_bounds(split)))])
 
+    def forget_logprobs(self, recipe: Recipe, split: str) -> None:
+        """Drop the kept per-example log-probabilities of ``recipe`` on ``split`` (memory)."""
+        for i in range(len(self.shard_bounds(split))):
+            self._logprobs.pop((recipe.key, split, i), None)
+
     def _record(self, task: ShardTask, counts: Counts, node_id: str, pid: int, lp=None) -> None:
         key = (task.recipe.key, task.split, task.shard)
         self._cache[key] = counts
