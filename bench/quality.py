@@ -166,10 +166,15 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=20, help="Optuna trials of each learned variant")
     p.add_argument("--metrics", nargs="+", default=list(SELECTION_METRICS))
     p.add_argument("--out", default=str(REPO / "runs" / "bench-quality"))
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = p.parse_args()
     if args.sweeps > len(SWEEPS):
         p.error(f"--sweeps: at most {len(SWEEPS)}")
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    import torch
+
+    # one intra-op thread: this process shares a few cores with others, and spinning OpenMP
+    # threads on an oversubscribed machine slow it down many times over
+    torch.set_num_threads(args.threads)
     t = time.time()
     res = run(args)
     res["seconds"] = time.time() - t

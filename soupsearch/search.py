@@ -811,18 +811,7 @@ def _model_card(name: str, row: CandidateRow, res: SoupResult, stack: StackInfo,
     lines += ["", "## Scores", "", "| split | accuracy | nll | ece | macro_f1 |", "|---|---|---|---|---|"]
     for split, m in row.metrics.items():
         lines.append(f"| {split} | {m['accuracy']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} | {m['macro_f1']:.4f} |")
-    sig = row.info.get("significance") or {}
-    if sig:
-        lines += ["", "## Is the gain real?", "",
-                  f"Accuracy difference to the best individual ingredient (`{row.info.get('versus')}`, best on val) "
-                  "on the same examples, with a 95% paired bootstrap confidence interval and McNemar's exact test. "
-                  "An interval that contains 0 means the data cannot tell the two apart.", "",
-                  "| split | difference | 95% CI | McNemar p |", "|---|---|---|---|"]
-        for split in significance.SPLITS:
-            k = f"delta_vs_best/{split}/accuracy"
-            if k in sig:
-                lines.append(f"| {split} | {sig[k]:+.4f} | [{sig[k + '_ci_low']:+.4f}, {sig[k + '_ci_high']:+.4f}] | "
-                             f"{sig[f'delta_vs_best/{split}/mcnemar_p']:.3g} |")
+    lines += significance.card_lines(row.info.get("significance") or {}, row.info.get("versus"))
     lines += ["", "Weights: `soup.safetensors` (load into the model factory's skeleton)."]
     return "\n".join(lines) + "\n"
 

@@ -86,3 +86,20 @@ def describe(sig: dict[str, float], split: str) -> str | None:
         return None
     return (f"{sig[key]:+.4f} [{sig[key + '_ci_low']:+.4f}, {sig[key + '_ci_high']:+.4f}] "
             f"p={sig[f'delta_vs_best/{split}/mcnemar_p']:.2g}")
+
+
+def card_lines(sig: dict[str, float], versus: str | None) -> list[str]:
+    """The model card's section on the paired comparison (empty when not computed)."""
+    if not sig:
+        return []
+    lines = ["", "## Is the gain real?", "",
+             f"Accuracy difference to the best individual ingredient (`{versus}`, best on val) on the same "
+             "examples, with a 95% paired bootstrap confidence interval and McNemar's exact test. An interval "
+             "that contains 0 means the data cannot tell the two apart.", "",
+             "| split | difference | 95% CI | McNemar p |", "|---|---|---|---|"]
+    for split in SPLITS:
+        k = f"delta_vs_best/{split}/accuracy"
+        if k in sig:
+            lines.append(f"| {split} | {sig[k]:+.4f} | [{sig[k + '_ci_low']:+.4f}, {sig[k + '_ci_high']:+.4f}] | "
+                         f"{sig[f'delta_vs_best/{split}/mcnemar_p']:.3g} |")
+    return lines

@@ -25,9 +25,13 @@ Contract
   Trials in flight when ``run`` is interrupted (Ctrl-C) are marked FAIL
   (``fail_reason="interrupted"``); trials left RUNNING by a killed run are marked so on
   resume, so one driver per study at a time. ``timeout`` bounds this run's asking time.
-* Seeds: ``seed_with`` enqueues ``uniform`` and the recipes of strategies that ran before
-  (``ctx.result(name)``, e.g. ``greedy``) as the first trials, unless the study already
-  holds them; missing ones are skipped. With ``normalize`` seeds are exact (w_i = c_i /
+* Region: by default (``center: greedy``) the search starts where greedy ended: greedy's
+  soup is the first trial, TPE and random stay within ``+-radius`` of its params, CMA-ES
+  starts at them with step size ``sigma`` (see ``neighbourhood``). ``center: null``
+  searches the whole space; a centre that did not run is logged and the whole space used.
+* Seeds: ``seed_with`` enqueues the recipes of strategies that ran before (``ctx.result(name)``,
+  e.g. ``greedy``) and ``uniform`` as the first trials, unless the study already holds them;
+  missing ones, and ones outside the region, are skipped. With ``normalize`` seeds are exact (w_i = c_i /
   max c, i.e. 1 for kept and 0 otherwise), so the seeded recipe has the same key as the
   greedy one and the learned val score is >= greedy's. ``any_sum`` seeds are exact when
   the coefficients lie in ``[low, high]``; ``softmax`` can only approximate sparse seeds.
