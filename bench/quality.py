@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 # fine-tunes out of the basin (the demo's default range is 1e-3 .. 0.1)
 SWEEPS = [(11, 0.1), (12, 0.2), (13, 0.3), (14, 0.05), (15, 0.4), (16, 0.15), (17, 0.25), (18, 0.1)]
 SELECTION_METRICS = ("accuracy", "accuracy_nll", "nll")
-START_FROM_GREEDY = ("learned_tpe", "learned_cmaes", "line_search", "gradient")
+START_FROM_GREEDY = ("learned_tpe", "learned_cmaes", "learned_tpe_small", "learned_cmaes_small", "line_search",
+                     "gradient")
 
 
 def strategies(trials: int) -> list:
@@ -48,6 +49,11 @@ def strategies(trials: int) -> list:
         {"name": "line_search"},
         {"name": "learned", "label": "learned_tpe", "sampler": "tpe", "n_trials": trials},
         {"name": "learned", "label": "learned_cmaes", "sampler": "cmaes", "n_trials": trials},
+        # a smaller region: most ingredients of a sweep are worse than greedy's, and every
+        # trial param moves at once (a box of +-0.2 puts much of the mass on them)
+        {"name": "learned", "label": "learned_tpe_small", "sampler": "tpe", "radius": 0.05, "n_trials": trials},
+        {"name": "learned", "label": "learned_cmaes_small", "sampler": "cmaes", "radius": 0.05, "sigma": 0.02,
+         "n_trials": trials},
         # the previous default: TPE over the whole simplex, seeded with uniform and greedy
         {"name": "learned", "label": "learned_simplex", "sampler": "tpe", "center": None,
          "seed_with": ["uniform", "greedy"], "n_trials": trials},
@@ -161,7 +167,7 @@ def table(res: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweeps", type=int, default=5)
-    p.add_argument("--n", type=int, default=8, help="fine-tunes per sweep")
+    p.add_argument("--n", type=int, default=12, help="fine-tunes per sweep")
     p.add_argument("--max-epochs", type=int, default=None, help="cap on each fine-tune's epochs (default: none)")
     p.add_argument("--trials", type=int, default=20, help="Optuna trials of each learned variant")
     p.add_argument("--metrics", nargs="+", default=list(SELECTION_METRICS))
