@@ -15,6 +15,7 @@ from .ingredients import IngredientStack, ParamLayout, discover, load_state_dict
 from .methods import MergeMethod, get_method, list_methods, register_method
 from .mixing import Recipe, mix
 from .models import create_model, register_model
+from .significance import mcnemar, paired_bootstrap
 
 __all__ = [
     "SoupSearchError", "ConfigError", "CheckpointError", "DataError", "ModelFactoryError", "RecipeError",
@@ -23,4 +24,5 @@ __all__ = [
     "Recipe", "mix", "MergeMethod", "list_methods", "get_method", "register_method",
     "create_model", "register_model",
     "merge", "uniform_soup", "weighted_soup", "fisher_soup", "greedy_soup", "dare",
+    "paired_bootstrap", "mcnemar",
 ]
