@@ -13,8 +13,10 @@ selection metric):
 * for the soups that start from greedy (learned_*, line_search, gradient): on how many
   sweeps their val selection score is strictly above greedy's ("> greedy").
 
-Usage: ``python bench/quality.py [--sweeps 5] [--n 10] [--trials 30] [--out runs/bench-quality]``
-(about 10 minutes on 2 CPU cores with the defaults).
+Usage: ``python bench/quality.py [--sweeps 5] [--n 8] [--trials 20] [--out runs/bench-quality]``
+(about 12 minutes on this shared 2-core machine with the defaults; ``--n 12``, the README's
+table, about 22). Sweeps, results stores and Optuna studies are kept under ``--out``: a
+re-run only scores what changed.
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def table(res: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweeps", type=int, default=5)
-    p.add_argument("--n", type=int, default=12, help="fine-tunes per sweep")
+    p.add_argument("--n", type=int, default=8, help="fine-tunes per sweep")
     p.add_argument("--max-epochs", type=int, default=None, help="cap on each fine-tune's epochs (default: none)")
     p.add_argument("--trials", type=int, default=20, help="Optuna trials of each learned variant")
     p.add_argument("--metrics", nargs="+", default=list(SELECTION_METRICS))

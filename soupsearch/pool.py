@@ -174,13 +174,14 @@ class EvalPool:
 
     def _record(self, task: ShardTask, counts: Counts, node_id: str, pid: int, lp=None) -> None:
         key = (task.recipe.key, task.split, task.shard)
+        known = key in self._cache  # scored again for its predictions: the stored counts are the same
         self._cache[key] = counts
         if lp is not None:
             self._logprobs[key] = lp
         self._queued.discard(key)
         self.node_ids.add(node_id)
         self.stats["shards_evaluated"] += 1
-        if self.store is not None:
+        if self.store is not None and not known:
             self.store.save(task.recipe.key, task.split, task.start, task.stop, counts, node_id, pid)
         for t in self._waiting.pop(key, ()):
             req = self._requests.get(t)
