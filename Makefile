@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/sharding.py
+	$(BIN)/python bench/quality.py
 
 # A real local cluster on loopback: a head and one worker node (`ray start` processes).
 cluster-up: $(STAMP)

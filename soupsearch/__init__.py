@@ -16,6 +16,7 @@ from .methods import MergeMethod, get_method, list_methods, register_method
 from .mixing import Recipe, mix
 from .models import create_model, register_model
 from .rebasin import AlignError, align, permutation_spec
+from .significance import mcnemar, paired_bootstrap
 
 __all__ = [
     "SoupSearchError", "ConfigError", "CheckpointError", "DataError", "ModelFactoryError", "RecipeError",
@@ -25,4 +26,5 @@ __all__ = [
     "create_model", "register_model",
     "merge", "uniform_soup", "weighted_soup", "fisher_soup", "greedy_soup", "dare",
     "align", "permutation_spec", "AlignError",
+    "paired_bootstrap", "mcnemar",
 ]

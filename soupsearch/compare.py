@@ -166,6 +166,11 @@ def _compare(tracking_uri: str | None, experiment: str | None, run_id: str | Non
         row["worst_shift"] = (max(vals) if lower_better else min(vals)) if vals else None
         row["ood_mean"] = _value(m, f"ood_mean{suffix}")
         row["n"] = row["num_ingredients"]
+        for split in ("val", "test"):  # paired accuracy difference to the best individual (logged by the search)
+            key = f"delta_vs_best/{split}/accuracy"
+            row[f"{split}_vs_best_ci_low"] = _value(m, f"{key}_ci_low")
+            row[f"{split}_vs_best_ci_high"] = _value(m, f"{key}_ci_high")
+            row[f"{split}_mcnemar_p"] = _value(m, f"delta_vs_best/{split}/mcnemar_p")
         rows.append(row)
     best = next((row for row in rows if row["name"] == BASELINE), None)
     for row in rows:
@@ -187,7 +192,9 @@ def compare_rows(tracking_uri: str | None = None, experiment: str | None = None,
     ``n`` (= ``num_ingredients``) (values of ``<split>/<metric>``;
     ``None`` where a run lacks one), and ``val_vs_best``, ``test_vs_best``,
     ``ood_mean_vs_best``: the difference to the child run ``best_individual`` (``None``
-    without one). The search is the latest parent run of ``experiment`` (default: the
+    without one); ``val_vs_best_ci_low``, ``val_vs_best_ci_high``, ``val_mcnemar_p`` (and
+    ``test_...``): the 95% paired bootstrap interval of the accuracy difference to the best
+    individual ingredient and McNemar's p, as the search logged them. The search is the latest parent run of ``experiment`` (default: the
     most recently created experiment that has one) unless ``run_id`` names it.
 
     Raises :class:`TrackingError` (store unreachable, experiment or run not found) or
@@ -203,7 +210,12 @@ def columns_of(rows: Sequence[dict]) -> list[str]:
     """Every column (``--wide``, and the CSV default): one per shifted set included."""
     shifts = [k for k in (rows[0] if rows else {}) if k.startswith("shift/")]
     return (["name", "num_ingredients", "forward_passes", "val", "test", *shifts, "worst_shift", "ood_mean",
-             "val_vs_best", "test_vs_best", "ood_mean_vs_best"])
+             "val_vs_best", "test_vs_best", "ood_mean_vs_best", "val_vs_best_ci", "test_vs_best_ci",
+             "test_mcnemar_p"])
+
+
+_CSV_EXPANDED = {"val_vs_best_ci": ["val_vs_best_ci_low", "val_vs_best_ci_high"],
+                 "test_vs_best_ci": ["test_vs_best_ci_low", "test_vs_best_ci_high"]}
 
 
 # the default terminal table: fits 100 columns whatever the number of shifted sets
@@ -231,17 +243,23 @@ def format_compare(rows: Sequence[dict], fmt: str = "table", title: str | None =
     if fmt not in FORMATS:
         raise SoupSearchError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     cols = list(columns or columns_of(rows))
-    if fmt == "csv":
-        return format_table(rows, cols, fmt="csv")
+    if fmt == "csv":  # full precision: an interval is two columns
+        return format_table(rows, [x for k in cols for x in _CSV_EXPANDED.get(k, [k])], fmt="csv")
 
-    def cell(k, v):
+    def cell(k, r):
+        if k in _CSV_EXPANDED:
+            lo, hi = (r.get(x) for x in _CSV_EXPANDED[k])
+            return "-" if lo is None or hi is None else f"[{lo:+.4f}, {hi:+.4f}]"
+        v = r.get(k)
         if v is None:
             return "-"
         if k.endswith("_vs_best"):
             return f"{v:+.4f}"
+        if k.endswith("_p"):
+            return f"{v:.3g}"
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    shown = [{k: cell(k, r.get(k)) for k in cols} for r in rows]
+    shown = [{k: cell(k, r) for k in cols} for r in rows]
     return format_table(shown, cols, fmt=fmt, title=title)
 
 

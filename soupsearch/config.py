@@ -132,7 +132,9 @@ class EvalConfig(_Strict):
     max_in_flight_per_evaluator: int = Field(default=2, gt=0)
     max_attempts: int = Field(default=3, gt=0)  # per shard, across evaluators
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    selection_metric: Literal["accuracy", "nll", "macro_f1"] = "accuracy"
+    # the val number every strategy compares (soupsearch.selection): accuracy, nll, macro_f1, or
+    # accuracy_nll (accuracy, ties broken by NLL)
+    selection_metric: Literal["accuracy", "nll", "macro_f1", "accuracy_nll"] = "accuracy"
     # forward passes in float32, or under autocast in bfloat16 / float16 (CPU and GPU); the
     # soup is always mixed in float32. Results are cached per precision.
     precision: Literal["float32", "bfloat16", "float16"] = "float32"

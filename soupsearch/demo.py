@@ -96,6 +96,7 @@ def make_sweep(
     max_epochs: int | None = None,
     split_seed: int = 0,
     model_kwargs: Mapping[str, Any] | None = None,
+    ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> Path:
     """Train the demo sweep into ``out_dir`` and return the path of its manifest.
 
@@ -105,12 +106,17 @@ def make_sweep(
     ``max_epochs`` caps each fine-tune's (drawn) epochs -- for tiny, fast test sweeps;
     the drawn value is still recorded in ``hparams["epochs"]`` and the cap in
     ``hparams["epochs_run"]``. ``split_seed`` picks the data splits (fixed by default,
-    so sweeps with different seeds share the same val/test examples).
+    so sweeps with different seeds share the same val/test examples). ``ranges`` overrides
+    entries of :data:`HPARAM_RANGES` (e.g. a wider ``lr`` range sends more fine-tunes out of
+    the pre-trained basin); recorded in the manifest.
     """
     if n < 1:
         raise ValueError(f"make_sweep: n must be >= 1, got {n}")
     if pretrain_epochs < 1:
         raise ValueError(f"make_sweep: pretrain_epochs must be >= 1, got {pretrain_epochs}")
+    bad = sorted(set(ranges or {}) - set(HPARAM_RANGES))
+    if bad:
+        raise ValueError(f"make_sweep: unknown hyperparameter range {bad[0]!r}; valid: {', '.join(HPARAM_RANGES)}")
     if max_epochs is not None and max_epochs < 1:
         raise ValueError(f"make_sweep: max_epochs must be >= 1 or None, got {max_epochs}")
     kwargs = {**MODEL_KWARGS, **dict(model_kwargs or {})}
@@ -148,7 +154,7 @@ def make_sweep(
         entries = []
         for i in range(n):
             name = f"ft_{i:02d}"
-            hp = draw_hparams(rng)
+            hp = draw_hparams(rng, ranges)
             hp["epochs_run"] = hp["epochs"] if max_epochs is None else min(hp["epochs"], max_epochs)
             model = create_model(MODEL_FACTORY, **kwargs)
             model.load_state_dict(base_sd)
@@ -177,6 +183,7 @@ def make_sweep(
         "splits": "splits.json",
         "pretrain": {"epochs": int(pretrain_epochs), "optimizer": "adam", "lr": PRETRAIN_LR, "seed": pre_seed},
         "ingredients": entries,
+        **({"hparam_ranges": {k: list(v) for k, v in ranges.items()}} if ranges else {}),
     }
     write_text_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
     if progress:
@@ -202,13 +209,14 @@ def sweep_is_complete(out_dir: str | os.PathLike) -> bool:
         return False
 
 
-def draw_hparams(rng: np.random.Generator) -> dict[str, Any]:
-    """One fine-tune's hyperparameters from :data:`HPARAM_RANGES` (always 8 draws, fixed order)."""
+def draw_hparams(rng: np.random.Generator, ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+    """One fine-tune's hyperparameters from :data:`HPARAM_RANGES` (updated with ``ranges``;
+    always 8 draws, fixed order)."""
 
     def loguniform(lo: float, hi: float) -> float:
         return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
-    r = HPARAM_RANGES
+    r = {**HPARAM_RANGES, **dict(ranges or {})}
     return {
         "optimizer": "sgd",
         "momentum": MOMENTUM,

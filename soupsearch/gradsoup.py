@@ -41,16 +41,30 @@ def learn_coefficients(
     prepare=None,
     shard: ParamLayout | None = None,
     group=None,
+    init: list[list[float]] | list[float] | None = None,
+    init_floor: float = 1e-3,
 ) -> dict:
     """Returns ``{"coeffs": [G][n] softmax weights, "losses": [per-epoch mean loss]}``.
 
     ``W`` holds the columns of ``shard`` (default: the whole ``layout``); ``group`` is the
-    replica group the other columns live in (None: ``W`` is the whole stack)."""
+    replica group the other columns live in (None: ``W`` is the whole stack).
+
+    ``init``: starting coefficients (one row, or one per layer group; default uniform). The
+    logits start at ``T * log(c + init_floor)``, so the first soup is ``c`` up to the floor
+    spread over every ingredient (zeros cannot be reached by a softmax)."""
     shard = shard or layout
     n = W.shape[0]
     G = len(layout.group_names_at(group_depth)) if per_layer else 1
     gids = shard.group_ids_at(group_depth) if per_layer else (0,) * len(shard.specs)
-    alpha = torch.zeros(G, n, dtype=torch.float32, device=W.device, requires_grad=True)
+    alpha = torch.zeros(G, n, dtype=torch.float32, device=W.device)
+    if init is not None:
+        rows = torch.as_tensor(init, dtype=torch.float64).reshape(-1, n)
+        rows = rows.expand(G, n) if rows.shape[0] == 1 else rows
+        if rows.shape[0] != G or (rows < 0).any() or not (rows.sum(1) > 0).all():
+            raise ValueError(f"init: expected 1 or {G} rows of {n} non-negative coefficients with a positive sum")
+        rows = rows / rows.sum(1, keepdim=True)
+        alpha.copy_((temperature * torch.log(rows + init_floor)).to(alpha.dtype))
+    alpha.requires_grad_(True)
     opt = torch.optim.AdamW([alpha], lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     model.eval()  # BatchNorm uses the (mixed) running statistics, as the soup will at inference

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-METRICS = ("accuracy", "nll", "ece", "macro_f1", "macro_precision", "macro_recall")
+from .selection import tie_broken_accuracy
+
+METRICS = ("accuracy", "nll", "ece", "macro_f1", "macro_precision", "macro_recall", "accuracy_nll")
 DEFAULT_ECE_BINS = 15
 
 
@@ -87,7 +89,8 @@ def counts_from_logits(
 
 
 def compute_metrics(c: Counts) -> dict[str, float]:
-    """accuracy, NLL (mean), ECE (L1, equal-width bins), macro precision / recall / F1.
+    """accuracy, NLL (mean), ECE (L1, equal-width bins), macro precision / recall / F1, and
+    ``accuracy_nll`` (accuracy with ties broken by NLL, see :mod:`soupsearch.selection`).
 
     Macro averages run over the classes present in the labels or the predictions
     (a class never seen and never predicted is left out); an undefined precision or
@@ -109,11 +112,13 @@ def compute_metrics(c: Counts) -> dict[str, float]:
     ece = float(
         np.sum(np.abs(c.bin_correct[nonempty] - c.bin_conf_sum[nonempty])) / n
     )  # sum_b |acc_b - conf_b| * n_b / n
+    accuracy, nll = float(tp.sum() / n), float(c.nll_sum / n)
     return {
-        "accuracy": float(tp.sum() / n),
-        "nll": float(c.nll_sum / n),
+        "accuracy": accuracy,
+        "nll": nll,
         "ece": ece,
         "macro_f1": float(f1[present].mean()),
         "macro_precision": float(prec[present].mean()),
         "macro_recall": float(rec[present].mean()),
+        "accuracy_nll": tie_broken_accuracy(accuracy, nll, n),
     }

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from . import selection
+
 log = logging.getLogger("soupsearch")
 
 METRIC = "accuracy"
@@ -296,7 +298,7 @@ def best_weight_soup(outcome):
     weight-space recipe, preferring soups of at least two ingredients; baselines only
     when no soup qualifies; ``None`` when nothing does."""
     metric = _selection_metric(outcome)
-    higher = metric != "nll"
+    higher = selection.higher_is_better(metric)
     cands = []
     for row in outcome.soups:
         res = (outcome.results or {}).get(row.name)

@@ -193,8 +193,14 @@ class EvalPool:
         return np.concatenate([self._logprobs[(recipe.key, split, i)]
                                for i in range(len(self.shard_bounds(split)))])
 
+    def forget_logprobs(self, recipe: Recipe, split: str) -> None:
+        """Drop the kept per-example log-probabilities of ``recipe`` on ``split`` (memory)."""
+        for i in range(len(self.shard_bounds(split))):
+            self._logprobs.pop((recipe.key, split, i), None)
+
     def _record(self, task: ShardTask, counts: Counts, node_id: str, pid: int, lp=None) -> None:
         key = (task.recipe.key, task.split, task.shard)
+        known = key in self._cache  # scored again for its predictions: the stored counts are the same
         self._cache[key] = counts
         if lp is not None:
             self._logprobs[key] = lp
@@ -205,7 +211,7 @@ class EvalPool:
         self.node_ids.add(node_id)
         self.stats["shards_evaluated"] += 1
         progress.advance("shard")
-        if self.store is not None:
+        if self.store is not None and not known:
             self.store.save(task.recipe.key, task.split, task.start, task.stop, counts, node_id, pid)
         for t in self._waiting.pop(key, ()):
             req = self._requests.get(t)

@@ -8,17 +8,28 @@ from typing import Sequence
 
 import numpy as np
 
+from . import selection, significance
 
-def summary_rows(ingredients, soups, metric: str = "accuracy") -> list[dict]:
-    """Rows: best / median / worst ingredient (ranked by val), then every soup and baseline."""
+
+def summary_rows(ingredients, soups, metric: str = "accuracy", selection_metric: str | None = None) -> list[dict]:
+    """Rows: best / median / worst ingredient (ranked by val ``selection_metric``, default
+    ``metric``), then every soup and baseline. ``metric`` is shown; with another selection
+    metric its val value is shown too (``val_<selection metric>``), and a soup's paired
+    difference to the best individual on test (``test_vs_best``) when it was computed."""
+    sel = selection_metric or metric
 
     def pick(row, label):
-        return {"name": label, "n": row.num_ingredients, "val": row.metrics["val"][metric],
-                "test": row.metrics["test"][metric], "ood_mean": row.metrics.get("ood_mean", {}).get(metric)}
+        out = {"name": label, "n": row.num_ingredients, "val": row.metrics["val"][metric],
+               "test": row.metrics["test"][metric], "ood_mean": row.metrics.get("ood_mean", {}).get(metric)}
+        if sel != metric:
+            out[f"val_{sel}"] = row.metrics["val"].get(sel)
+        out["test_vs_best"] = significance.describe((row.info or {}).get("significance") or {}, "test")
+        return out
 
     rows = []
     if ingredients:
-        order = sorted(ingredients, key=lambda r: -r.metrics["val"][metric])
+        ranked = selection.rank([r.metrics["val"][sel] for r in ingredients], selection.higher_is_better(sel))
+        order = [ingredients[i] for i in ranked]
         rows.append(pick(order[0], f"ingredient best ({order[0].name})"))
         med = {"name": f"ingredient median (of {len(order)})", "n": 1}
         for col in ("val", "test", "ood_mean"):
@@ -62,8 +73,15 @@ def format_table(rows: Sequence[dict], columns: Sequence[str], fmt: str = "table
 
 
 def search_table(outcome, metric: str = "accuracy") -> str:
-    rows = summary_rows(outcome.ingredients, outcome.soups, metric)
-    cols = ["name", "n", "val", "test", "ood_mean"]
-    title = (f"{metric} on val (selection), test (ID) and the mean over {len(outcome.shift_names)} shifted sets"
+    sel = outcome.config.eval.selection_metric
+    rows = summary_rows(outcome.ingredients, outcome.soups, metric, sel)
+    cols = ["name", "n", "val", "test", "ood_mean"] + ([f"val_{sel}"] if sel != metric else [])
+    if any(r.get("test_vs_best") for r in rows):
+        cols.append("test_vs_best")
+    chosen = "the selection metric" if sel == metric else f"selected by val {sel} ({selection.describe(sel)})"
+    title = (f"{metric} on val ({chosen}), test (ID) and the mean over {len(outcome.shift_names)} shifted sets"
              f" -- {outcome.config.name}")
+    if "test_vs_best" in cols:
+        title += ("\ntest_vs_best: test accuracy minus the best individual's (best on val), "
+                  "[95% paired bootstrap CI] and McNemar's p")
     return format_table(rows, cols, title=title)

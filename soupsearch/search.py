@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from .ingredients import discover, format_bytes, read_manifest
 from .safety import inside, redact, redact_obj
 from .shards import MemoryPlan, StackInfo, StackSpec, combine_digests, model_memory, parse_bytes, partition, \
     plan_memory, read_headers
+from . import selection, significance
 from .metrics import METRICS
 from .mixing import Recipe
 from .models import create_model
@@ -66,7 +66,7 @@ class Context:
         self.names = list(stack.names)
         self.layout = stack.layout
         self.selection_metric = selection_metric
-        self.higher_is_better = selection_metric != "nll"
+        self.higher_is_better = selection.higher_is_better(selection_metric)
         self.results: dict[str, SoupResult] = {}
         self._individual: list[float] | None = None
         self._logprob_cache: dict[tuple[int, str], np.ndarray] = {}
@@ -106,6 +106,15 @@ class Context:
 
     def labels(self, split: str) -> np.ndarray:
         return self.suite.splits[split].y
+
+    def correct(self, recipe: Recipe, split: str) -> np.ndarray:
+        """Per-example correctness ``[N]`` (bool) of a soup on ``split`` (for paired comparisons);
+        one pass that keeps the predictions, which are dropped once read."""
+        r = self._prepare(recipe)
+        self.pool.counts([(r, split)], want_logprobs=True)
+        pred = self.pool.logprobs(r, split).argmax(1)
+        self.pool.forget_logprobs(r, split)
+        return pred == self.labels(split)
 
     def ensure_stats(self, name: str) -> str:
         """Make the per-ingredient statistic ``name`` available to the evaluators (estimated
@@ -165,13 +174,9 @@ class Context:
         recipe whose score is to be reached (the current soup); its hardest shards are scored
         first, so a candidate that cannot reach it stops sooner (same outcome, fewer shards)."""
         max_errors = None
-        if must_reach is not None and self.selection_metric == "accuracy" and split in self.pool.split_sizes:
-            n = self.pool.split_sizes[split]
-            score, strict = must_reach
-            # correct examples needed: accuracy >= score (or > score); exact for score = k/n
-            need = math.floor(score * n + 1e-9) + 1 if strict else math.ceil(score * n - 1e-9)
-            if need <= n:  # else nothing can reach it: scored in full, never kept
-                max_errors = n - max(need, 0)
+        if must_reach is not None and split in self.pool.split_sizes:
+            max_errors = selection.max_errors(self.selection_metric, must_reach[0], must_reach[1],
+                                              self.pool.split_sizes[split])
         ref = self._prepare(reference) if reference is not None and max_errors is not None else None
         return self.pool.submit(self._prepare(recipe), split, max_errors=max_errors, reference=ref)
 
@@ -185,7 +190,9 @@ class Context:
                 self.pool.rejected.discard(t)
                 n = self.pool.split_sizes[split]
                 errors = c.n - int(c.confusion.trace())
-                out.append((t, r, {"accuracy": (n - errors) / n, "stopped_early": True, "examples_seen": c.n}))
+                bound = (n - errors) / n  # an upper bound of the accuracy (and of accuracy_nll)
+                out.append((t, r, {"accuracy": bound, self.selection_metric: bound, "stopped_early": True,
+                                   "examples_seen": c.n}))
             else:
                 out.append((t, r, compute_metrics(c)))
         return out
@@ -781,6 +788,11 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
     ingredient_rows = [CandidateRow(stack.names[i], "ingredient", 1, ind[i], {"hparams": hparams.get(stack.names[i], {})})
                        for i in range(stack.n)]
     say(f"scored {stack.n} ingredients on {len(eval_splits)} splits in {time.time() - t:.1f}s")
+    # the best individual by val: every soup's accuracy difference to it, paired per example
+    metric = cfg.eval.selection_metric
+    best_i = selection.best_of([m["val"][metric] for m in ind], metric)
+    paired = [s for s in significance.SPLITS if s in suite.splits]
+    best_correct = {s: ctx.logprobs(best_i, s).argmax(1) == ctx.labels(s) for s in paired}
     table = []
     for i, r in enumerate(ingredient_rows):
         d = r.flat()
@@ -809,6 +821,10 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
             row = CandidateRow(res.name, "baseline" if res.name == "best_individual" or res.recipe is None else "soup",
                                res.num_ingredients, metrics, {"params": res.params},
                                forward_passes=int(res.info.get("forward_passes", 1)))
+            correct = ({s: ctx.correct(res.recipe, s) for s in paired} if res.recipe is not None
+                       else dict(res.info.get("correct") or {}))
+            row.info["significance"] = significance.versus_best(correct, best_correct, seed=cfg.seed)
+            row.info["versus"] = stack.names[best_i]
             soups.append(row)
             _log_soup(cfg, tracker, stack, suite, res, row, run_dir, ctx, started=t)
             say(f"strategy {res.name}: val {metrics['val'][ctx.selection_metric]:.4f}, test "
@@ -925,7 +941,7 @@ def _load_or_make_predictions(ctx: Context, one_hots: list[Recipe], run_dir: Pat
 def _model_card(name: str, row: CandidateRow, res: SoupResult, stack: StackInfo, metric: str) -> str:
     lines = [f"# Model card: soup `{name}`", "",
              f"A weight-space average of {row.num_ingredients} fine-tuned checkpoints, selected by "
-             f"`val/{metric}` (the held-out split) with the `{res.name}` strategy of soupsearch. "
+             f"`val/{metric}` ({selection.describe(metric)}, on the held-out split) with the `{res.name}` strategy of soupsearch. "
              "One forward pass at inference, like any single model.", "", "## Ingredients and coefficients", "",
              "| ingredient | coefficient |", "|---|---|"]
     r = res.recipe
@@ -942,6 +958,7 @@ def _model_card(name: str, row: CandidateRow, res: SoupResult, stack: StackInfo,
     lines += ["", "## Scores", "", "| split | accuracy | nll | ece | macro_f1 |", "|---|---|---|---|---|"]
     for split, m in row.metrics.items():
         lines.append(f"| {split} | {m['accuracy']:.4f} | {m['nll']:.4f} | {m['ece']:.4f} | {m['macro_f1']:.4f} |")
+    lines += significance.card_lines(row.info.get("significance") or {}, row.info.get("versus"))
     lines += ["", "Weights: `soup.safetensors` (load into the model factory's skeleton)."]
     return "\n".join(lines) + "\n"
 
@@ -970,8 +987,7 @@ def _log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: 
     cands = [r for r in soups if ctx.results.get(r.name) is not None and ctx.results[r.name].recipe is not None]
     if not cands:
         return None
-    sign = 1 if ctx.higher_is_better else -1
-    best = max(cands, key=lambda r: sign * r.metrics["val"][metric])  # first of equals wins
+    best = cands[selection.best_of([r.metrics["val"][metric] for r in cands], metric)]  # first of equals wins
     res = ctx.results[best.name]
     model = create_model(cfg.model.factory, **cfg.model.kwargs)
     model.load_state_dict(ctx.soup_state_dict(res.recipe))
@@ -1029,6 +1045,8 @@ def _log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, ru
     tracker.log_metrics(rid, _mlflow_metrics(row, suite))
     if started is not None:
         tracker.log_metrics(rid, {"strategy_seconds": ended - started})
+    if row.info.get("significance"):
+        tracker.log_metrics(rid, row.info["significance"])
     if res.info.get("extra_metrics"):
         tracker.log_metrics(rid, res.info["extra_metrics"])
     if res.step_metrics:

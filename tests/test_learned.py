@@ -124,7 +124,8 @@ def test_seeds_first_budget_parallelism_and_beats_greedy(tmp_path):
     ctx = FakeContext(tmp_path, num_evaluators=3)
     g = run_greedy(ctx)
     assert len(g.recipe.support()) < ctx.n  # greedy drops ingredients: a non-trivial seed
-    [res] = create_strategy("learned", n_trials=20).run(ctx)
+    # the whole simplex, seeded with uniform then greedy (center: null; the default centres on greedy)
+    [res] = create_strategy("learned", n_trials=20, center=None, seed_with=["uniform", "greedy"]).run(ctx)
     uniform = Recipe.uniform_over(range(ctx.n), ctx.n)
     assert ctx.submitted[0].key == uniform.key and ctx.submitted[0] == uniform
     assert ctx.submitted[1].key == g.recipe.key and ctx.submitted[1] == g.recipe  # exact, not approximate
@@ -202,7 +203,8 @@ def test_all_zero_normalize_weights_fail_with_reason(tmp_path):
 def test_per_layer_recipes_are_G_by_n(tmp_path):
     ctx = FakeContext(tmp_path, n=4, groups=("a", "b", "c"), group_depth=2)
     g = run_greedy(ctx)
-    [res] = create_strategy("learned", parameterization="per_layer", n_trials=8).run(ctx)
+    [res] = create_strategy("learned", parameterization="per_layer", n_trials=8, center=None,
+                            seed_with=["uniform", "greedy"]).run(ctx)
     for r in ctx.submitted + [res.recipe]:
         assert r.per_layer and r.group_depth == 2
         C = coeff_matrix(r)
@@ -216,21 +218,22 @@ def test_mappings_give_documented_ranges(tmp_path):
     n = 5
     ctx = FakeContext(tmp_path / "softmax")
     run_greedy(ctx)
-    create_strategy("learned", mapping="softmax", n_trials=12, sampler="random").run(ctx)
+    whole = dict(center=None, seed_with=["uniform", "greedy"])
+    create_strategy("learned", mapping="softmax", n_trials=12, sampler="random", **whole).run(ctx)
     assert ctx.submitted[0] == Recipe.uniform_over(range(n), n)  # uniform is exact with logits 0
     for r in ctx.submitted:
         c = np.array(r.coeffs)
         assert abs(c.sum() - 1.0) < 1e-9 and (c >= math.exp(-8) / n - 1e-12).all() and (c < 1).all()
     ctx = FakeContext(tmp_path / "any_sum")
     run_greedy(ctx)
-    create_strategy("learned", mapping="any_sum", low=-0.5, high=1.5, n_trials=12, sampler="random").run(ctx)
+    create_strategy("learned", mapping="any_sum", low=-0.5, high=1.5, n_trials=12, sampler="random", **whole).run(ctx)
     sums = [sum(r.coeffs) for r in ctx.submitted]
     assert all(-0.5 <= c <= 1.5 for r in ctx.submitted for c in r.coeffs)
     assert any(c < 0 for r in ctx.submitted for c in r.coeffs)
     assert max(abs(s - 1) for s in sums[2:]) > 0.5  # not normalized
     assert ctx.submitted[1] == ctx.results["greedy"].recipe  # seeds in [low, high] are exact
     ctx = FakeContext(tmp_path / "normalize")
-    create_strategy("learned", n_trials=12, sampler="random").run(ctx)
+    create_strategy("learned", n_trials=12, sampler="random", **whole).run(ctx)
     for r in ctx.submitted:
         assert abs(sum(r.coeffs) - 1) < 1e-9 and all(0 <= c <= 1 for c in r.coeffs)
 
@@ -284,12 +287,12 @@ def test_fisher_learned_makes_fisher_recipes(tmp_path):
 def test_resume_runs_only_the_missing_trials(tmp_path):
     ctx = FakeContext(tmp_path, num_evaluators=2)
     g = run_greedy(ctx)
-    [r1] = create_strategy("learned", n_trials=6).run(ctx)
+    [r1] = create_strategy("learned", n_trials=6, center=None).run(ctx)
     first = {t.number: t.params for t in load(tmp_path, r1).trials}
     assert len(first) == 6
     ctx2 = FakeContext(tmp_path, num_evaluators=2, seed=0)
     ctx2.results["greedy"] = g
-    [r2] = create_strategy("learned", n_trials=10).run(ctx2)
+    [r2] = create_strategy("learned", n_trials=10, center=None).run(ctx2)
     assert r2.params["study_name"] == r1.params["study_name"]
     study = load(tmp_path, r2)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 10 == len(study.trials)
@@ -304,7 +307,7 @@ def test_resume_runs_only_the_missing_trials(tmp_path):
     for i in range(ctx.n):
         stale.suggest_float(f"w{i}", 0.0, 1.0)
     ctx3 = FakeContext(tmp_path, num_evaluators=2)
-    create_strategy("learned", n_trials=11).run(ctx3)
+    create_strategy("learned", n_trials=11, center=None).run(ctx3)
     t = load(tmp_path, r2).trials[stale.number]
     assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "interrupted"
     assert len(ctx3.submitted) == 1
@@ -315,7 +318,7 @@ def test_keyboard_interrupt_fails_in_flight_trials_and_resume_completes(tmp_path
     ctx = FakeContext(tmp_path, num_evaluators=3, interrupt_after=4)
     run_greedy(ctx)
     with pytest.raises(KeyboardInterrupt):
-        create_strategy("learned", n_trials=12).run(ctx)
+        create_strategy("learned", n_trials=12, center=None).run(ctx)
     name = optuna.get_all_study_names(f"sqlite:///{tmp_path}/optuna.db")[0]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
     done = {t.number: t.params for t in study.trials if t.state == TrialState.COMPLETE}
@@ -324,7 +327,7 @@ def test_keyboard_interrupt_fails_in_flight_trials_and_resume_completes(tmp_path
     assert all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted)
     ctx2 = FakeContext(tmp_path, num_evaluators=3)
     ctx2.results["greedy"] = ctx.results["greedy"]
-    create_strategy("learned", n_trials=12).run(ctx2)
+    create_strategy("learned", n_trials=12, center=None).run(ctx2)
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == 12 and len(ctx2.submitted) == 8

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from soupsearch.compare import add_compare_subparser, compare_rows, format_compare
+from soupsearch.compare import add_compare_subparser, columns_of, compare_rows, format_compare
 from soupsearch.errors import SoupSearchError, TrackingError
 from soupsearch.mixing import Recipe
 from soupsearch.plots import make_plots
@@ -146,6 +146,10 @@ def test_compare_rows_sqlite_match_mlflow(searched):
         assert row["forward_passes"] == int(m["forward_passes"])
         for col in ("val", "test", "ood_mean"):
             assert row[f"{col}_vs_best"] == pytest.approx(m[f"{col}/accuracy"] - best[col], abs=1e-12)
+        for col in ("val", "test"):  # the paired interval the search logged contains the difference
+            assert row[f"{col}_vs_best_ci_low"] <= row[f"{col}_vs_best"] + 1e-12
+            assert row[f"{col}_vs_best"] - 1e-12 <= row[f"{col}_vs_best_ci_high"]
+            assert 0.0 <= row[f"{col}_mcnemar_p"] <= 1.0
     by = {r["name"]: r for r in rows}
     assert by["best_individual"]["val_vs_best"] == 0.0
     assert by["ensemble"]["forward_passes"] == len(out.ingredients)
@@ -167,7 +171,8 @@ def test_compare_formats_parse_back(searched):
     cols = list(csv.reader(io.StringIO(format_compare(rows, "csv"))))[0]
     parsed = list(csv.DictReader(io.StringIO(format_compare(rows, "csv"))))
     assert cols[:5] == ["name", "num_ingredients", "forward_passes", "val", "test"]
-    assert cols[-4:] == ["ood_mean", "val_vs_best", "test_vs_best", "ood_mean_vs_best"]
+    assert cols[-9:] == ["ood_mean", "val_vs_best", "test_vs_best", "ood_mean_vs_best", "val_vs_best_ci_low",
+                         "val_vs_best_ci_high", "test_vs_best_ci_low", "test_vs_best_ci_high", "test_mcnemar_p"]
     assert len(parsed) == len(rows)
     for p, r in zip(parsed, rows):
         assert p["name"] == r["name"]
@@ -177,7 +182,7 @@ def test_compare_formats_parse_back(searched):
 
     md = format_compare(rows, "markdown").strip().splitlines()
     header = [c.strip() for c in md[0].strip("|").split("|")]
-    assert header == cols
+    assert header == columns_of(rows)  # an interval is one cell: [low, high]
     assert set(md[1].replace("|", "")) == {"-"}
     body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
     assert len(body) == len(rows)
@@ -186,6 +191,8 @@ def test_compare_formats_parse_back(searched):
         assert d["name"] == r["name"]
         assert float(d["test"]) == pytest.approx(r["test"], abs=5e-5)
         assert d["test_vs_best"][0] in "+-" and float(d["test_vs_best"]) == pytest.approx(r["test_vs_best"], abs=5e-5)
+        lo, hi = (float(x) for x in d["test_vs_best_ci"].strip("[]").split(","))
+        assert lo == pytest.approx(r["test_vs_best_ci_low"], abs=5e-5) and hi == pytest.approx(r["test_vs_best_ci_high"], abs=5e-5)
 
     table = format_compare(rows, "table")
     assert all(r["name"] in table for r in rows) and "ood_mean_vs_best" in table.splitlines()[0]
@@ -255,7 +262,10 @@ def test_compare_rows_logic_without_ray(tmp_path):
     _fake_search(uri, "old", {"uniform": _metrics(0.1, 0.1, {})})
     time.sleep(0.01)
     tr = _fake_search(uri, "new", {"best_individual": _metrics(0.8, 0.7, shifts),
-                                   "uniform": _metrics(0.85, 0.75, {k: v + 0.1 for k, v in shifts.items()}, n=4),
+                                   "uniform": {**_metrics(0.85, 0.75, {k: v + 0.1 for k, v in shifts.items()}, n=4),
+                                               "delta_vs_best/test/accuracy_ci_low": -0.01,
+                                               "delta_vs_best/test/accuracy_ci_high": 0.11,
+                                               "delta_vs_best/test/mcnemar_p": 0.0421},
                                    "ensemble": _metrics(0.9, 0.8, shifts, n=4, fp=4)})
     rows = compare_rows(uri)  # the most recently created experiment with a search
     assert [r["name"] for r in rows] == ["best_individual", "uniform", "ensemble"]
@@ -265,6 +275,10 @@ def test_compare_rows_logic_without_ray(tmp_path):
     assert u["val_vs_best"] == pytest.approx(0.05) and u["test_vs_best"] == pytest.approx(0.05)
     assert u["ood_mean_vs_best"] == pytest.approx(0.1)
     assert rows[2]["forward_passes"] == 4
+    assert (u["test_vs_best_ci_low"], u["test_vs_best_ci_high"], u["test_mcnemar_p"]) == (-0.01, 0.11, 0.0421)
+    assert rows[2]["test_vs_best_ci_low"] is None and u["val_vs_best_ci_low"] is None
+    line = next(x for x in format_compare(rows, "table").splitlines() if x.startswith("uniform"))
+    assert "[-0.0100, +0.1100]" in line and "0.0421" in line
     assert compare_rows(uri, metric="nll")[1]["val"] == pytest.approx(0.15)
     assert compare_rows(uri, metric="nll")[1]["test"] is None  # not logged: empty, not an error
     assert "-" in format_compare(compare_rows(uri, metric="nll"), "table")

@@ -28,7 +28,7 @@ def create_strategy(name: str, **options) -> Strategy:
     return get_strategy_class(name)(**options)
 
 
-from . import basic, dare, ema, ensemble, fisher, gradient, greedy, interpolate, learned, merge, tune  # noqa: E402,F401,I001  (registration side effects)
+from . import basic, dare, ema, ensemble, fisher, gradient, greedy, interpolate, learned, line_search, merge, tune  # noqa: E402,F401,I001  (registration side effects)
 
 __all__ = ["Strategy", "SoupResult", "SearchContext", "register_strategy", "list_strategies",
            "get_strategy_class", "create_strategy"]

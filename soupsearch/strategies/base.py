@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import selection
 from ..errors import ConfigError
 from ..mixing import Recipe
 
@@ -125,7 +126,7 @@ SetName = Annotated[str, Field(pattern=r"^(all|greedy|top[1-9][0-9]*)$")]
 
 def rank_by_score(scores: list[float], higher_is_better: bool = True) -> list[int]:
     """Indices sorted best first; ties broken by the lower index (deterministic)."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i] if higher_is_better else scores[i], i))
+    return selection.rank(scores, higher_is_better)
 
 
 def member_sets(ctx: SearchContext, sets, label: str) -> list[tuple[str, str, list[int]]]:

@@ -39,13 +39,15 @@ class Ensemble(Strategy):
     def run(self, ctx):
         out = []
         for which, name, members in member_sets(ctx, self.options.sets, self.label):
-            metrics = {}
+            metrics, correct = {}, {}
             for split in ctx.eval_splits:
                 lp = ensemble_logprobs([ctx.logprobs(i, split) for i in members], self.options.combine)
                 y = torch.from_numpy(ctx.labels(split))
                 metrics[split] = compute_metrics(counts_from_logits(torch.from_numpy(lp), y, lp.shape[1]))
+                if split in ("val", "test"):  # per-example correctness, for the paired comparison to the best
+                    correct[split] = lp.argmax(1) == ctx.labels(split)
             out.append(SoupResult(name, None, params={"combine": self.options.combine, "set": which,
                                                       "num_ingredients": len(members)},
-                                  info={"metrics": metrics, "members": members, "num_ingredients": len(members),
+                                  info={"metrics": metrics, "correct": correct, "members": members, "num_ingredients": len(members),
                                         "forward_passes": len(members)}))
         return out

@@ -16,15 +16,12 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..mixing import Recipe
+from ..selection import improves  # noqa: F401  (the keep rule; also used by merge.greedy_soup)
 from . import register_strategy
 from .base import SoupResult, Strategy
 from .basic import rank_by_score
 
 
-def improves(new: float, cur: float, rule: str, higher_is_better: bool = True) -> bool:
-    if not higher_is_better:
-        new, cur = -new, -cur
-    return new >= cur if rule == ">=" else new > cur
 
 
 @register_strategy
@@ -36,7 +33,7 @@ class Greedy(Strategy):
         model_config = ConfigDict(extra="forbid", frozen=True)
         rule: Literal[">=", ">"] = ">="  # keep a candidate if its soup's val score is >= (or >) the current
         lookahead: Union[Literal["auto"], int] = "auto"  # candidates in flight; auto = number of evaluators
-        # stop scoring a candidate as soon as it cannot reach the current soup (accuracy only:
+        # stop scoring a candidate as soon as it cannot reach the current soup (accuracy-bounded metrics:
         # exact, the kept set is the same); its trajectory score is then an upper bound
         early_stop: bool = True
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import selection
 from ..errors import ConfigError
 from ..mixing import Recipe
 from . import register_strategy
@@ -78,8 +79,7 @@ class Interpolate(Strategy):
                         steps[j][f"interp/{tag}/{split}_accuracy"] = m[split]["accuracy"]
                         steps[j][f"interp/{tag}/{split}_nll"] = m[split]["nll"]
                 score = m["val"][ctx.selection_metric]
-                better = best is None or (score > best[0] if ctx.higher_is_better else score < best[0])
-                if better:
+                if best is None or selection.better(score, best[0], ctx.selection_metric):
                     best = (score, recipes[j], tag, float(alphas[j]))
             for split in ("val", "test"):
                 extra[f"interp/{tag}/{split}_loss_barrier"] = barrier([m[split]["nll"] for m in ms])

@@ -25,9 +25,13 @@ Contract
   Trials in flight when ``run`` is interrupted (Ctrl-C) are marked FAIL
   (``fail_reason="interrupted"``); trials left RUNNING by a killed run are marked so on
   resume, so one driver per study at a time. ``timeout`` bounds this run's asking time.
-* Seeds: ``seed_with`` enqueues ``uniform`` and the recipes of strategies that ran before
-  (``ctx.result(name)``, e.g. ``greedy``) as the first trials, unless the study already
-  holds them; missing ones are skipped. With ``normalize`` seeds are exact (w_i = c_i /
+* Region: by default (``center: greedy``) the search starts where greedy ended: greedy's
+  soup is the first trial, TPE and random stay within ``+-radius`` of its params, CMA-ES
+  starts at them with step size ``sigma`` (see ``neighbourhood``). ``center: null``
+  searches the whole space; a centre that did not run is logged and the whole space used.
+* Seeds: ``seed_with`` enqueues the recipes of strategies that ran before (``ctx.result(name)``,
+  e.g. ``greedy``) and ``uniform`` as the first trials, unless the study already holds them;
+  missing ones, and ones outside the region, are skipped. With ``normalize`` seeds are exact (w_i = c_i /
   max c, i.e. 1 for kept and 0 otherwise), so the seeded recipe has the same key as the
   greedy one and the learned val score is >= greedy's. ``any_sum`` seeds are exact when
   the coefficients lie in ``[low, high]``; ``softmax`` can only approximate sparse seeds.
@@ -63,14 +67,16 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .. import selection
 from ..errors import ConfigError, EvaluationError, SoupSearchError
 from ..fileio import write_json_atomic
 from ..metrics import METRICS
 from ..methods import get_method
 from ..mixing import Recipe
 from . import register_strategy
+from . import neighbourhood
 from .base import SoupResult, Strategy
 from .merge import check_method, method_requirements
 
@@ -82,7 +88,6 @@ log = logging.getLogger(__name__)
 
 LOGIT_RANGE = 4.0
 INTERRUPTED = "interrupted"  # fail_reason of trials that were never scored (killed run, Ctrl-C, a bug)
-MINIMIZED = {"nll", "ece", "num_ingredients"}
 OBJECTIVES = (*METRICS, "num_ingredients")
 # options that do not change the search (budget, where it lives): not part of the study name
 _NOT_IN_NAME = {"n_trials", "timeout", "max_failed_trials", "seed_with", "storage", "study_name"}
@@ -162,9 +167,11 @@ class _Space:
             self.low, self.high = 0.0, 1.0
         else:
             self.low, self.high = opts.low, opts.high
+        self.bounds: dict[str, tuple[float, float]] | None = None  # per param, when centred (neighbourhood)
 
     def suggest(self, trial) -> list[list[float]]:
-        return [[trial.suggest_float(p, self.low, self.high) for p in row] for row in self.names]
+        b = self.bounds
+        return [[trial.suggest_float(p, *(b[p] if b else (self.low, self.high))) for p in row] for row in self.names]
 
     def rows(self, params: dict) -> list[list[float]]:
         return [[float(params[p]) for p in row] for row in self.names]
@@ -251,7 +258,13 @@ class Learned(Strategy):
         max_failed_trials: int | None = None  # per run; default: n_trials (unbounded with timeout only)
         storage: str | None = None  # RDB URL or file path (relative to run_dir); default run_dir/optuna.db
         study_name: str | None = None  # default: <label>-<stack fingerprint>-<options hash>
-        seed_with: list[str] = ["uniform", "greedy"]  # "uniform" or names of strategies that ran before
+        seed_with: list[str] = ["greedy", "uniform"]  # "uniform" or names of strategies that ran before
+        # search around the soup of this strategy (which must run before; null: the whole space):
+        # its params are the first trial, TPE/random stay within +-radius of them, CMA-ES starts
+        # there with step size sigma (see strategies/neighbourhood.py)
+        center: str | None = "greedy"
+        radius: float = Field(default=0.2, gt=0)
+        sigma: float = Field(default=0.1, gt=0)
         method: str = "weighted"  # the merge method the coefficients feed (soupsearch.list_methods())
         params: dict = {}  # its parameters
         fisher: bool = False  # older spelling of method: fisher
@@ -308,8 +321,7 @@ class Learned(Strategy):
         objs = list(self.options.objectives or [ctx.selection_metric])
         dirs = []
         for o in objs:
-            lower = o in MINIMIZED if o != ctx.selection_metric else not ctx.higher_is_better
-            dirs.append("minimize" if lower else "maximize")
+            dirs.append(selection.direction(o))
         return objs, dirs
 
     def _study_name(self, ctx, objs) -> str:
@@ -319,6 +331,9 @@ class Learned(Strategy):
         shape.update(objectives=objs, seed=ctx.seed, n=ctx.n, selection_metric=ctx.selection_metric,
                      groups=list(ctx.layer_groups) if getattr(self.options, "parameterization", "") == "per_layer" else None,
                      group_depth=getattr(ctx, "group_depth", 1))
+        region = getattr(self, "_centre", None)
+        if region is not None:  # another centre (e.g. another greedy soup) is another study
+            shape["region"] = neighbourhood.tag(region, self.options.radius, self.options.sigma)
         h = hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.label}-{(ctx.fingerprint or 'nofp')[:16]}-{h}"
 
@@ -338,6 +353,12 @@ class Learned(Strategy):
         if s == "tpe":
             return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
         if s == "cmaes":
+            x0 = getattr(self, "_centre", None)
+            if x0 is not None:  # optuna >= 4.9 marks x0/sigma0 deprecated (removal planned for 6.0)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    return optuna.samplers.CmaEsSampler(x0=dict(x0), sigma0=neighbourhood.cma_sigma0(
+                        self._bounds, self.options.sigma), seed=seed, warn_independent_sampling=False)
             return optuna.samplers.CmaEsSampler(seed=seed)
         if s == "random":
             return optuna.samplers.RandomSampler(seed=seed)
@@ -382,8 +403,16 @@ class Learned(Strategy):
         return len(stale)
 
     def _space(self, ctx):
-        """What a trial's params mean: here, mixing coefficients."""
-        return _Space(ctx.n, list(ctx.layer_groups), self.options, getattr(ctx, "group_depth", 1))
+        """What a trial's params mean: here, mixing coefficients (within a box around the
+        centre's params when ``center`` is set and that soup ran)."""
+        space = _Space(ctx.n, list(ctx.layer_groups), self.options, getattr(ctx, "group_depth", 1))
+        self._centre = None
+        if self.options.center:
+            self._centre = neighbourhood.centre_params(ctx, space, self.options.center, self.label, _say)
+            if self._centre is not None:
+                space.bounds = neighbourhood.box(self._centre, self.options.radius, space.low, space.high)
+                self._bounds = space.bounds
+        return space
 
     def _seed(self, study, space: _Space, ctx) -> None:
         from optuna.trial import TrialState
@@ -393,7 +422,11 @@ class Learned(Strategy):
             if t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED):
                 continue  # an interrupted seed is enqueued again
             have.append(t.system_attrs.get("fixed_params", t.params))
-        for name in self.options.seed_with:
+        centre = getattr(self, "_centre", None)
+        names = list(self.options.seed_with)
+        if centre is not None:  # the centre is the first trial
+            names = [self.options.center] + [x for x in names if x != self.options.center]
+        for name in names:
             if name == "uniform":
                 seed = Recipe.uniform_over(range(ctx.n), ctx.n)
             else:
@@ -408,6 +441,10 @@ class Learned(Strategy):
                 continue
             params, exact = enc
             if any(h.keys() == params.keys() and all(float(h[k]) == v for k, v in params.items()) for h in have):
+                continue
+            if space.bounds is not None and not neighbourhood.inside(params, space.bounds):
+                _say(ctx, f"{self.label}: seed {name!r} lies outside the region around {self.options.center!r}; "
+                          "skipped")
                 continue
             study.enqueue_trial(params, user_attrs={"seed": name})
             have.append(params)
