@@ -36,6 +36,9 @@ class IngredientsConfig(_Strict):
     group_depth: int = 1  # module depth of layer groups for per-layer recipes
     # storage dtype of the stack on the holders; mixing accumulates in float32
     stack_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # re-basin before the search, for ingredients trained from different initializations:
+    # permute each one's hidden units onto the best individual on val (soupsearch.align)
+    align: Literal["none", "weight", "activation"] = "none"
 
 
 class DatasetConfig(_Strict):

@@ -648,6 +648,10 @@ def read_inputs(cfg: Config, tracker: Tracker, lock) -> Inputs:
     manifest, manifest_path = _manifest_for(cfg)
     # manifest entries matched to checkpoints by resolved path; names unique and usable as file names
     hparams = preflight.name_ingredients(stack, manifest, manifest_path)
+    if cfg.ingredients.align != "none":
+        from .align_sweep import align_sweep
+
+        align_sweep(cfg, stack, suite, lock.run_dir, say)
     if stack.n == 1:
         say("only one ingredient: every soup equals it; the search runs anyway")
     say(f"stack: {stack.n} ingredients x {stack.num_params:,} params ({format_bytes(stack.nbytes)})")

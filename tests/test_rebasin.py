@@ -156,3 +156,44 @@ def test_alignment_lowers_the_barrier_of_independently_trained_models():
     assert loss(aligned) == pytest.approx(loss(sds[1]), rel=1e-4)  # the same function
     before, after = loss(mid(*sds)) - ends, loss(mid(sds[0], aligned)) - ends
     assert after < 0.5 * before, (before, after)
+
+
+def test_search_aligns_the_sweep_before_souping(tiny_sweep, tmp_path):
+    """``ingredients.align: weight``: a relabelled copy (units permuted) of an ingredient is
+    aligned onto the same units as the ingredient itself; functions are unchanged (the same
+    val scores); the aligned copies are what the search reads."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from soupsearch.config import config_from_dict
+    from soupsearch.search import run_search
+
+    from .conftest import TINY_MODEL, tiny_config
+
+    src = sorted((tiny_sweep / "ingredients").glob("*.safetensors"))[:2]
+    d = tmp_path / "ckpts"
+    d.mkdir()
+    for p in src:
+        shutil.copy(p, d / p.name)
+    b = load_file(str(src[1]))
+    spec = permutation_spec(create_model("builtin:digits_cnn", **TINY_MODEL))
+    save_file({k: v.contiguous() for k, v in permute(b, spec, _random_perms(spec, 5)).items()},
+              str(d / "relabelled.safetensors"))
+
+    def run(align_mode, sub):
+        raw = tiny_config(tiny_sweep, tmp_path / sub, **{
+            "ingredients.path": str(d), "ingredients.align": align_mode, "eval.backend": "local",
+            "search.strategies": ["uniform"], "tracking.log_best_model": False, "tracking.log_soup_weights": False})
+        return run_search(config_from_dict(raw))
+
+    plain, aligned = run("none", "a"), run("weight", "b")
+    names = [r.name for r in aligned.ingredients]
+    assert names == [r.name for r in plain.ingredients] and "relabelled" in names
+    for r0, r1 in zip(plain.ingredients, aligned.ingredients):
+        assert abs(r0.metrics["val"]["accuracy"] - r1.metrics["val"]["accuracy"]) <= 1 / 100
+    out = tmp_path / "b" / "run" / "aligned"
+    copy, orig = load_file(str(out / "relabelled.safetensors")), load_file(str(out / f"{src[1].stem}.safetensors"))
+    for k in orig:
+        assert torch.allclose(copy[k].float(), orig[k].float()), k
+    assert not all(torch.equal(load_file(str(d / "relabelled.safetensors"))[k], copy[k]) for k in copy)
