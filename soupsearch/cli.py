@@ -51,7 +51,7 @@ def open_hint(uri: str, experiment: str, experiment_id: str | None = None) -> li
         exe = Path(sys.executable).parent / "mlflow"
         try:
             exe_s = str(exe.relative_to(Path.cwd()))
-        except ValueError:
+        except (ValueError, OSError):  # not below the cwd, or no cwd (a deleted directory)
             exe_s = str(exe) if exe.exists() else "mlflow"
         ui = (f"{exe_s} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
               f"  then open http://127.0.0.1:5000/{page or f'  (experiment {experiment!r})'}")
