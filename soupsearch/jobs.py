@@ -33,26 +33,47 @@ def main(argv=None) -> int:
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[])
     a = p.parse_args(argv)
-    config = leave_job_dir(a.config, a.set)
-    return cli_main(["run", config, *sum((["--set", s] for s in a.set), [])])
+    config, overrides = leave_job_dir(a.config, a.set)
+    return cli_main(["run", config, *sum((["--set", s] for s in overrides), [])])
 
 
-def leave_job_dir(config: str, overrides: list[str]) -> str:
-    """Run the job from the config's ``root`` (``--set root=DIR``) instead of the directory Ray
-    unpacked the job's working_dir into.
+def leave_job_dir(config: str, overrides: list[str]) -> tuple[str, list[str]]:
+    """Run the job outside the directory Ray unpacked its working_dir into; returns the config
+    path (absolute) and the overrides (with ``root``).
 
-    Ray unpacks a working_dir into a directory named by the hash of its content; a second
-    submission of the same content unpacks it again into the same path, replacing the
-    directory the first job runs in. The first job's cwd is then a deleted directory, and
-    anything that asks for it (``Path.cwd()`` in MLflow's environment detection when the model
-    is logged) fails with FileNotFoundError. With ``root`` every path of the config is
-    absolute already, so the job moves there before anything runs. Returns the config path,
-    made absolute."""
-    root = next((o.split("=", 1)[1] for o in reversed(overrides or []) if o.startswith("root=")), None)
+    Ray can delete or replace that directory while the job still runs (its runtime-env
+    reference counting does not count the job's driver; a second submission of the same
+    content unpacks it again into the same path). The job's cwd is then a deleted directory:
+    ``Path.cwd()`` (MLflow's environment detection when the model is logged) fails with
+    FileNotFoundError, and modules not imported yet cannot be imported from it. So, before
+    anything runs: relative paths of the config are made absolute against the working dir
+    (``root``, unless given: what they meant anyway), every soupsearch module is imported,
+    and the job moves to ``root`` when given, else to a directory of its own."""
+    import tempfile
+
+    overrides = list(overrides or [])
+    root = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("root=")), None)
+    here = os.getcwd()
     path = os.path.abspath(config)
-    if root and os.path.isdir(root):
-        os.chdir(root)
-    return path
+    if root is None:
+        overrides.append(f"root={here}")
+    _import_package()
+    os.chdir(root if root and os.path.isdir(root) else tempfile.mkdtemp(prefix="soupsearch-job-"))
+    return path, overrides
+
+
+def _import_package() -> None:
+    """Import every soupsearch module now, while its files are there."""
+    import importlib
+    import pkgutil
+
+    import soupsearch
+
+    for m in pkgutil.walk_packages(soupsearch.__path__, "soupsearch."):
+        try:
+            importlib.import_module(m.name)
+        except Exception:  # an optional module whose dependency is missing: imported where used
+            pass
 
 
 def submit(config: str, address: str, working_dir: str = ".", overrides: list[str] | None = None,

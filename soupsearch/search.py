@@ -1016,7 +1016,7 @@ def _log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: 
             info = mlflow.pytorch.log_model(
                 model, name="model", input_example=example, serialization_format=cfg.tracking.model_format,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"],
-                code_paths=[pkg_dir],
+                code_paths=[pkg_dir] if Path(pkg_dir).is_dir() else None,  # a Ray job's package may be gone
             )
     finally:
         tracker.client.set_terminated(rid, "FINISHED", end_time=ended)

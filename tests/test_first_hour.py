@@ -123,6 +123,12 @@ def test_job_leaves_its_working_dir(tmp_path, monkeypatch):
     monkeypatch.setattr("soupsearch.cli.main", fake_cli)
     assert jobs.main(["c.yaml", "--set", f"root={root}"]) == 0
     assert seen["cwd"] == root and seen["argv"][1] == str(wd / "c.yaml")
+    # without root: relative paths resolve against the working dir, and the job runs in a
+    # directory of its own (Ray may delete the working dir under a running job)
+    monkeypatch.chdir(wd)
+    assert jobs.main(["c.yaml"]) == 0
+    assert seen["argv"][-2:] == ["--set", f"root={wd}"] and seen["cwd"] != wd
+    assert "soupsearch.plots" in sys.modules  # imported while the package's files are there
 
 
 def test_near_chance_warning():
