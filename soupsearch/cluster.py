@@ -29,6 +29,11 @@ def _env() -> dict:
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")  # a job's `python` resolves to this venv
     env.pop("RAY_ADDRESS", None)
+    # a multi-node cluster: Ray's single-node switch (set for a search's own local Ray, see
+    # soupsearch.raysession) would make `ray start --address` of a worker node refuse to run
+    from .raysession import LOCAL_ONLY_ENV
+
+    env.pop(LOCAL_ONLY_ENV, None)
     # token authentication on every node and client of the cluster (Ray generates the
     # token in ~/.ray/auth_token when there is none)
     env.setdefault("RAY_AUTH_MODE", "token")

@@ -113,6 +113,16 @@ def check_data_against_model(model, suite, cfg) -> int:
     """Every split's labels (or ``class_subset``) index the model's outputs, and
     ``data.num_classes`` (when set) equals them. Returns the model's number of classes."""
     val = suite.splits["val"]
+    norm = cfg.data.normalize
+    if norm:
+        channels = int(val.x.shape[1]) if val.x.ndim >= 2 else 1
+        for key in ("mean", "std"):
+            v = norm.get(key)
+            if not isinstance(v, list) or len(v) != channels:
+                raise ConfigError(f"data.normalize.{key} = {v!r}: expected a list of {channels} value(s), one per "
+                                  f"channel of the inputs (split val, {val.source}, has shape {tuple(val.x.shape[1:])})")
+        if any(float(s) <= 0 for s in norm["std"]):
+            raise ConfigError(f"data.normalize.std = {norm['std']!r}: expected positive values")
     try:
         c = _meta_num_classes(cfg, val.x)  # shapes only: no compute, any model size
     except Exception:  # an op without a meta kernel: one real forward pass on the CPU

@@ -12,6 +12,9 @@ import torch
 from soupsearch.models import create_model
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# the tests' own local Ray (ray_session) listens on 127.0.0.1 only, like a search's: Ray's
+# single-node switch, read when ray is first imported (see soupsearch.raysession)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -316,6 +316,11 @@ def case_ray_address_with_password(tmp, ck, cfg):
     return ["Ray address", "user:***@127.0.0.1", "unreachable"]
 
 
+def case_normalize_for_other_channels(tmp, ck, cfg):
+    cfg["data"]["normalize"] = {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}
+    return ["data.normalize.mean", "[0.5, 0.5, 0.5]", "1 value(s)", "val.npz"]
+
+
 CASES = {k[5:]: v for k, v in dict(globals()).items() if k.startswith("case_")}
 
 

@@ -116,10 +116,13 @@ def test_shard_failing_on_every_evaluator_names_candidate_and_split(ray_session,
 
 
 def test_failed_search_marks_mlflow_run_failed(ray_session, tiny_sweep, tmp_path):
+    """Inputs the model cannot take are a one-line DataError before Ray or a run starts
+    (they used to fail in the evaluators); a search that fails after its parent run started
+    ends its MLflow runs FAILED with the error, the resolved config kept."""
     import mlflow
 
     from soupsearch.config import config_from_dict
-    from soupsearch.errors import EvaluationError
+    from soupsearch.errors import DataError
     from soupsearch.search import run_search
 
     from .conftest import tiny_config
@@ -130,8 +133,26 @@ def test_failed_search_marks_mlflow_run_failed(ray_session, tiny_sweep, tmp_path
     raw["data"]["val"] = {"type": "npz", "path": str(tmp_path / "rgb.npz")}
     raw["data"]["test"] = {"type": "npz", "path": str(tmp_path / "rgb.npz")}
     raw["data"]["corruptions"] = None
-    with pytest.raises(EvaluationError, match=r"candidate .* on split '(val|test)'"):
+    with pytest.raises(DataError, match=r"cannot run on split val .*rgb.npz"):
         run_search(config_from_dict(raw))
+    client = mlflow.MlflowClient(tracking_uri=raw["tracking"]["tracking_uri"])
+    assert client.search_runs([client.get_experiment_by_name("tiny").experiment_id]) == []  # nothing started
+
+    # a failure inside the search, after its parent run started (as an evaluator's would be)
+    from soupsearch.errors import EvaluationError
+    import soupsearch.search as search_mod
+
+    def failing_search(*a, **k):
+        raise EvaluationError("candidate uniform on split 'val' (shard 0) failed 3 times: boom")
+
+    raw = tiny_config(tiny_sweep, tmp_path / "inner")
+    real = search_mod._search
+    search_mod._search = failing_search
+    try:
+        with pytest.raises(EvaluationError, match=r"on split 'val'"):
+            run_search(config_from_dict(raw))
+    finally:
+        search_mod._search = real
     client = mlflow.MlflowClient(tracking_uri=raw["tracking"]["tracking_uri"])
     [parent] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert parent.info.status == "FAILED"
