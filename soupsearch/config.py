@@ -134,7 +134,7 @@ class EvalConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # the val number every strategy compares (soupsearch.selection): accuracy, nll, macro_f1, or
     # accuracy_nll (accuracy, ties broken by NLL)
-    selection_metric: Literal["accuracy", "nll", "macro_f1", "accuracy_nll"] = "accuracy"
+    selection_metric: Literal["accuracy", "nll", "macro_f1", "accuracy_nll"] = "accuracy_nll"
     backend: Literal["ray", "local"] = "ray"  # local: in-process, no Ray (debugging)
     # holders per replica group: each holds ~1/s of the stack's columns (auto: the smallest s
     # whose per-actor memory fits eval.memory_per_actor / the GPU's memory)
