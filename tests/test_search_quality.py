@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 
 import numpy as np
 import optuna
@@ -17,7 +16,6 @@ from soupsearch.errors import ConfigError
 from soupsearch.metrics import compute_metrics, counts_from_logits
 from soupsearch.mixing import Recipe
 from soupsearch.strategies import create_strategy
-from soupsearch.strategies.base import SoupResult
 
 from .conftest import tiny_config
 from .test_learned import FakeContext, load, run_greedy, score
