@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -184,7 +183,9 @@ def main() -> None:
     # threads on an oversubscribed machine slow it down many times over
     torch.set_num_threads(args.threads)
     t = time.time()
+    at = commit()  # the code this run imported (HEAD may move while it runs)
     res = run(args)
+    res["commit"] = at
     res["seconds"] = time.time() - t
     Path(args.out, "quality.json").write_text(json.dumps(res, indent=1))
     print()

@@ -137,7 +137,7 @@ class EvalConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # the val number every strategy compares (soupsearch.selection): accuracy, nll, macro_f1, or
     # accuracy_nll (accuracy, ties broken by NLL)
-    selection_metric: Literal["accuracy", "nll", "macro_f1", "accuracy_nll"] = "accuracy"
+    selection_metric: Literal["accuracy", "nll", "macro_f1", "accuracy_nll"] = "accuracy_nll"
     # forward passes in float32, or under autocast in bfloat16 / float16 (CPU and GPU); the
     # soup is always mixed in float32. Results are cached per precision.
     precision: Literal["float32", "bfloat16", "float16"] = "float32"

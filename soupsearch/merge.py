@@ -523,7 +523,7 @@ def greedy_soup(
     order, where step 0 is the best individual and ``score`` is the score of the soup
     tried at that step. A NaN score is never better than anything.
     """
-    from .strategies.greedy import improves  # the search's keep rule
+    from .selection import improves  # the search's keep rule
 
     if rule not in (">=", ">"):
         raise RecipeError(f"greedy rule {rule!r}: expected '>=' or '>'")

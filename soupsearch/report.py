@@ -78,7 +78,7 @@ def search_table(outcome, metric: str = "accuracy") -> str:
     cols = ["name", "n", "val", "test", "ood_mean"] + ([f"val_{sel}"] if sel != metric else [])
     if any(r.get("test_vs_best") for r in rows):
         cols.append("test_vs_best")
-    chosen = "the selection metric" if sel == metric else f"selected by val {sel} ({selection.describe(sel)})"
+    chosen = "the selection metric" if sel == metric else f"selection: val {sel} = {selection.describe(sel)}"
     title = (f"{metric} on val ({chosen}), test (ID) and the mean over {len(outcome.shift_names)} shifted sets"
              f" -- {outcome.config.name}")
     if "test_vs_best" in cols:

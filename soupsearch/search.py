@@ -109,12 +109,18 @@ class Context:
 
     def correct(self, recipe: Recipe, split: str) -> np.ndarray:
         """Per-example correctness ``[N]`` (bool) of a soup on ``split`` (for paired comparisons);
-        one pass that keeps the predictions, which are dropped once read."""
+        one pass that keeps the predictions, which are dropped once read; stored with the
+        shard results, so a re-run scores nothing again."""
         r = self._prepare(recipe)
+        store = self.pool.store
+        if store is not None and (c := store.load_correct(r.key, split)) is not None:
+            return c  # kept by an earlier run of this search
         self.pool.counts([(r, split)], want_logprobs=True)
-        pred = self.pool.logprobs(r, split).argmax(1)
+        c = self.pool.logprobs(r, split).argmax(1) == self.labels(split)
         self.pool.forget_logprobs(r, split)
-        return pred == self.labels(split)
+        if store is not None:
+            store.save_correct(r.key, split, c)
+        return c
 
     def ensure_stats(self, name: str) -> str:
         """Make the per-ingredient statistic ``name`` available to the evaluators (estimated
@@ -796,7 +802,7 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
     metric = cfg.eval.selection_metric
     best_i = selection.best_of([m["val"][metric] for m in ind], metric)
     paired = [s for s in significance.SPLITS if s in suite.splits]
-    best_correct = {s: ctx.logprobs(best_i, s).argmax(1) == ctx.labels(s) for s in paired}
+    best_correct = {s: ctx.correct(one_hots[best_i], s) for s in paired}
     table = []
     for i, r in enumerate(ingredient_rows):
         d = r.flat()

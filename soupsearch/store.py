@@ -30,6 +30,11 @@ CREATE TABLE IF NOT EXISTS shard_results (
     created REAL DEFAULT (julianday('now')),
     PRIMARY KEY (stack_fp, split_fp, recipe_key, start, stop)
 );
+CREATE TABLE IF NOT EXISTS correct (
+    stack_fp TEXT NOT NULL, split_fp TEXT NOT NULL, recipe_key TEXT NOT NULL,
+    n INTEGER NOT NULL, bits BLOB NOT NULL,
+    PRIMARY KEY (stack_fp, split_fp, recipe_key)
+);
 """
 
 
@@ -91,6 +96,19 @@ class ResultStore:
             (self.stack_fp, self.split_fps[split], recipe_key, split, start, stop,
              json.dumps(counts.to_dict()), node_id, pid),
         )
+
+    def save_correct(self, recipe_key: str, split: str, correct: np.ndarray) -> None:
+        """Per-example correctness of a recipe on a split (for paired comparisons), bit-packed."""
+        c = np.asarray(correct, bool)
+        self.conn.execute("INSERT OR REPLACE INTO correct (stack_fp, split_fp, recipe_key, n, bits) VALUES (?,?,?,?,?)",
+                          (self.stack_fp, self.split_fps[split], recipe_key, int(c.size), np.packbits(c).tobytes()))
+
+    def load_correct(self, recipe_key: str, split: str) -> np.ndarray | None:
+        row = self.conn.execute("SELECT n, bits FROM correct WHERE stack_fp=? AND split_fp=? AND recipe_key=?",
+                                (self.stack_fp, self.split_fps[split], recipe_key)).fetchone()
+        if row is None:
+            return None
+        return np.unpackbits(np.frombuffer(row[1], np.uint8), count=int(row[0])).astype(bool)
 
     def count(self) -> int:
         return self.conn.execute(

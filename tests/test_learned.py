@@ -420,7 +420,8 @@ def test_learned_on_ray_beats_greedy_and_logs_to_mlflow(ray_session, tiny_sweep,
     db = out.run_dir / "optuna.db"
     trials = _complete(db)
     assert len(trials) == 12
-    assert val == pytest.approx(max(t.value for t in trials))  # the soup scored on val is the best trial
+    # the soup scored on val is the best trial (trial values are the selection metric)
+    assert by["learned"].metrics["val"][cfg.eval.selection_metric] == pytest.approx(max(t.value for t in trials))
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
     run = client.get_run(out.child_run_ids["learned"])
     assert run.info.status == "FINISHED" and run.data.params["n_trials_total"] == "12"

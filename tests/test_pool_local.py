@@ -1,6 +1,7 @@
 """EvalPool scheduling without Ray: tickets, dedup of shared shards, cache, store."""
 
 import numpy as np
+import pytest
 
 from soupsearch import IngredientStack, Recipe
 from soupsearch.evaluator import Evaluator
@@ -156,7 +157,8 @@ def test_max_errors_stops_exactly_when_the_bound_is_passed():
     assert stopped >= stack.n  # bound 0 stops every ingredient before its last shard here
 
 
-def test_greedy_early_stop_keeps_the_same_soup_with_fewer_shards():
+@pytest.mark.parametrize("metric", ["accuracy", "accuracy_nll"])
+def test_greedy_early_stop_keeps_the_same_soup_with_fewer_shards(metric):
     from soupsearch.data import EvalSuite, TensorSplit
     from soupsearch.search import Context
     from soupsearch.strategies import create_strategy
@@ -167,7 +169,7 @@ def test_greedy_early_stop_keeps_the_same_soup_with_fewer_shards():
     for early in (False, True):
         ev = Evaluator("builtin:digits_cnn", {"width": 4}, stack.W, stack.layout, stack.fixed, splits, 32)
         pool = LocalEvalPool(ev, {"val": 160}, shard_size=16)
-        ctx = Context(pool, stack, suite, "accuracy")
+        ctx = Context(pool, stack, suite, metric)
         ctx.individual_scores()
         before = pool.stats["shards_evaluated"]
         [res] = create_strategy("greedy", early_stop=early).run(ctx)

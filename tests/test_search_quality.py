@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 
 import numpy as np
 import optuna
@@ -17,7 +16,6 @@ from soupsearch.errors import ConfigError
 from soupsearch.metrics import compute_metrics, counts_from_logits
 from soupsearch.mixing import Recipe
 from soupsearch.strategies import create_strategy
-from soupsearch.strategies.base import SoupResult
 
 from .conftest import tiny_config
 from .test_learned import FakeContext, load, run_greedy, score
@@ -272,3 +270,15 @@ def test_accuracy_nll_search_end_to_end(tiny_sweep, tmp_path, monkeypatch):
     assert "test_vs_best" in table
     card = _model_card("greedy", soups["greedy"], out.results["greedy"], out.stack, "accuracy_nll")
     assert "Is the gain real?" in card and "| test |" in card.split("Is the gain real?")[1]
+
+
+def test_demo_sweep_hparam_ranges_override(tmp_path):
+    from soupsearch.demo import HPARAM_RANGES, draw_hparams, make_sweep
+
+    rng = np.random.default_rng(0)
+    lrs = [draw_hparams(rng, {"lr": (0.2, 0.3)})["lr"] for _ in range(50)]
+    assert all(0.2 <= x <= 0.3 for x in lrs) and HPARAM_RANGES["lr"] == (1e-3, 0.1)  # the default is untouched
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    assert draw_hparams(a) == draw_hparams(b, {})  # no override: the same draws as before
+    with pytest.raises(ValueError, match="unknown hyperparameter range 'momentum'"):
+        make_sweep(tmp_path, n=1, ranges={"momentum": (0.0, 1.0)})

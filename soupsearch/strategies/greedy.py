@@ -16,12 +16,10 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..mixing import Recipe
-from ..selection import improves  # noqa: F401  (the keep rule; also used by merge.greedy_soup)
+from ..selection import improves
 from . import register_strategy
 from .base import SoupResult, Strategy
 from .basic import rank_by_score
-
-
 
 
 @register_strategy
