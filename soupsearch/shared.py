@@ -15,18 +15,25 @@ import uuid
 from dataclasses import dataclass
 
 
-class _Holder:
-    """Keeps object refs alive (borrowed from the driver) and hands them out."""
+def _holder_class():
+    """The holder actor's class, defined here so that Ray ships it by value: its worker
+    process imports neither soupsearch nor torch (it starts in a fraction of a second and
+    takes no CPU from the evaluators starting beside it)."""
 
-    def __init__(self):
-        self._refs = {}
+    class _Holder:
+        """Keeps object refs alive (borrowed from the driver) and hands them out."""
 
-    def put(self, key: str, box: list) -> bool:
-        self._refs[key] = box[0]  # a ref nested in a list is kept as a ref, not resolved
-        return True
+        def __init__(self, refs: dict):
+            self._refs = {k: box[0] for k, box in refs.items()}  # refs nested in lists stay refs
 
-    def get(self, key: str) -> list:
-        return [self._refs[key]]
+        def put(self, key: str, box: list) -> bool:
+            self._refs[key] = box[0]
+            return True
+
+        def get(self, key: str) -> list:
+            return [self._refs[key]]
+
+    return _Holder
 
 
 @dataclass(frozen=True)
@@ -49,11 +56,13 @@ class SharedObjects:
     def share(self, value) -> Shared:
         import ray
 
-        if self._actor is None:
-            self._actor = ray.remote(num_cpus=0, max_restarts=0)(_Holder).options(name=self.name).remote()
         key = str(self._n)
         self._n += 1
-        ray.get(self._actor.put.remote(key, [ray.put(value)]))
+        if self._actor is None:  # the first value in the constructor: nothing to wait for here
+            self._actor = ray.remote(num_cpus=0, max_restarts=0)(_holder_class()).options(name=self.name) \
+                .remote({key: [ray.put(value)]})
+        else:
+            ray.get(self._actor.put.remote(key, [ray.put(value)]))
         return Shared(self.name, key)
 
     def close(self) -> None:
@@ -76,7 +85,21 @@ def resolve_shared(kwargs: dict) -> dict:
     out = {}
     for k, v in kwargs.items():
         if isinstance(v, Shared):
-            holder = ray.get_actor(v.holder)
+            holder = _get_actor(ray, v.holder)
             v = ray.get(ray.get(holder.get.remote(v.key))[0])
         out[k] = v
     return out
+
+
+def _get_actor(ray, name: str, timeout: float = 60.0):
+    """The named holder actor (its registration may trail its creation by a moment)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get_actor(name)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
