@@ -36,3 +36,10 @@ class EvaluationError(SoupSearchError):
 
 class TrackingError(SoupSearchError):
     """MLflow could not be reached or written."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), cut to ``limit``
+    characters: what a one-line error quotes of a cause."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

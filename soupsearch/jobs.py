@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import SoupSearchError
+from .errors import SoupSearchError, first_line
 
 DEFAULT_EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlartifacts", "*.db", "__pycache__", ".pytest_cache",
                     "bench/results", ".whl", ".gl"]
@@ -84,8 +84,8 @@ def submit(config: str, address: str, working_dir: str = ".", overrides: list[st
     try:
         client = JobSubmissionClient(address)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SoupSearchError(f"Ray address {address!r} is unreachable: {first[:300]}") from None
+        first = first_line(e)
+        raise SoupSearchError(f"Ray address {address!r} is unreachable: {first}") from None
     entry = ["python", "-m", "soupsearch.jobs", config] + sum((["--set", s] for s in overrides or []), [])
     runtime_env = {"working_dir": working_dir, "excludes": DEFAULT_EXCLUDES}
     if pip:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, first_line
 from .safety import check_file_name, redact_obj
 
 
@@ -133,9 +133,9 @@ def check_data_against_model(model, suite, cfg) -> int:
     except DataError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DataError(f"model {cfg.model.factory!r} cannot run on split val ({val.source}) inputs of shape "
-                        f"{tuple(val.x.shape[1:])}: {first[:300]}") from None
+                        f"{tuple(val.x.shape[1:])}: {first}") from None
     if cfg.data.num_classes is not None and cfg.data.num_classes != c:
         raise ConfigError(f"data.num_classes = {cfg.data.num_classes}, but model {cfg.model.factory!r} "
                           f"(kwargs {cfg.model.kwargs}) has {c} outputs")

@@ -22,7 +22,7 @@ import numpy as np
 from . import progress
 from .config import Config
 from .data import EvalSuite, build_suite
-from .errors import CheckpointError, ConfigError, SoupSearchError
+from .errors import CheckpointError, ConfigError, SoupSearchError, first_line
 from .evaluator import Evaluator
 from .fileio import save_safetensors_atomic, write_json_atomic, write_parquet_atomic, write_text_atomic
 from .ingredients import discover, format_bytes, read_manifest
@@ -279,8 +279,8 @@ def init_ray(cfg: Config, lock=None) -> bool:
     except Exception as e:
         if temp_dir is not None:
             raysession.reap(temp_dir, remove=True)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SoupSearchError(f"Ray address {redact(address or 'local')!r} is unreachable: {redact(first[:300])}") from None
+        first = first_line(e)
+        raise SoupSearchError(f"Ray address {redact(address or 'local')!r} is unreachable: {redact(first)}") from None
 
 
 def resolve_evaluators(cfg: Config) -> tuple[int, bool, list[tuple[int, float]]]:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import TrackingError
+from .errors import TrackingError, first_line
 from .safety import redact, redact_obj
 
 _BAD = re.compile(r"[^/\w.\- :]")
@@ -111,13 +111,13 @@ class Tracker:
                 self._client = _Guarded(client, self.uri)
                 return
             except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 racing = any(s in first for s in ("already exists", "UNIQUE constraint failed", "database is locked"))
                 if racing and attempt < 4:
                     time.sleep(0.5 + attempt)
                     continue
                 raise TrackingError(f"MLflow tracking URI {redact(self.uri)!r} is unreachable or unusable: "
-                                    f"{redact(first[:300])}") from None
+                                    f"{redact(first)}") from None
         raise TrackingError(
             f"tracking.experiment {self.experiment_name!r} is deleted in {redact(self.uri)!r} (experiment id "
             f"{exp.experiment_id}): restore it (mlflow experiments restore --experiment-id {exp.experiment_id}) "
@@ -210,8 +210,8 @@ def register_best(tracker: Tracker, model_uri: str, name: str, tags: dict[str, s
         with use_tracking_uri(tracker.uri):  # the source models:/... resolves against the global URI
             return _register(client, tracker, model_uri, name, tags)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(f"tracking.register_as {name!r}: could not register {model_uri}: {first[:300]}") from None
+        first = first_line(e)
+        raise TrackingError(f"tracking.register_as {name!r}: could not register {model_uri}: {first}") from None
 
 
 def _register(client, tracker, model_uri, name, tags) -> str:
@@ -272,8 +272,8 @@ class _Guarded:
             except TrackingError:
                 raise
             except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise TrackingError(f"MLflow tracking URI {redact(self._uri)!r} failed in {name}: "
-                                    f"{redact(first[:300])}") from e
+                                    f"{redact(first)}") from e
 
         return call
