@@ -65,7 +65,12 @@ def is_loopback(address: str) -> bool:
 
 
 def title(pid: int) -> str:
+    """The process's name (/proc/PID/comm, e.g. 'gcs_server') and its command line, whitespace squeezed.
+
+    The whole command line is kept: cut at a fixed width, a deep checkout path hid the binary's name."""
     try:
-        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")[:80]
+        comm = open(f"/proc/{pid}/comm").read().strip()
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        return f"{comm}: {' '.join(cmd.split())}"
     except OSError:
         return "?"
