@@ -150,7 +150,7 @@ def test_base_is_never_an_ingredient(tmp_path):
     from safetensors.torch import save_file
 
     from soupsearch import merge
-    from soupsearch.search import ingredient_files
+    from soupsearch.ingredients import ingredient_files
 
     sds = [_model_sd(i) for i in range(4)]
     for i, sd in enumerate(sds[:3]):
