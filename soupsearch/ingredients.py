@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -27,9 +27,6 @@ from .errors import CheckpointError
 
 from .checkpoints import PICKLE_SUFFIXES, load_checkpoint_state_dict
 from .layout import ParamLayout, TensorSpec, _dtype_name, group_of  # noqa: F401 (re-exported)
-
-if TYPE_CHECKING:
-    from .config import Config
 
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
@@ -384,23 +381,25 @@ def format_bytes(n: float) -> str:
 # ----------------------------------------------------------------------------- a search's sweep
 
 
-def ingredient_files(cfg: "Config") -> list[Path]:
-    """The sweep's checkpoint files, without the configured base (never an ingredient, even
-    when it sits in the sweep directory or is listed in its manifest)."""
+def ingredient_files(ing) -> list[Path]:
+    """The sweep's checkpoint files (``ing``: the config's ``ingredients`` section: ``path``,
+    ``glob``, ``base``), without the base (never an ingredient, even when it sits in the sweep
+    directory or is listed in its manifest)."""
     from .checkpoints import exclude_base
     from .progress import say
 
-    files, excluded = exclude_base(discover(cfg.ingredients.path, cfg.ingredients.glob), cfg.ingredients.base)
+    files, excluded = exclude_base(discover(ing.path, ing.glob), ing.base)
     if excluded:
         say(f"ingredients.base {excluded[0]} is in the sweep: used as the base, not as an ingredient")
     if not files:
-        raise CheckpointError(f"ingredients.path {cfg.ingredients.path}: no checkpoints besides the base "
-                              f"{cfg.ingredients.base}")
+        raise CheckpointError(f"ingredients.path {ing.path}: no checkpoints besides the base "
+                              f"{ing.base}")
     return files
 
 
-def manifest_for(cfg: "Config") -> tuple[dict | None, Path | None]:
-    p = Path(cfg.ingredients.path)
+def manifest_for(path: str | os.PathLike) -> tuple[dict | None, Path | None]:
+    """The sweep's manifest (``manifest.json`` of a directory, or the given JSON/CSV) and its path."""
+    p = Path(path)
     cand = p if p.suffix in (".json", ".csv") and not p.name.endswith(".index.json") else (
         p / "manifest.json" if p.is_dir() else None)
     if cand is not None and cand.is_file():

@@ -102,7 +102,7 @@ def plan_command(config: str | None, overrides: list[str] | None, *, gpus: int |
         source = f"{factory} x {n} (model skeleton)"
     else:
         skeleton = create_model(cfg.model.factory, **cfg.model.kwargs).state_dict()
-        files = ingredient_files(cfg)
+        files = ingredient_files(cfg.ingredients)
         stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
                              cfg.ingredients.base, cfg.ingredients.stack_dtype)
         source = f"{len(files)} checkpoint headers from {cfg.ingredients.path}"

@@ -78,7 +78,7 @@ def read_inputs(cfg: Config, tracker: Tracker, lock) -> Inputs:
     say("eval splits: " + ", ".join(f"{n}={len(s)}" for n, s in suite.splits.items()))
 
     # ---- ingredients: headers only (the evaluators load the weights themselves)
-    files = ingredient_files(cfg)
+    files = ingredient_files(cfg.ingredients)
     say(f"reading the headers of {len(files)} checkpoints from {cfg.ingredients.path}")
     stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
                          cfg.ingredients.base, cfg.ingredients.stack_dtype)
@@ -93,7 +93,7 @@ def read_inputs(cfg: Config, tracker: Tracker, lock) -> Inputs:
                 + ", ".join(stack.names[i] for i in sorted(bad)))
             keep = [i for i in range(stack.n) if i not in bad]
             stack.names, stack.paths = [stack.names[i] for i in keep], [stack.paths[i] for i in keep]
-    manifest, manifest_path = manifest_for(cfg)
+    manifest, manifest_path = manifest_for(cfg.ingredients.path)
     # manifest entries matched to checkpoints by resolved path; names unique and usable as file names
     hparams = preflight.name_ingredients(stack, manifest, manifest_path)
     if cfg.ingredients.align != "none":
