@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cluster", help="a real local Ray cluster on loopback (a head and worker nodes)",
                        description="Start (up), stop (down) or count (status) the `ray start` processes of a local "
                                    "cluster bound to 127.0.0.1, kept in --temp-dir.")
-    c.add_argument("action", choices=["up", "down", "status"])
+    c.add_argument("action", choices=["up", "down", "status"], help="up: start the nodes; down: stop them; status: count their processes")
     c.add_argument("--temp-dir", default="/tmp/soupsearch-ray", help="the cluster's Ray temp dir (default: /tmp/soupsearch-ray)")
     c.add_argument("--port", type=int, default=6390, help="the head's GCS port (default: 6390)")
     c.add_argument("--dashboard-port", type=int, default=8265, help="the dashboard/jobs port (default: 8265)")
