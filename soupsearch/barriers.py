@@ -95,28 +95,29 @@ def unaligned_curve(report: dict | None, a: str, b: str, aligned_nll: Sequence[f
     when the report has that pair (the reference and another ingredient) and its aligned
     path is the one the search measured (``aligned_nll``: the search's val NLL at the same
     alphas; a report left by an earlier run with other settings does not match it)."""
-    if not report:
+    try:
+        ref = report.get("reference")
+        pairs = report.get("pairs") or {}
+        if a == ref and b in pairs:
+            p, flip = pairs[b], False
+        elif b == ref and a in pairs:
+            p, flip = pairs[a], True
+        else:
+            return None
+        al, un = p["aligned"], p["unaligned"]
+        if len(al["nll"]) != len(aligned_nll) or len(un["nll"]) != len(aligned_nll):
+            return None
+        mine = np.asarray(aligned_nll[::-1] if flip else aligned_nll, dtype=np.float64)
+        d_al = np.abs(mine - np.asarray(al["nll"], dtype=np.float64)).max()
+        d_un = np.abs(mine - np.asarray(un["nll"], dtype=np.float64)).max()
+        if not d_al <= 0.02 * (1 + np.abs(mine).max()) or d_al > d_un:
+            return None  # not the path this search measured
+        out = {k: [float(v) for v in (un[k][::-1] if flip else un[k])] for k in ("nll", "accuracy")}
+        out["alpha"] = [float(v) for v in un["alpha"]]
+        out["loss_barrier"], out["accuracy_barrier"] = float(un["loss_barrier"]), float(un["accuracy_barrier"])
+        return out
+    except (AttributeError, KeyError, TypeError, ValueError):  # a report edited by hand: not used
         return None
-    ref = report.get("reference")
-    pairs = report.get("pairs") or {}
-    if a == ref and b in pairs:
-        p, flip = pairs[b], False
-    elif b == ref and a in pairs:
-        p, flip = pairs[a], True
-    else:
-        return None
-    al, un = p["aligned"], p["unaligned"]
-    if len(al["nll"]) != len(aligned_nll):
-        return None
-    mine = np.asarray(aligned_nll[::-1] if flip else aligned_nll, dtype=np.float64)
-    d_al = np.abs(mine - np.asarray(al["nll"])).max()
-    d_un = np.abs(mine - np.asarray(un["nll"])).max()
-    if d_al > 0.02 * (1 + np.abs(mine).max()) or d_al > d_un:
-        return None  # not the path this search measured
-    out = {k: (list(un[k][::-1]) if flip else list(un[k])) for k in ("nll", "accuracy")}
-    out["alpha"] = list(un["alpha"])
-    out["loss_barrier"], out["accuracy_barrier"] = un["loss_barrier"], un["accuracy_barrier"]
-    return out
 
 
 def plot_report(report: dict, path: Path) -> Path:

@@ -1,5 +1,6 @@
 """Re-basin alignment: permutation groups from the graph, exact recovery of hand-permuted
-copies, function preserved, residual streams, clear errors, and a real barrier reduction."""
+copies, function preserved, residual streams, clear errors, a real barrier reduction, and
+the barriers before/after alignment reported by a search."""
 
 import numpy as np
 import pytest
@@ -324,3 +325,6 @@ def test_unaligned_curve_is_taken_only_for_the_path_the_search_measured():
     assert unaligned_curve(report, "b", "c", [0.1, 0.3, 0.2]) is None
     assert unaligned_curve(report, "a", "b", [0.1, 0.2, 0.3, 0.2]) is None  # other alphas
     assert unaligned_curve(None, "a", "b", [0.1, 0.3, 0.2]) is None
+    broken = {"reference": "a", "pairs": {"b": {"aligned": al, "unaligned": {"nll": "x"}}}}
+    assert unaligned_curve(broken, "a", "b", [0.1, 0.3, 0.2]) is None  # malformed: ignored, no crash
+    assert unaligned_curve(["not", "a", "dict"], "a", "b", [0.1, 0.3, 0.2]) is None
