@@ -1,6 +1,5 @@
 """eval.reset_bn: BatchNorm statistics recomputed on data (soupsearch.bnreset), in the evaluator."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
