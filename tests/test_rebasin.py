@@ -263,7 +263,7 @@ def trained_pair():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.slow  # a whole search (MLflow, plots): ~30 s alone, minutes on a busy machine
+@pytest.mark.slow  # a whole search (MLflow, plots): ~20 s alone, up to 2 min on a busy machine
 def test_interpolate_reports_the_barriers_before_and_after_alignment(tmp_path):
     """A search with ``ingredients.align: weight`` over two models trained from scratch: the
     alignment step writes the paths before/after, ``interpolate`` reports both barriers, its
