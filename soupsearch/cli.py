@@ -27,11 +27,19 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from .demo import make_sweep
+    if args.kind not in ("demo", "scratch"):
+        raise SoupSearchError(f"sweep kind {args.kind!r}: expected 'demo' or 'scratch'")
+    n = args.n if args.n is not None else (6 if args.kind == "scratch" else 16)
+    if n < 1:
+        raise SoupSearchError(f"sweep {args.kind}: --n {n}, expected a number of models >= 1")
+    if args.kind == "scratch":
+        from .scratch import make_scratch_sweep
 
-    if args.kind != "demo":
-        raise SoupSearchError(f"sweep kind {args.kind!r}: only 'demo' is built in")
-    make_sweep(args.out, n=args.n, seed=args.seed)
+        make_scratch_sweep(args.out, n=n, seed=args.seed)
+    else:
+        from .demo import make_sweep
+
+        make_sweep(args.out, n=n, seed=args.seed)
     return 0
 
 
@@ -258,11 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("sweep", help="build a checkpoint sweep (offline, real training)",
-                       description="Train a sweep of fine-tunes from one pre-trained model (offline) and write "
-                                   "their checkpoints and a manifest.json with their hyperparameters.")
-    s.add_argument("kind", choices=["demo"], help="the sweep to build (demo: a small CNN on scikit-learn's digits)")
+                       description="Train a sweep (offline): fine-tunes from one pre-trained model (demo) or models "
+                                   "trained from scratch with different seeds (scratch), and write their checkpoints "
+                                   "and a manifest.json with their hyperparameters.")
+    s.add_argument("kind", choices=["demo", "scratch"],
+                   help="the sweep to build (demo: fine-tunes of a small CNN on scikit-learn's digits; scratch: "
+                        "the same CNN trained from scratch with different seeds, for ingredients.align)")
     s.add_argument("--out", required=True, help="output directory (checkpoints, manifest.json, splits.json)")
-    s.add_argument("--n", type=int, default=16, help="number of fine-tunes (default: 16)")
+    s.add_argument("--n", type=int, default=None, help="number of models (default: 16 for demo, 6 for scratch)")
     s.add_argument("--seed", type=int, default=0, help="seed of the data splits and hyperparameters (default: 0)")
     s.set_defaults(func=_cmd_sweep)
 
