@@ -188,17 +188,7 @@ def scratch_pair(tmp_path_factory):
             out)
 
 
-def _driver_passes_reset_bn() -> bool:
-    import inspect
-
-    from soupsearch import search
-
-    return "bnreset" in inspect.getsource(search)
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _driver_passes_reset_bn(), reason="soupsearch/search.py does not pass eval.reset_bn to the "
-                    "evaluators yet (the hook of issue 18: bnreset.evaluator_kwargs / fingerprint_suffix)")
 def test_a_search_with_reset_bn_scores_and_saves_the_reset_soup(scratch_pair, tmp_path):
     from safetensors.torch import load_file
 
