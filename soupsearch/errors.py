@@ -31,7 +31,15 @@ class RecipeError(SoupSearchError, ValueError):
 
 
 class EvaluationError(SoupSearchError):
-    """Evaluating a candidate failed repeatedly (on every evaluator)."""
+    """Evaluating a candidate failed repeatedly (on every evaluator).
+
+    ``tickets``: the submissions the failure belongs to (empty: unknown, e.g. every
+    evaluator died); ``recipe_key``: the failed candidate's key, when one candidate failed."""
+
+    def __init__(self, message: str, *, tickets: tuple[int, ...] = (), recipe_key: str | None = None):
+        super().__init__(message)
+        self.tickets = tuple(tickets)
+        self.recipe_key = recipe_key
 
 
 class TrackingError(SoupSearchError):

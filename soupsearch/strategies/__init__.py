@@ -1,24 +1,54 @@
-"""Strategy registry: one module per strategy, registered by name."""
+"""Strategy registry: one module per strategy, registered by name.
+
+The registry is lazy: importing this package loads only :mod:`.base`; the strategy modules
+are imported on the first :func:`list_strategies` / :func:`get_strategy_class` (every module
+of the package, in name order, so adding a strategy is adding its module). What a strategy
+needs from a search (the base model, per-ingredient statistics, the ingredients'
+predictions, other strategies' results) is class metadata on it (see :class:`.base.Strategy`);
+:func:`default_strategies` are the ones a config without ``search.strategies`` runs."""
 
 from __future__ import annotations
 
-from .base import SearchContext, SoupResult, Strategy
+import importlib
+import pkgutil
+import threading
+
+from .base import Needs, SearchContext, SoupResult, Strategy
 
 _REGISTRY: dict[str, type[Strategy]] = {}
+_loaded = False
+_lock = threading.RLock()  # re-entrant: a strategy module importing another re-enters _load
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"strategy {cls.name!r} is registered twice")
     _REGISTRY[cls.name] = cls
     return cls
 
 
+def _load() -> None:
+    """Import every module of this package once, in name order (thread-safe)."""
+    global _loaded
+    if _loaded:
+        return
+    with _lock:
+        if not _loaded:
+            for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+                importlib.import_module(f"{__name__}.{m.name}")
+            _loaded = True
+
+
 def list_strategies() -> list[str]:
+    """Names of the registered strategies (in registration order)."""
+    _load()
     return list(_REGISTRY)
 
 
 def get_strategy_class(name: str) -> type[Strategy]:
     from ..errors import ConfigError
 
+    _load()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown strategy {name!r}; valid: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
@@ -28,7 +58,12 @@ def create_strategy(name: str, **options) -> Strategy:
     return get_strategy_class(name)(**options)
 
 
-from . import basic, dare, ema, ensemble, fisher, gradient, greedy, interpolate, learned, line_search, merge, tune  # noqa: E402,F401,I001  (registration side effects)
+def default_strategies() -> list[str]:
+    """The strategies a search runs when the config names none (``Strategy.default_rank``)."""
+    _load()
+    ranked = [(cls.default_rank, name) for name, cls in _REGISTRY.items() if cls.default_rank is not None]
+    return [name for _, name in sorted(ranked)]
 
-__all__ = ["Strategy", "SoupResult", "SearchContext", "register_strategy", "list_strategies",
-           "get_strategy_class", "create_strategy"]
+
+__all__ = ["Strategy", "SoupResult", "SearchContext", "Needs", "register_strategy", "list_strategies",
+           "get_strategy_class", "create_strategy", "default_strategies"]
