@@ -18,9 +18,10 @@ from ..errors import ConfigError, RecipeError
 from ..methods import get_method
 from ..mixing import Recipe
 from . import register_strategy
-from .base import SetName, member_sets
-from .learned import INTERRUPTED, OBJECTIVES, Learned, _OptionError, _say
-from .merge import check_method, method_requirements
+from .base import Needs, SetName, member_sets
+from .learned import OBJECTIVES, Learned, _OptionError
+from .merge import check_method, method_needs
+from .study import tried_params
 
 
 class _ParamSpace:
@@ -65,6 +66,7 @@ class _ParamSpace:
 class Tune(Learned):
     name = "tune"
     description = "a merge method's parameters tuned by Optuna on val, seeded with the method's defaults"
+    needs_result = ()  # only with ``set: greedy`` (see needs)
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
@@ -127,8 +129,11 @@ class Tune(Learned):
         return f"tune_{options.method}"
 
     @classmethod
-    def requirements(cls, options) -> set[str]:
-        return method_requirements(options.method)
+    def needs(cls, options) -> Needs:
+        return method_needs(options.method, [options.set])
+
+    def _per_layer(self) -> bool:
+        return False
 
     def _space(self, ctx):
         o = self.options
@@ -142,12 +147,9 @@ class Tune(Learned):
     def _seed(self, study, space: _ParamSpace, ctx) -> None:
         if not self.options.seed_with_defaults:
             return
-        from optuna.trial import TrialState
-
         params = space.defaults()
-        have = [t.system_attrs.get("fixed_params", t.params) for t in study.get_trials(deepcopy=False)
-                if not (t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED))]
+        have = tried_params(study)
         if any(h.keys() == params.keys() and all(h[k] == v for k, v in params.items()) for h in have):
             return
         study.enqueue_trial(params, user_attrs={"seed": "defaults"})
-        _say(ctx, f"{self.label}: first trial is the method's defaults {params}")
+        ctx.log(f"{self.label}: first trial is the method's defaults {params}")
