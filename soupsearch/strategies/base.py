@@ -170,6 +170,8 @@ class Strategy(ABC):
     needs_result: ClassVar[tuple[str, ...]] = ()  # results it reads when they ran before it (optional)
     is_baseline: ClassVar[bool] = False  # its results are reference points, not soups (reports, tables)
     default_rank: ClassVar[int | None] = None  # position in the default strategy list (None: not in it)
+    # the smallest options it runs with when it has required ones (docs, the conformance tests)
+    example_options: ClassVar[dict[str, Any]] = {}
     label: str  # the run name of this instance (defaults to ``name``; set ``label:`` in the config)
 
     class Options(BaseModel):

@@ -68,6 +68,7 @@ def method_soups(ctx, method: str, params: dict, sets: list[str], label: str) ->
 class MergeSoup(Strategy):
     name = "merge"
     description = "a soup made by any registered merge method (over all ingredients, the greedy set or the top k)"
+    example_options = {"method": "ties"}
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

@@ -67,6 +67,7 @@ class Tune(Learned):
     name = "tune"
     description = "a merge method's parameters tuned by Optuna on val, seeded with the method's defaults"
     needs_result = ()  # only with ``set: greedy`` (see needs)
+    example_options = {"method": "ties", "space": {"density": [0.1, 0.9]}}
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
