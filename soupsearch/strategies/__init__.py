@@ -10,6 +10,7 @@ predictions, other strategies' results) is class metadata on it (see :class:`.ba
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import threading
 
@@ -39,10 +40,24 @@ def _load() -> None:
             _loaded = True
 
 
+def _ordered() -> list[str]:
+    """Registered names by module, then by place in the module: the same order whatever was
+    imported first."""
+    def key(name):
+        cls = _REGISTRY[name]
+        try:
+            line = inspect.getsourcelines(cls)[1]
+        except (OSError, TypeError):  # defined where there is no source (e.g. interactively)
+            line = 0
+        return cls.__module__, line, name
+
+    return sorted(_REGISTRY, key=key)
+
+
 def list_strategies() -> list[str]:
-    """Names of the registered strategies (in registration order)."""
+    """Names of the registered strategies, by module and then place in it."""
     _load()
-    return list(_REGISTRY)
+    return _ordered()
 
 
 def get_strategy_class(name: str) -> type[Strategy]:
@@ -50,7 +65,7 @@ def get_strategy_class(name: str) -> type[Strategy]:
 
     _load()
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown strategy {name!r}; valid: {', '.join(_REGISTRY)}")
+        raise ConfigError(f"unknown strategy {name!r}; valid: {', '.join(_ordered())}")
     return _REGISTRY[name]
 
 
@@ -61,7 +76,7 @@ def create_strategy(name: str, **options) -> Strategy:
 def default_strategies() -> list[str]:
     """The strategies a search runs when the config names none (``Strategy.default_rank``)."""
     _load()
-    ranked = [(cls.default_rank, name) for name, cls in _REGISTRY.items() if cls.default_rank is not None]
+    ranked = [(_REGISTRY[name].default_rank, name) for name in _ordered() if _REGISTRY[name].default_rank is not None]
     return [name for _, name in sorted(ranked)]
 
 
