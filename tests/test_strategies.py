@@ -114,3 +114,42 @@ def test_speculative_greedy_equals_sequential_on_random_tables():
             assert actx.max_pending >= w  # the lookahead was used
         # fresh (non-stale) work never exceeds the lookahead: evaluations <= steps + discarded
         assert spec.info["evaluated"] <= (n - 1) + spec.info["discarded"]
+
+
+# ----------------------------------------------------------------------------- the ask/tell loop
+
+
+def test_ask_tell_loop_limit_attribution_cancel_and_abort():
+    from soupsearch.errors import EvaluationError
+    from soupsearch.strategies.asktell import AskTellLoop, Proposal
+
+    n = 4
+    recipes = [Recipe.one_hot(i, n, label=f"r{i}") for i in range(n)] + [Recipe.uniform_over([0, 1], n, label="u")]
+    # a failure naming its ticket fails that proposal only; the others are told
+    ctx = FakeContext(n, completion="random", fail_if=lambda r: r.label == "r2", max_in_flight=2)
+    todo, told, failed = list(recipes), [], []
+    loop = AskTellLoop(ctx, limit=2)
+    loop.run(lambda: Proposal(todo.pop(0), todo and len(todo)) if todo else None,
+             lambda tag, r, m: told.append(r.label), lambda tag, e, stage: failed.append((stage, str(e))))
+    assert sorted(told) == ["r0", "r1", "r3", "u"] and [s for s, _ in failed] == ["evaluation"]
+    assert ctx.max_pending == 2 and not ctx.pending
+    # naming the recipe (no tickets) is enough; naming nothing fails every one in flight
+    loop = AskTellLoop(ctx, limit=3)
+    loop._inflight = {7: Proposal(recipes[0], "a"), 8: Proposal(recipes[1], "b")}
+    assert loop.blame(EvaluationError("x", recipe_key=recipes[1].key)) == [8]
+    assert loop.blame(EvaluationError("x", tickets=(7,))) == [7]
+    assert loop.blame(EvaluationError("x")) == [7, 8]
+    # without a fail callback the error propagates, after the work in flight was cancelled
+    ctx = FakeContext(n, fail_if=lambda r: r.label == "r0", completion="fifo")
+    todo, aborted = list(recipes), []
+    with pytest.raises(EvaluationError, match="boom"):
+        AskTellLoop(ctx, limit=3).run(lambda: Proposal(todo.pop(0), len(todo)) if todo else None,
+                                      lambda *a: None, abort=lambda tags, e: aborted.append(tags))
+    assert aborted == [[4, 3, 2]] and not ctx.pending and ctx.cancelled == {2, 3}  # the failed one too
+    # an interrupt: the proposals in flight go to abort, cancelled, and the interrupt propagates
+    ctx = FakeContext(n, interrupt_after=1)
+    todo, aborted = list(recipes), []
+    with pytest.raises(KeyboardInterrupt):
+        AskTellLoop(ctx, limit=2).run(lambda: Proposal(todo.pop(0), len(todo)) if todo else None,
+                                      lambda *a: None, abort=lambda tags, e: aborted.append((tags, type(e))))
+    assert aborted == [([3, 2], KeyboardInterrupt)] and not ctx.pending

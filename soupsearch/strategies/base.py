@@ -156,9 +156,14 @@ class SoupResult:
 class Strategy(ABC):
     """Base class. Subclasses set ``name``, an ``Options`` pydantic model and ``run``.
 
-    Contract: ``run`` is deterministic given the context's scores and the options;
-    it returns at least one :class:`SoupResult`; it raises (never returns None) on
-    failure.
+    Contract: ``run`` uses only the :class:`SearchContext` protocol; it is deterministic
+    given the context's scores, the options and the seed; it returns at least one
+    :class:`SoupResult` (a recipe of ``ctx.n`` coefficients, or None with
+    ``info["metrics"]`` per split for an output ensemble); it raises (never returns None)
+    on failure. What it needs from a search is class metadata (``needs_base``,
+    ``needs_stats``, ``needs_predictions``, ``needs_result``), or :meth:`needs` when that
+    depends on the options; ``tests/test_conformance.py`` checks all of it for every
+    registered strategy.
     """
 
     name: ClassVar[str]

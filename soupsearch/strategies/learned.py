@@ -4,13 +4,13 @@ Contract
 --------
 * Candidates are scored on ``val`` only (``ctx.submit(recipe, "val")`` / ``ctx.wait(1)``);
   the driver scores the returned soup on every split afterwards.
-* Ask/tell: up to ``ctx.num_evaluators`` trials are in flight; a new trial is asked as
-  soon as one finishes, so evaluators do not idle between trials.
+* Ask/tell (:mod:`.asktell`, :mod:`.trials`): up to ``ctx.num_evaluators`` trials are in
+  flight; a new trial is asked as soon as one finishes, so evaluators do not idle between trials.
 * Failures are never scores. A :class:`~soupsearch.errors.SoupSearchError` raised by
   ``submit``/``wait`` (e.g. ``EvaluationError``) is told as ``TrialState.FAIL`` with a
-  ``fail_reason`` user attribute. The failed trial is found from the error's
-  ``tickets``/``ticket`` or ``recipe``/``recipe_key`` attributes; an error without them
-  fails every trial then in flight (their late results are ignored). Non-finite metric
+  ``fail_reason`` user attribute. The failed trial is found from the error's declared
+  fields (``EvaluationError.tickets``, else ``EvaluationError.recipe_key``); an error that
+  names none fails every trial then in flight (their late results are ignored). Non-finite metric
   values and all-zero ``normalize`` weights FAIL too. Other exceptions are bugs: the
   trials in flight are marked FAIL and the exception propagates. If the study holds no
   COMPLETE trial at the end, ``run`` raises ``EvaluationError``.
@@ -22,9 +22,9 @@ Contract
   the study. ``n_trials`` is the TOTAL number of COMPLETE trials the study should hold, so
   a re-run after an interruption runs only the missing ones and finished trials are
   never re-evaluated; FAIL trials do not count (at most ``max_failed_trials`` per run).
-  Trials in flight when ``run`` is interrupted (Ctrl-C) are marked FAIL
+  Trials in flight when ``run`` is interrupted (Ctrl-C) are cancelled and marked FAIL
   (``fail_reason="interrupted"``); trials left RUNNING by a killed run are marked so on
-  resume, so one driver per study at a time. ``timeout`` bounds this run's asking time.
+  resume, so one driver per study at a time (storage and naming: :mod:`.study`). ``timeout`` bounds this run's asking time.
 * Region: by default (``center: greedy``) the search starts where greedy ended: greedy's
   soup is the first trial, TPE and random stay within ``+-radius`` of its params, CMA-ES
   starts at them with step size ``sigma`` (see ``neighbourhood``). ``center: null``
