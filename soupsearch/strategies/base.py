@@ -32,8 +32,9 @@ class SearchContext(Protocol):
     * **Threads.** A context is used from one thread, the one that called
       ``Strategy.run``; no member is thread-safe. Strategies run one at a time.
     * **Attributes** are read-only and fixed for the whole search.
-    * **Caching.** Scores are cached by the recipe's key (and split): scoring a recipe again
-      (e.g. ``evaluate`` after ``submit``/``wait``) costs nothing and gives the same numbers.
+    * **Caching.** Scores are cached by the recipe's key, split and shard: scoring a recipe
+      again (e.g. ``evaluate`` after ``submit``/``wait``) computes only what was not scored
+      yet and gives the same numbers (an early-stopped bound is never cached as a score).
       ``individual_scores`` and ``logprobs`` are computed once per search.
     * **Blocking.** ``evaluate``, ``evaluate_all``, ``wait``, ``individual_scores``,
       ``logprobs`` and ``learn_coefficients`` block until their results exist. ``submit`` and

@@ -79,6 +79,9 @@ from .study import INTERRUPTED, NOT_IN_NAME
 from .study_plots import ingredient_labels as _ingredient_labels  # noqa: F401  (re-exported)
 from .trials import optimize
 
+__all__ = ["Learned", "FisherLearned", "OBJECTIVES", "INTERRUPTED", "LOGIT_RANGE", "CoefficientSpace", "_Space",
+           "_ingredient_labels", "effective_method"]
+
 OBJECTIVES = (*METRICS, "num_ingredients")
 UNIFORM = "uniform"  # the seed ``seed_with`` names the uniform soup by
 _Space = CoefficientSpace  # the older name (tests, tune)
