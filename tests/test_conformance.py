@@ -153,6 +153,11 @@ def test_strategy_conformance(name, which, tmp_path):
     # the same results for the same seed (a fresh run dir: an Optuna study would resume)
     again, _ = _run_and_score(cls(**options), _fake(tmp_path / "b", needs))
     assert _digest(again) == _digest(results)
+    # results of other strategies are optional: without them it still makes a soup
+    if needs.results:
+        alone = _fake(tmp_path / "c", dataclasses.replace(needs, results=()))
+        assert len(_run_and_score(cls(**options), alone)[0]) >= 1
+        assert alone.logs  # and says what it did instead
 
 
 def _without(needs: Needs) -> list:
