@@ -16,7 +16,7 @@ from soupsearch.errors import ConfigError, RecipeError, SoupSearchError
 from soupsearch.ingredients import ParamLayout
 from soupsearch.methods import get_method, list_methods
 from soupsearch.mixing import Recipe, mix
-from soupsearch.strategies import default_strategies, get_strategy_class, list_strategies
+from soupsearch.strategies import default_strategies, get_strategy_class, list_strategies, needs_of
 from soupsearch.strategies.base import Needs, SearchContext, Strategy
 
 from .fake_context import FakeContext
@@ -133,7 +133,7 @@ def test_strategy_conformance(name, which, tmp_path):
     options = _options(name, which)
     strategy = cls(**options)
     needs = cls.needs(strategy.options)
-    assert isinstance(needs, Needs)
+    assert isinstance(needs, Needs) and needs_of(name, options) == needs
     assert cls.requirements(strategy.options) == ({"base"} if needs.base else set()) | set(needs.stats)
 
     ctx = _fake(tmp_path / "a", needs)

@@ -73,6 +73,12 @@ def create_strategy(name: str, **options) -> Strategy:
     return get_strategy_class(name)(**options)
 
 
+def needs_of(name: str, options: dict | None = None) -> Needs:
+    """What strategy ``name`` with ``options`` (as in the config) needs from a search."""
+    cls = get_strategy_class(name)
+    return cls.needs(cls.validate_options(options or {}))
+
+
 def default_strategies() -> list[str]:
     """The strategies a search runs when the config names none (``Strategy.default_rank``)."""
     _load()
@@ -81,4 +87,4 @@ def default_strategies() -> list[str]:
 
 
 __all__ = ["Strategy", "SoupResult", "SearchContext", "Needs", "register_strategy", "list_strategies",
-           "get_strategy_class", "create_strategy", "default_strategies"]
+           "get_strategy_class", "create_strategy", "default_strategies", "needs_of"]
