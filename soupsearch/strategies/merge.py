@@ -26,12 +26,6 @@ def method_needs(method: str, sets=()) -> Needs:
     return Needs(base=bool(m.needs_base), stats=frozenset(m.stats), results=results_of_sets(sets))
 
 
-def method_requirements(method: str) -> set[str]:
-    """What a search must provide for a merge method: ``base`` and its statistics."""
-    n = method_needs(method)
-    return ({"base"} if n.base else set()) | set(n.stats)
-
-
 def default_sets(method: str) -> list[str]:
     """Two-ingredient methods (SLERP) merge the two best; the others all and the greedy set."""
     m = get_method(method)
