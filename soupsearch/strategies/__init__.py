@@ -5,7 +5,12 @@ are imported on the first :func:`list_strategies` / :func:`get_strategy_class` (
 of the package, in name order, so adding a strategy is adding its module). What a strategy
 needs from a search (the base model, per-ingredient statistics, the ingredients'
 predictions, other strategies' results) is class metadata on it (see :class:`.base.Strategy`);
-:func:`default_strategies` are the ones a config without ``search.strategies`` runs."""
+:func:`default_strategies` are the ones a config without ``search.strategies`` runs.
+
+Modules that are not strategies: :mod:`.base` (the contract: ``SearchContext``, ``Strategy``,
+``SoupResult``), :mod:`.asktell` (the one asynchronous ask/tell loop), and the Optuna
+strategies' parts: :mod:`.study` (storage, naming, resume), :mod:`.space` (search spaces),
+:mod:`.trials` (the trial loop), :mod:`.study_plots`, :mod:`.neighbourhood` (centred regions)."""
 
 from __future__ import annotations
 

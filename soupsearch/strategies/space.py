@@ -1,4 +1,5 @@
-"""The search space of ``learned``: trial params <-> mixing coefficients.
+"""The search spaces of the Optuna strategies: ``learned``'s (trial params <-> mixing
+coefficients) and ``tune``'s (trial params <-> a merge method's parameters).
 
 Mappings from trial params to coefficients (per layer group row for ``per_layer``):
 ``normalize``: w in [0, 1], c = w / sum(w) (c in [0, 1], sums to 1);
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from ..methods import get_method
 from ..mixing import Recipe
 
 LOGIT_RANGE = 4.0
@@ -108,3 +110,41 @@ class CoefficientSpace:
         back = self.recipe_from_params(params)
         target = self.recipe(rows)
         return params, (not isinstance(back, str)) and back.key == target.key
+
+
+class MethodParamSpace:
+    """The search space of ``tune``: trial params <-> a recipe of one method over fixed members."""
+
+    per_layer = False
+
+    def __init__(self, method: str, space: dict, fixed: dict, members: list[int], n: int):
+        self.method, self.space, self.fixed, self.members, self.n = method, space, fixed, members, n
+
+    def suggest(self, trial) -> dict:
+        out = {}
+        for k, spec in self.space.items():
+            lo, hi = spec[0], spec[1]
+            log = len(spec) > 2
+            if isinstance(lo, int) and isinstance(hi, int) and not isinstance(lo, bool):
+                out[k] = trial.suggest_int(k, lo, hi, log=log)
+            else:
+                out[k] = trial.suggest_float(k, float(lo), float(hi), log=log)
+        return out
+
+    def coeffs(self, raw: dict) -> dict:
+        return raw  # every point of the space is a valid recipe (its ends were validated)
+
+    def recipe(self, raw: dict, label: str = "") -> Recipe:
+        return Recipe.of(self.method, self.members, self.n, label=label, **{**self.fixed, **raw})
+
+    def recipe_from_params(self, params: dict, label: str = "") -> Recipe:
+        return self.recipe(dict(params), label)
+
+    def defaults(self) -> dict:
+        d = get_method(self.method).params(self.fixed).model_dump()
+        out = {}
+        for k, spec in self.space.items():
+            lo, hi = spec[0], spec[1]
+            v = min(max(d[k], lo), hi)
+            out[k] = int(v) if isinstance(lo, int) and isinstance(hi, int) else float(v)
+        return out

@@ -16,50 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError, RecipeError
 from ..methods import get_method
-from ..mixing import Recipe
 from . import register_strategy
 from .base import Needs, SetName, member_sets
 from .learned import OBJECTIVES, Learned, _OptionError
 from .merge import check_method, method_needs
+from .space import MethodParamSpace
 from .study import tried_params
 
 
-class _ParamSpace:
-    """Trial params <-> a recipe of one method over fixed members."""
-
-    per_layer = False
-
-    def __init__(self, method: str, space: dict, fixed: dict, members: list[int], n: int):
-        self.method, self.space, self.fixed, self.members, self.n = method, space, fixed, members, n
-
-    def suggest(self, trial) -> dict:
-        out = {}
-        for k, spec in self.space.items():
-            lo, hi = spec[0], spec[1]
-            log = len(spec) > 2
-            if isinstance(lo, int) and isinstance(hi, int) and not isinstance(lo, bool):
-                out[k] = trial.suggest_int(k, lo, hi, log=log)
-            else:
-                out[k] = trial.suggest_float(k, float(lo), float(hi), log=log)
-        return out
-
-    def coeffs(self, raw: dict) -> dict:
-        return raw  # every point of the space is a valid recipe (its ends were validated)
-
-    def recipe(self, raw: dict, label: str = "") -> Recipe:
-        return Recipe.of(self.method, self.members, self.n, label=label, **{**self.fixed, **raw})
-
-    def recipe_from_params(self, params: dict, label: str = "") -> Recipe:
-        return self.recipe(dict(params), label)
-
-    def defaults(self) -> dict:
-        d = get_method(self.method).params(self.fixed).model_dump()
-        out = {}
-        for k, spec in self.space.items():
-            lo, hi = spec[0], spec[1]
-            v = min(max(d[k], lo), hi)
-            out[k] = int(v) if isinstance(lo, int) and isinstance(hi, int) else float(v)
-        return out
+_ParamSpace = MethodParamSpace  # the older name
 
 
 @register_strategy
@@ -143,9 +108,9 @@ class Tune(Learned):
             raise ConfigError(f"strategy {self.label}: set {o.set!r} needs the greedy strategy to run before it")
         members = sets[0][2]
         get_method(o.method).check_support(len(members), f"strategy {self.label} (set {o.set})")
-        return _ParamSpace(o.method, dict(o.space), dict(o.params), members, ctx.n)
+        return MethodParamSpace(o.method, dict(o.space), dict(o.params), members, ctx.n)
 
-    def _seed(self, study, space: _ParamSpace, ctx) -> None:
+    def _seed(self, study, space: MethodParamSpace, ctx) -> None:
         if not self.options.seed_with_defaults:
             return
         params = space.defaults()
