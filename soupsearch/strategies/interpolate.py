@@ -24,8 +24,10 @@ from ..barriers import barrier, read_report, unaligned_curve
 from ..errors import ConfigError
 from ..mixing import Recipe
 from . import register_strategy
-from .base import SoupResult, Strategy
-from .basic import rank_by_score
+from .base import Needs, SoupResult, Strategy, rank_by_score
+
+
+BASE = "base"  # the endpoint name of the pre-trained model in ``pairs``
 
 
 __all__ = ["Interpolate", "barrier"]
@@ -41,8 +43,13 @@ class Interpolate(Strategy):
         pairs: list[tuple[str, str]] | None = None  # ingredient names or "base"; default: auto
         points: int = Field(default=11, ge=3)
 
+    @classmethod
+    def needs(cls, options) -> Needs:
+        """The base when a pair names it (the default pairs use it only when it is configured)."""
+        return Needs(base=any(BASE in pair for pair in options.pairs or ()))
+
     def _endpoint(self, ctx, name: str) -> tuple[tuple[float, ...], float]:
-        if name == "base":
+        if name == BASE:
             if not ctx.has_base:
                 raise ConfigError(f"strategy {self.label}: pair uses 'base' but ingredients.base is not set")
             return (0.0,) * ctx.n, 1.0
@@ -60,7 +67,7 @@ class Interpolate(Strategy):
             if len(order) > 1:
                 pairs.append((ctx.names[order[0]], ctx.names[order[1]]))
             if ctx.has_base:
-                pairs.append(("base", ctx.names[order[0]]))
+                pairs.append((BASE, ctx.names[order[0]]))
         if not pairs:
             raise ConfigError(f"strategy {self.label}: nothing to interpolate (one ingredient and no base)")
         alphas = np.linspace(0, 1, self.options.points)
