@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import selection
 from .errors import SoupSearchError, TrackingError, first_line
 from .report import format_table
 
-BASELINE = "best_individual"
 FORMATS = ("table", "markdown", "csv")
-LOWER_IS_BETTER = ("nll", "ece")
 _SEARCH_FILTER = "tags.`soupsearch.role` = 'search'"
 
 
@@ -145,8 +144,9 @@ def _compare(tracking_uri: str | None, experiment: str | None, run_id: str | Non
     if metric not in logged:
         raise SoupSearchError(f"--metric {metric!r}: not logged by search {parent.info.run_name} "
                               f"(expected one of: {', '.join(logged) or 'none logged'})")
-    lower_better = metric in LOWER_IS_BETTER
+    lower_better = not selection.higher_is_better(metric)
     rows: list[dict[str, Any]] = []
+    reference = None  # the best individual: the run the driver tagged as the reference of *_vs_best
     for r in children:
         m = r.data.metrics
         row: dict[str, Any] = {"name": r.data.tags.get("soupsearch.strategy") or r.info.run_name,
@@ -166,7 +166,9 @@ def _compare(tracking_uri: str | None, experiment: str | None, run_id: str | Non
             row[f"{split}_vs_best_ci_high"] = _value(m, f"{key}_ci_high")
             row[f"{split}_mcnemar_p"] = _value(m, f"delta_vs_best/{split}/mcnemar_p")
         rows.append(row)
-    best = next((row for row in rows if row["name"] == BASELINE), None)
+        if reference is None and r.data.tags.get("soupsearch.reference") == "true":
+            reference = row
+    best = reference
     for row in rows:
         for col in ("val", "test", "ood_mean"):
             a, b = row.get(col), (best or {}).get(col)
@@ -269,5 +271,6 @@ def print_compare(tracking_uri: str | None = None, experiment: str | None = None
     cols = pick_columns(rows, columns, wide, fmt)
     print(format_compare(rows, fmt, title=title, columns=cols), end="")
     if not meta["has_baseline"]:
-        print(f"[soupsearch] no {BASELINE} run in this search: the *_vs_best columns are empty", file=sys.stderr)
+        print("[soupsearch] no reference run (the best individual ingredient) in this search: the *_vs_best "
+              "columns are empty", file=sys.stderr)
     return 0

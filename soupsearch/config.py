@@ -228,9 +228,15 @@ class StrategySpec(_Strict):
         return cls.default_label(cls.validate_options(self.options))
 
 
+def _default_strategies() -> list[str]:
+    from .strategies import default_strategies
+
+    return default_strategies()
+
+
 class SearchConfig(_Strict):
     strategies: list[StrategySpec] = Field(
-        default_factory=lambda: [StrategySpec(name=n) for n in ("best_individual", "uniform", "greedy")]
+        default_factory=lambda: [StrategySpec(name=n) for n in _default_strategies()]
     )
 
     @field_validator("strategies", mode="before")

@@ -134,10 +134,6 @@ class Context:
         job run on one evaluator; blocks until it ends."""
         return self.pool.map_evaluators("learn_coefficients", [((split,), options)])[0]
 
-    def run_on_evaluator(self, method: str, *args, **kwargs):
-        """Run a whole job on one evaluator (kept for strategies not yet on the typed methods)."""
-        return self.pool.map_evaluators(method, [(args, kwargs)])[0]
-
     @property
     def num_evaluators(self) -> int:
         return self.pool.num_evaluators

@@ -23,11 +23,9 @@ def plan_stack(cfg: Config, stack: StackInfo, *, input_shape: tuple[int, ...] | 
     """The memory plan of a search: how many holders share the stack (``eval.stack_shards``)
     given each actor's budget. ``nodes``: ``[{"memory": bytes, "gpus": k}]`` per node;
     ``input_shape``: one example's shape (for activations; None: not estimated)."""
-    from .strategies import get_strategy_class
+    from .strategies import needs_of
 
-    fisher = any("fisher" in get_strategy_class(sp.name).requirements(get_strategy_class(sp.name)
-                                                                       .validate_options(sp.options))
-                 for sp in cfg.search.strategies)
+    fisher = any("fisher" in needs_of(sp.name, sp.options).stats for sp in cfg.search.strategies)
     try:
         other, act = model_memory(cfg.model.factory, cfg.model.kwargs, cfg.eval.batch_size, input_shape)
         other -= stack.num_params * 4  # model_memory counts one theta; the plan counts thetas itself

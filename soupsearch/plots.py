@@ -246,7 +246,7 @@ def plot_trajectory(res, path: Path, metric: str = METRIC, label: str | None = N
                        fontsize=7 if len(steps) <= 50 else 4)
     ax.set_xlabel("step: ingredient added (best-first by val)")
     ax.set_ylabel(f"val {metric}")
-    ax.set_title(f"{label or getattr(res, 'name', 'greedy')}: trajectory ({len(ks)} of {len(traj)} kept)")
+    ax.set_title(f"{label or getattr(res, 'name', '')}: trajectory ({len(ks)} of {len(traj)} kept)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import bnreset, progress, selection, significance
-from .config import Config, StrategySpec
+from .config import Config
 from .context import Context, with_ood_mean
 from .data import EvalSuite, build_suite
 from .errors import CheckpointError, SoupSearchError, first_line
@@ -26,16 +26,11 @@ from .progress import say
 from .safety import redact
 from .shards import StackInfo, combine_digests, read_headers
 from .store import ResultStore, fingerprint_arrays
-from .strategies import create_strategy, get_strategy_class
+from .strategies import create_strategy, needs_of
 from .tracking import Tracker
 from .tracking import soups as soups_log
 
 __all__ = ["run_search", "read_inputs", "Inputs", "Context", "CandidateRow", "SearchOutcome"]
-
-
-def _requirements(spec: StrategySpec) -> set[str]:
-    cls = get_strategy_class(spec.name)
-    return set(cls.requirements(cls.validate_options(spec.options)))
 
 
 def run_search(cfg: Config, tracker: Tracker | None = None) -> SearchOutcome:
@@ -195,7 +190,7 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
     # ---- every ingredient on every split (independent candidates: all evaluators busy);
     # with an ensemble strategy, the per-example predictions are kept (Parquet) for it
     t = time.time()
-    want_preds = any("predictions" in _requirements(s) for s in cfg.search.strategies)
+    want_preds = any(needs_of(s.name, s.options).predictions for s in cfg.search.strategies)
     one_hots = [Recipe.one_hot(i, stack.n, label=stack.names[i]) for i in range(stack.n)]
     shards = stack.n * sum(len(pool.shard_bounds(s)) for s in eval_splits)
     with progress.phase(f"scoring {stack.n} ingredients", total=shards):
@@ -241,7 +236,7 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
                 metrics = ctx.evaluate_all([res.recipe])[0]
             else:
                 metrics = with_ood_mean(res.info["metrics"], shifts)
-            row = CandidateRow(res.name, "baseline" if res.name == "best_individual" or res.recipe is None else "soup",
+            row = CandidateRow(res.name, "baseline" if strategy.is_baseline or res.recipe is None else "soup",
                                res.num_ingredients, metrics, {"params": res.params},
                                forward_passes=int(res.info.get("forward_passes", 1)))
             correct = ({s: ctx.correct(res.recipe, s) for s in paired} if res.recipe is not None
@@ -249,7 +244,8 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
             row.info["significance"] = significance.versus_best(correct, best_correct, seed=cfg.seed)
             row.info["versus"] = stack.names[best_i]
             soups.append(row)
-            soups_log.log_soup(cfg, tracker, stack, suite, res, row, run_dir, ctx, started=t)
+            soups_log.log_soup(cfg, tracker, stack, suite, res, row, run_dir, ctx, started=t,
+                               reference=strategy.is_baseline and res.recipe is not None)
             say(f"strategy {res.name}: val {metrics['val'][ctx.selection_metric]:.4f}, test "
                 f"{metrics['test']['accuracy']:.4f}" + (f", ood_mean {metrics['ood_mean']['accuracy']:.4f}" if shifts else "")
                 + f", {row.num_ingredients} ingredients ({time.time() - t:.1f}s)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import math
 import warnings
 
@@ -56,22 +57,13 @@ def test_fake_context_implements_the_whole_protocol():
         assert got == want, (m, got, want)
 
 
-def _driver_context():
-    try:
-        from soupsearch.context import Context
-    except ImportError:  # before the driver's Context moved to its own module (issue 14)
-        from soupsearch.search import Context
-    return Context
-
-
 def test_driver_context_has_every_protocol_member():
-    Context = _driver_context()
-    if not hasattr(Context, "learn_coefficients"):
-        pytest.xfail("the driver's Context does not implement learn_coefficients yet (issue 14, driver side)")
+    from soupsearch.context import Context
+
     methods, attrs = _protocol_members()
     source = inspect.getsource(Context)
     missing = [m for m in methods if not callable(getattr(Context, m, None))]
-    missing += [a for a in attrs if not hasattr(Context, a) and f"self.{a} =" not in source]
+    missing += [a for a in attrs if not hasattr(Context, a) and not re.search(rf"self\.{a}\s*(:[^=\n]*)?=", source)]
     assert not missing, f"Context lacks {missing}"
 
 

@@ -42,10 +42,14 @@ def mlflow_metrics(row: CandidateRow, suite: EvalSuite) -> dict[str, float]:
 
 
 def log_soup(cfg, tracker, stack, suite, res: SoupResult, row: CandidateRow, run_dir: Path, ctx: Context,
-              started: float | None = None) -> None:
+              started: float | None = None, reference: bool = False) -> None:
+    """A soup's (or baseline's) child run: metrics, trajectory, coefficients, weights. Its role
+    (``soupsearch.role``: soup / baseline) and, for the best individual, ``soupsearch.reference``
+    (what ``compare``'s *_vs_best columns are relative to) are tags."""
     inside(run_dir, "soups", res.name)  # a soup's name is a directory name: never outside run_dir
     ended = time.time()  # the run spans the strategy (and its soups' scoring), not the logging
-    rid = tracker.start_child(res.name, params={"strategy": res.name, **res.params}, start_time=started)
+    tags = {"soupsearch.role": row.kind, **({"soupsearch.reference": "true"} if reference else {})}
+    rid = tracker.start_child(res.name, params={"strategy": res.name, **res.params}, start_time=started, tags=tags)
     tracker.log_metrics(rid, mlflow_metrics(row, suite))
     if started is not None:
         tracker.log_metrics(rid, {"strategy_seconds": ended - started})
