@@ -24,7 +24,7 @@ def uri(tmp_path):
         for j, s in enumerate(SHIFTS):
             m[f"shift/{s}/accuracy"] = 0.5 + j / 100 + k / 1000
         m["ood_mean/accuracy"] = 0.57
-        rid = tr.start_child(name, params={})
+        rid = tr.start_child(name, params={}, tags={"soupsearch.reference": "true"} if k == 0 else None)
         tr.log_metrics(rid, m)
         tr.end(rid)
     tr.end(tr.parent_id)

@@ -238,7 +238,9 @@ def _fake_search(uri: str, experiment: str, children: dict[str, dict[str, float]
     tr.connect()
     tr.start_parent("fake:sweep", params={"x": 1})
     for name, metrics in children.items():
-        rid = tr.start_child(name, params={"strategy": name})
+        # tagged as the driver tags the best individual: the reference of the *_vs_best columns
+        tags = {"soupsearch.reference": "true"} if name == "best_individual" else None
+        rid = tr.start_child(name, params={"strategy": name}, tags=tags)
         tr.log_metrics(rid, metrics)
         tr.end(rid)
     tr.end(tr.parent_id)
