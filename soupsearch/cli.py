@@ -20,6 +20,11 @@ DEMO_CONFIG = "configs/demo.yaml"
 
 def _cmd_run(args) -> int:
     from .config import load_config
+    from .multitask.config import load_multitask_config
+
+    mt = load_multitask_config(args.config, args.set)  # a config with a top-level tasks: key
+    if mt is not None:
+        return _run_multitask(mt)
     from .report import search_table
     from .search import run_search
 
@@ -35,6 +40,19 @@ def _cmd_run(args) -> int:
     except Exception:  # the hint is a convenience
         pass
     for line in open_hint(cfg.tracking.resolved_uri(), cfg.tracking.experiment, exp_id):
+        print(line)
+    return 0
+
+
+def _run_multitask(cfg) -> int:
+    from .multitask.driver import run_multitask
+    from .multitask.report import results_table
+
+    outcome = run_multitask(cfg)
+    print(results_table(outcome))
+    print(f"best merge on mean val: {outcome.best}   head (per task): {', '.join(outcome.head)}")
+    print(f"run dir: {outcome.run_dir}   MLflow parent run: {outcome.parent_run_id}")
+    for line in open_hint(cfg.tracking.resolved_uri(), cfg.tracking.experiment):
         print(line)
     return 0
 
