@@ -72,7 +72,7 @@ def build_sweep(out: Path, fine_tunes: dict[str, int] | None = None, seed: int =
         splits = {}
         for split, n in (("train", 96), ("val", 40), ("test", 40), ("fisher", 24)):
             x = rng.random((n, 1, 4, 4), dtype=np.float32)
-            y = np.argmax(x.reshape(n, -1) @ teacher + 0.1 * rng.normal(size=(n, c)), axis=1).astype(np.int64)
+            y = np.argmax((x.reshape(n, -1) - 0.5) @ teacher + 0.1 * rng.normal(size=(n, c)), axis=1).astype(np.int64)
             splits[split] = (x, y)
             if split != "train":
                 np.savez(d / f"{split}.npz", x=x, y=y)
@@ -259,6 +259,31 @@ def test_ensemble_and_task_own(sweep):
             probs = probs + torch.softmax(m(torch.from_numpy(za["x"])).double(), 1)
     acc = float((probs.argmax(1).numpy() == za["y"]).mean())
     assert sc.per_task["alpha"]["test"]["accuracy"] == pytest.approx(acc, abs=1e-12)
+
+
+def test_learned_per_layer_entropy_never_reads_test_labels(sweep):
+    import copy
+
+    from soupsearch.multitask.strategies import Learned
+
+    out, raw = sweep
+    opts = Learned.validate_options("learned", {"granularity": "layer", "objective": "entropy", "n_trials": 4,
+                                                "group_depth": 1})
+    chosen = []
+    for permute in (False, True):
+        cfg, inputs, pool, ctx = _ctx(copy.deepcopy(raw))
+        if permute:  # other labels on the test inputs: the unlabelled objective cannot see them
+            for t in inputs.spec.tasks:
+                x, y, kind = t.splits["test"]
+                t.splits["test"] = (x, np.random.default_rng(0).permutation(y), kind)
+        res = Learned().run(ctx, "learned", "learned", opts)
+        chosen.append(res.candidate.recipe)
+        groups = inputs.spec.layout.group_names_at(1)
+        assert len(res.candidate.recipe.layer_coeffs) == len(groups) and len(res.history) == 4
+        # the objective logged is the task-weighted mean entropy of the chosen candidate's test predictions
+        sc = ctx.scores([res.candidate], ("test",))[0]
+        assert min(h["objective"] for h in res.history) == pytest.approx(sc.mean["test"]["entropy"], abs=1e-12)
+    assert chosen[0] == chosen[1]
 
 
 # ----------------------------------------------------------------------------- config errors
