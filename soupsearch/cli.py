@@ -80,10 +80,17 @@ def open_hint(uri: str, experiment: str, experiment_id: str | None = None) -> li
 
 
 def _cmd_sweep(args) -> int:
+    if args.kind == "multitask":
+        from .multitask_sweep import make_multitask_sweep
+
+        if args.fine_tunes_per_task < 1:
+            raise SoupSearchError(f"--fine-tunes-per-task must be >= 1, got {args.fine_tunes_per_task}")
+        make_multitask_sweep(args.out, seed=args.seed, fine_tunes_per_task=args.fine_tunes_per_task)
+        return 0
     from .demo import make_sweep
 
     if args.kind != "demo":
-        raise SoupSearchError(f"sweep kind {args.kind!r}: only 'demo' is built in")
+        raise SoupSearchError(f"sweep kind {args.kind!r}: built in are 'demo' and 'multitask'")
     make_sweep(args.out, n=args.n, seed=args.seed)
     return 0
 
@@ -179,9 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="build a checkpoint sweep (offline, real training)",
                        description="Train a sweep of fine-tunes from one pre-trained model (offline) and write "
                                    "their checkpoints and a manifest.json with their hyperparameters.")
-    s.add_argument("kind", choices=["demo"], help="the sweep to build (demo: a small CNN on scikit-learn's digits)")
-    s.add_argument("--out", required=True, help="output directory (checkpoints, manifest.json, splits.json)")
-    s.add_argument("--n", type=int, default=16, help="number of fine-tunes (default: 16)")
+    s.add_argument("kind", choices=["demo", "multitask"],
+                   help="the sweep to build (demo: a small CNN on scikit-learn's digits; multitask: one shared "
+                        "pre-trained body fine-tuned on three tasks -- digits, restyled digits, PIL-drawn shapes -- "
+                        "each with its own head)")
+    s.add_argument("--out", required=True, help="output directory (checkpoints, data splits, manifest.json)")
+    s.add_argument("--n", type=int, default=16, help="demo: number of fine-tunes (default: 16)")
+    s.add_argument("--fine-tunes-per-task", type=int, default=2,
+                   help="multitask: fine-tunes per task (default: 2)")
     s.add_argument("--seed", type=int, default=0, help="seed of the data splits and hyperparameters (default: 0)")
     s.set_defaults(func=_cmd_sweep)
 
