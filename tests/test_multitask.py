@@ -318,6 +318,12 @@ def test_config_errors_are_one_line(sweep, mutate, expect):
     assert expect in str(e.value) and str(e.value).startswith("config mt.yaml: ") and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["multitask.yaml", "mnist_fmnist.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = multitask_config_from_dict(yaml.safe_load((ROOT / "configs" / name).read_text()), name)
+    assert len(cfg.tasks) >= 2 and cfg.search.strategies
+
+
 def test_cli_errors_exit_2_with_one_line(sweep, tmp_path):
     import copy
 

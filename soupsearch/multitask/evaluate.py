@@ -174,7 +174,7 @@ class MultiTaskEvaluator:
         return {k: v.clone() for k, v in sd.items()}
 
     def _prepare(self, task: TaskSpec, xb: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(xb))
+        x = torch.from_numpy(np.array(xb))  # a copy: arrays from the object store are read-only
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         if task.normalize:
             mean = torch.tensor(task.normalize["mean"], dtype=torch.float32).view(1, -1, 1, 1)
@@ -231,7 +231,7 @@ class MultiTaskEvaluator:
         x, y = x[:num_examples], y[:num_examples]
         model = self._bind(t, self.Wt[t], self.task_heads[t])
         full = ParamLayout.from_state_dict(model.state_dict())
-        row = fisher_diag_sum(model, full, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), mode,
+        row = fisher_diag_sum(model, full, torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y)), mode,
                               batch_size, seed, prepare=lambda xb: self._prepare(task, xb.numpy()))
         row = row / max(1, len(y))
         by_name = {s.name: s for s in full.specs}

@@ -240,10 +240,13 @@ class Learned(MTStrategy):
             raise RecipeError(f"strategy {label}: no trial gave a valid soup")
         c = best[1]
         coeffs = c.recipe.coeffs or tuple(x for row in c.recipe.layer_coeffs for x in row)
-        return MTResult(label, c, params={"method": opts.method, "granularity": opts.granularity,
-                                          "objective": opts.objective, "n_trials": opts.n_trials,
-                                          **({"group_depth": opts.group_depth} if opts.granularity == "layer" else {})},
-                        info={"coefficients": dict(zip(names, coeffs))}, history=history)
+        params = {"method": opts.method, "granularity": opts.granularity, "objective": opts.objective,
+                  "n_trials": opts.n_trials}
+        if opts.granularity == "layer":
+            params["group_depth"] = opts.group_depth
+        else:  # a few numbers: as parameters (per layer they are in the run's recipe.json)
+            params.update({f"coef/{n}": round(v, 4) for n, v in zip(names, coeffs)})
+        return MTResult(label, c, params=params, info={"coefficients": dict(zip(names, coeffs))}, history=history)
 
 
 _SPECIAL: dict[str, type[MTStrategy]] = {"task_own": TaskOwn, "pretrained": Pretrained, "ensemble": Ensemble,
