@@ -215,7 +215,7 @@ class MultiTaskEvaluator:
             res = {}
             for s in names:
                 logp, y = self._logprobs(t, bodies, s)
-                counts = counts_from_logits(logp, torch.from_numpy(y), logp.shape[1])
+                counts = counts_from_logits(logp, torch.tensor(y), logp.shape[1])
                 entropy = float(-(logp.exp() * logp).sum())
                 res[s] = {"counts": counts.to_dict(), "entropy_sum": entropy}
             out[task.name] = res
