@@ -318,6 +318,20 @@ def test_config_errors_are_one_line(sweep, mutate, expect):
     assert expect in str(e.value) and str(e.value).startswith("config mt.yaml: ") and "\n" not in str(e.value)
 
 
+def test_relative_paths_resolve_against_root_as_a_ray_job_sets_it(monkeypatch):
+    """``python -m soupsearch.jobs`` runs ``soupsearch run CONFIG --set root=<working dir>``."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = yaml.safe_load((ROOT / "configs" / "multitask.yaml").read_text())
+    cfg = multitask_config_from_dict(raw, "multitask.yaml", overrides=["root=/job/wd"])
+    assert cfg.base == "/job/wd/runs/mt-sweep/base.safetensors"
+    assert cfg.run_dir == "/job/wd/runs/multitask"
+    for t in cfg.tasks:
+        assert t.ingredients.path == f"/job/wd/runs/mt-sweep/{t.name}"
+        assert t.data.val.path == f"/job/wd/runs/mt-sweep/{t.name}/val.npz"
+        assert t.data.fisher.path == f"/job/wd/runs/mt-sweep/{t.name}/fisher.npz"
+    assert cfg.tracking.resolved_uri().startswith("sqlite:////job/wd/")
+
+
 @pytest.mark.parametrize("name", ["multitask.yaml", "mnist_fmnist.yaml"])
 def test_shipped_configs_validate(name):
     cfg = multitask_config_from_dict(yaml.safe_load((ROOT / "configs" / name).read_text()), name)
