@@ -230,6 +230,10 @@ def compare_task_rows(tracking_uri: str | None = None, experiment: str | None = 
         row["mean"] = _value(m, f"tasks_mean{suffix}")
         row["val_mean"] = _value(m, f"tasks_mean/val/{metric}")
         row["ood_mean"] = _value(m, f"tasks_mean/ood_mean/{metric}")
+        key = f"delta_vs_uniform/{split}/{metric}"  # the search logs it for accuracy
+        row["mean_vs_uniform"] = _value(m, key)
+        row["mean_vs_uniform_ci_low"] = _value(m, f"{key}_ci_low")
+        row["mean_vs_uniform_ci_high"] = _value(m, f"{key}_ci_high")
         rows.append(row)
     meta = {"tracking_uri": uri, "experiment": exp.name, "parent_run_id": parent.info.run_id,
             "parent_run_name": parent.info.run_name, "status": parent.info.status, "metric": metric,
@@ -269,6 +273,7 @@ def columns_of(rows: Sequence[dict]) -> list[str]:
 
 
 _CSV_EXPANDED = {"val_vs_best_ci": ["val_vs_best_ci_low", "val_vs_best_ci_high"],
+                 "mean_vs_uniform_ci": ["mean_vs_uniform_ci_low", "mean_vs_uniform_ci_high"],
                  "test_vs_best_ci": ["test_vs_best_ci_low", "test_vs_best_ci_high"]}
 
 
@@ -307,7 +312,7 @@ def format_compare(rows: Sequence[dict], fmt: str = "table", title: str | None =
         v = r.get(k)
         if v is None:
             return "-"
-        if k.endswith("_vs_best"):
+        if k.endswith(("_vs_best", "_vs_uniform")):
             return f"{v:+.4f}"
         if k.endswith("_p"):
             return f"{v:.3g}"
@@ -350,6 +355,8 @@ def add_compare_subparser(subparsers) -> argparse.ArgumentParser:
 def _run_compare_tasks(args) -> int:
     rows, meta = compare_task_rows(args.tracking_uri, args.experiment, args.run_id, args.metric)
     cols = ["name", *meta["tasks"], "mean", "val_mean", "ood_mean"]
+    if any(r["mean_vs_uniform"] is not None for r in rows):
+        cols += ["mean_vs_uniform", "mean_vs_uniform_ci"]
     title = None
     if args.fmt != "csv":
         title = (f"test {meta['metric']} per task (mean: task-weighted) of multi-task search {meta['parent_run_name']} "

@@ -286,6 +286,21 @@ def test_learned_per_layer_entropy_never_reads_test_labels(sweep):
     assert chosen[0] == chosen[1]
 
 
+def test_stratified_paired_bootstrap_weights_tasks():
+    from soupsearch.significance import paired_bootstrap, stratified_paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a1, b1 = rng.random(200) < 0.8, rng.random(200) < 0.7
+    a2, b2 = rng.random(50) < 0.6, rng.random(50) < 0.65
+    one = stratified_paired_bootstrap([(a1, b1, 1.0)], seed=3)
+    assert one["delta"] == pytest.approx(paired_bootstrap(a1, b1, seed=3)["delta"])
+    r = stratified_paired_bootstrap([(a1, b1, 2.0), (a2, b2, 1.0), (a2, b2, 0.0)])
+    want = (2 * (a1.mean() - b1.mean()) + (a2.mean() - b2.mean())) / 3
+    assert r["delta"] == pytest.approx(want, abs=1e-12) and r["ci_low"] < want < r["ci_high"]
+    same = stratified_paired_bootstrap([(a1, a1, 1.0), (a2, a2, 1.0)])
+    assert same["delta"] == same["ci_low"] == same["ci_high"] == 0.0
+
+
 # ----------------------------------------------------------------------------- config errors
 
 
@@ -306,6 +321,7 @@ def _cli(args, cwd=ROOT, timeout=600):
     (lambda r: r.update(search={"strategies": [{"name": "learned", "granularity": "neuron"}]}),
      "option granularity"),
     (lambda r: r.update(base=None, search={"strategies": ["task_arithmetic"]}), "needs base"),
+    (lambda r: r["tasks"][0].update(name="mean"), "column of the results table"),
 ])
 def test_config_errors_are_one_line(sweep, mutate, expect):
     import copy
@@ -398,6 +414,15 @@ def test_end_to_end_cli_on_ray_with_mlflow(tmp_path, ray_session):
         mean = sum(w * m[f"tasks/{t}/test/accuracy"] for w, t in zip(ws, TASKS)) / sum(ws)
         assert m["tasks_mean/test/accuracy"] == pytest.approx(mean, abs=1e-9)
         assert "tasks_mean/val/nll" in m and "tasks_mean/ood_mean/accuracy" in m
+    uni = next(c.data.metrics for c in children if c.data.tags["soupsearch.strategy"] == "uniform")
+    for c in children:  # the paired difference to simple averaging, on every other run
+        m = c.data.metrics
+        if c.data.tags["soupsearch.strategy"] == "uniform":
+            assert not any(k.startswith("delta_vs_uniform") for k in m)
+            continue
+        d = m["tasks_mean/test/accuracy"] - uni["tasks_mean/test/accuracy"]
+        assert m["delta_vs_uniform/test/accuracy"] == pytest.approx(d, abs=1e-9)
+        assert m["delta_vs_uniform/test/accuracy_ci_low"] <= d + 1e-12 <= m["delta_vs_uniform/test/accuracy_ci_high"] + 2e-12
     rows, meta = compare_task_rows(uri, "mt-test")
     assert [r["name"] for r in rows] == [c if isinstance(c, str) else c["name"] for c in strategies]
     by = {c.data.tags["soupsearch.strategy"]: c.data.metrics for c in children}
@@ -407,5 +432,5 @@ def test_end_to_end_cli_on_ray_with_mlflow(tmp_path, ray_session):
     r = _cli(["compare", "--tracking-uri", uri, "--experiment", "mt-test"], timeout=120)
     assert r.returncode == 0, r.stderr
     header = next(ln for ln in r.stdout.splitlines() if ln.startswith("name"))
-    assert header.split()[:5] == ["name", *TASKS, "mean"]
+    assert header.split()[:5] == ["name", *TASKS, "mean"] and "mean_vs_uniform" in header
     assert sum(ln.split()[0] in names for ln in r.stdout.splitlines() if ln.split()) == len(names)

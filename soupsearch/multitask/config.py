@@ -21,6 +21,9 @@ from ..config import (DataConfig, EvalConfig, FisherConfig, ModelConfig, RayConf
 from ..errors import ConfigError
 
 
+RESERVED = ("name", "method", "mean", "val_mean", "ood_mean", "vs_uniform", "run_id")  # table columns
+
+
 class TaskIngredients(_Strict):
     path: str  # a directory, a glob, or a manifest.json of this task's fine-tunes
     glob: str | None = None  # pattern inside a directory
@@ -38,7 +41,7 @@ class TaskConfig(_Strict):
     def _name(cls, v):
         from ..safety import file_name_problem
 
-        problem = file_name_problem(v) or ("it contains '/'" if "/" in v else None)
+        problem = file_name_problem(v) or ("it is a column of the results table" if v in RESERVED else None)
         if problem:  # the name is part of metric keys and file names
             raise ValueError(f"task name {v!r} cannot be used: {problem}")
         return v

@@ -297,10 +297,12 @@ def _run(cfg: MultiTaskConfig, tracker: Tracker | None, lock) -> MTOutcome:
             res = cls().run(ctx, s.name, s.run_name, opts)
             res.scores = ctx.scores([res.candidate], None)[0]
             res.seconds = time.time() - started_at
+            res.strategy = s.name
             outcome.results.append(res)
             _log_child(tracker, cfg, res, started_at)
             say(f"{res.name}: mean val {res.scores.mean['val']['accuracy']:.4f}, mean test "
                 f"{res.scores.mean['test']['accuracy']:.4f} ({res.seconds:.1f}s)")
+        _versus_uniform(tracker, outcome, ctx)
         _log_parent(tracker, parent, outcome, ctx, run_dir)
         outcome.seconds = time.time() - t0
         tracker.log_metrics(parent, {"search_seconds": outcome.seconds, "evaluations": pool.evaluations})
@@ -342,6 +344,30 @@ def _log_child(tracker: Tracker, cfg: MultiTaskConfig, res: MTResult, started_at
     elif res.info:
         tracker.log_text(rid, "info.json", _json(res.info))
     tracker.end(rid)
+
+
+def _versus_uniform(tracker: Tracker, outcome: MTOutcome, ctx: MTContext) -> None:
+    """Is a method better than simple averaging? The task-weighted mean accuracy difference
+    to the ``uniform`` run on val and test, with a 95% paired bootstrap interval (examples
+    resampled in pairs within each task), logged as ``delta_vs_uniform/<split>/accuracy``
+    (``_ci_low``, ``_ci_high``) on every other child run."""
+    from .scores import versus
+
+    ref = next((r for r in outcome.results if r.strategy == "uniform"), None)
+    if ref is None:
+        return
+    for r in outcome.results:
+        if r is ref:
+            continue
+        metrics = {}
+        for split in ("val", "test"):
+            v = versus(r.scores, ref.scores, ctx.weights, split, seed=ctx.seed)
+            if v:
+                r.vs_uniform[split] = v
+                key = f"delta_vs_uniform/{split}/accuracy"
+                metrics.update({key: v["delta"], f"{key}_ci_low": v["ci_low"], f"{key}_ci_high": v["ci_high"]})
+        if metrics and r.name in tracker.child_ids:
+            tracker.log_metrics(tracker.child_ids[r.name], metrics)
 
 
 def _json(d) -> str:

@@ -203,7 +203,8 @@ class MultiTaskEvaluator:
 
     def evaluate(self, c: Candidate, splits: Sequence[str] | None = None,
                  tasks: Sequence[int] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-        """``{task: {split: {"counts": Counts dict, "entropy_sum": float}}}`` for the tasks
+        """``{task: {split: {"counts": Counts dict, "entropy_sum": float, "correct": packed bits
+        (val and test)}}}`` for the tasks
         ``tasks`` (default all) on ``splits`` (default: each task's val, test and shifted
         sets; a split a task lacks is skipped). The body is merged once for all tasks."""
         theta = self.merged_body(c.recipe) if c.kind == "merge" else None
@@ -218,6 +219,8 @@ class MultiTaskEvaluator:
                 counts = counts_from_logits(logp, torch.tensor(y), logp.shape[1])
                 entropy = float(-(logp.exp() * logp).sum())
                 res[s] = {"counts": counts.to_dict(), "entropy_sum": entropy}
+                if task.splits[s][2] in ("val", "test"):  # per-example correctness, for paired comparisons
+                    res[s]["correct"] = np.packbits(logp.argmax(1).numpy() == y).tobytes()
             out[task.name] = res
         return out
 

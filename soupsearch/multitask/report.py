@@ -16,6 +16,8 @@ def table_rows(outcome, split: str = "test", metric: str = "accuracy") -> list[d
         row["mean"] = r.scores.mean.get(split, {}).get(metric)
         row["val_mean"] = r.scores.mean.get("val", {}).get(metric)
         row["ood_mean"] = r.scores.mean.get("ood_mean", {}).get(metric)
+        v = r.vs_uniform.get(split) if metric == "accuracy" else None
+        row["vs_uniform"] = (f"{v['delta']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]" if v else None)
         rows.append(row)
     return rows
 
@@ -23,10 +25,15 @@ def table_rows(outcome, split: str = "test", metric: str = "accuracy") -> list[d
 def results_table(outcome, fmt: str = "table", metric: str = "accuracy") -> str:
     rows = table_rows(outcome, "test", metric)
     cols = ["method", *outcome.task_names, "mean", "val_mean", "ood_mean"]
+    if any(r["vs_uniform"] for r in rows):
+        cols.append("vs_uniform")
     shown = [{k: (f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))) for k, v in r.items()}
              for r in rows]
     title = (f"test {metric} per task, its task-weighted mean, the mean val {metric} (selection: mean val "
              f"{outcome.config.eval.selection_metric}) and the mean over shifted sets -- {outcome.config.name}")
+    if "vs_uniform" in cols:
+        title += ("\nvs_uniform: mean test accuracy minus uniform's [95% paired bootstrap CI, examples resampled "
+                  "within each task]")
     return format_table(shown, cols, fmt=fmt, title=title)
 
 

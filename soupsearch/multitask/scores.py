@@ -23,6 +23,7 @@ MEAN_SPLITS = ("val", "test", "ood_mean")
 class Scores:
     per_task: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # task -> split key -> metric
     mean: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> metric
+    correct: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # task -> val/test -> bool [N]
 
     def flat(self) -> dict[str, float]:
         out = {}
@@ -39,6 +40,19 @@ class Scores:
         return self.mean.get("val", {}).get(metric, float("nan"))
 
 
+def versus(a: Scores, b: Scores, weights: dict[str, float], split: str = "test", seed: int = 0) -> dict[str, float]:
+    """The task-weighted mean accuracy difference ``a - b`` on ``split`` with its 95% paired
+    bootstrap interval (examples resampled in pairs within each task)."""
+    from ..significance import stratified_paired_bootstrap
+
+    strata = [(a.correct[t][split], b.correct[t][split], weights[t]) for t in a.correct
+              if split in a.correct[t] and split in b.correct.get(t, {})]
+    if not strata:
+        return {}
+    r = stratified_paired_bootstrap(strata, seed=seed)
+    return {"delta": r["delta"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
+
+
 def score(raw: dict, kinds: dict[str, dict[str, str]], weights: dict[str, float]) -> Scores:
     """``raw``: an evaluator's result (task -> split -> counts); ``kinds``: task -> split ->
     kind (``val``/``test``/``shift``); ``weights``: task -> weight."""
@@ -52,6 +66,9 @@ def score(raw: dict, kinds: dict[str, dict[str, str]], weights: dict[str, float]
             ms["entropy"] = r["entropy_sum"] / max(1, c.n)
             kind = kinds[task][split]
             per[metric_prefix(split, kind)] = ms
+            if "correct" in r:
+                bits = np.frombuffer(r["correct"], dtype=np.uint8)
+                sc.correct.setdefault(task, {})[split] = np.unpackbits(bits, count=c.n).astype(bool)
             if kind == "shift":
                 shifts.append(ms)
         if shifts:

@@ -41,6 +41,8 @@ class MTResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per evaluated candidate: objective etc.
     scores: Any = None  # filled by the driver (every split)
     seconds: float = 0.0
+    strategy: str = ""  # the strategy's name (``name`` is its run name)
+    vs_uniform: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> delta, ci_low, ci_high
 
 
 class _Opts(BaseModel):
