@@ -286,6 +286,22 @@ def test_learned_per_layer_entropy_never_reads_test_labels(sweep):
     assert chosen[0] == chosen[1]
 
 
+def test_regmean_outside_a_multitask_search_is_refused(sweep):
+    import soupsearch
+    from soupsearch.config import config_from_dict
+    from soupsearch.errors import RecipeError
+
+    out, raw = sweep
+    sds = _own_state(out, "beta")
+    with pytest.raises(RecipeError, match="only a multi-task search computes"):
+        soupsearch.merge(sds, "regmean")
+    single = {"ingredients": {"path": str(out / "beta")}, "model": {"factory": FACTORY, "kwargs": {"num_classes": 4}},
+              "data": {"val": raw["tasks"][1]["data"]["val"], "test": raw["tasks"][1]["data"]["test"]},
+              "search": {"strategies": [{"name": "merge", "method": "regmean"}]}}
+    with pytest.raises(ConfigError, match="strategy regmean needs per-layer 'gram' statistics that only a multi-task search"):
+        config_from_dict(single, "single.yaml")
+
+
 def test_stratified_paired_bootstrap_weights_tasks():
     from soupsearch.significance import paired_bootstrap, stratified_paired_bootstrap
 
