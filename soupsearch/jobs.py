@@ -5,7 +5,9 @@ connects to the job's cluster (``RAY_ADDRESS`` is set by Ray), reads checkpoints
 data by path from the nodes, and writes MLflow from the driver only.
 
 ``soupsearch submit CONFIG --address http://HOST:8265`` submits the same entry point
-through ``JobSubmissionClient`` and follows the logs until the job ends.
+through ``JobSubmissionClient`` and follows the logs until the job ends. A multi-task
+config (a top-level ``tasks:`` key) runs the multi-task driver: the entry point is
+``soupsearch run``, which dispatches on that key (``cli._cmd_run``).
 """
 
 from __future__ import annotations
