@@ -418,6 +418,7 @@ def test_end_to_end_cli_on_ray_with_mlflow(tmp_path, ray_session):
     assert "plots/task_accuracy.png" in arts
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {c.data.tags["soupsearch.strategy"] for c in children}
+    by_id = {c.data.tags["soupsearch.strategy"]: c.info.run_id for c in children}
     expect = {"task_own", "pretrained", "ensemble", "uniform", "task_arithmetic", "ties", "dare_ties", "fisher",
               "regmean", "learned"}
     assert names == expect
@@ -439,6 +440,12 @@ def test_end_to_end_cli_on_ray_with_mlflow(tmp_path, ray_session):
         d = m["tasks_mean/test/accuracy"] - uni["tasks_mean/test/accuracy"]
         assert m["delta_vs_uniform/test/accuracy"] == pytest.approx(d, abs=1e-9)
         assert m["delta_vs_uniform/test/accuracy_ci_low"] <= d + 1e-12 <= m["delta_vs_uniform/test/accuracy_ci_high"] + 2e-12
+    best = parent.data.tags["soupsearch.best"]
+    models = {a.path for a in client.list_artifacts(by_id[best], "models")}
+    assert models == {f"models/{t}.safetensors" for t in TASKS}
+    saved = load_file(str(Path(raw["run_dir"]) / "soups" / best / "alpha.safetensors"))
+    own = _own_state(tmp_path, "alpha")[0]
+    assert torch.equal(saved["out.weight"], own["out.weight"])  # the task's head, bit for bit
     rows, meta = compare_task_rows(uri, "mt-test")
     assert [r["name"] for r in rows] == [c if isinstance(c, str) else c["name"] for c in strategies]
     by = {c.data.tags["soupsearch.strategy"]: c.data.metrics for c in children}

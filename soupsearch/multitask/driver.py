@@ -370,6 +370,24 @@ def _versus_uniform(tracker: Tracker, outcome: MTOutcome, ctx: MTContext) -> Non
             tracker.log_metrics(tracker.child_ids[r.name], metrics)
 
 
+def _save_best(tracker, outcome: MTOutcome, ctx: MTContext, best: MTResult, run_dir: Path) -> None:
+    """The best merge's model of every task (the merged body + the task's head) as
+    ``run_dir/soups/<best>/<task>.safetensors``, logged on its child run (``models/``)."""
+    from ..fileio import save_safetensors_atomic
+
+    if best.candidate.kind == "ensemble":
+        return
+    states = ctx.pool.map("model_state", [(best.candidate, t) for t in range(ctx.T)])
+    d = run_dir / "soups" / best.name
+    d.mkdir(parents=True, exist_ok=True)
+    for task, sd in zip(ctx.task_names, states):
+        path = d / f"{task}.safetensors"
+        save_safetensors_atomic({k: v.contiguous() for k, v in sd.items()}, path,
+                                metadata={"soupsearch.task": task, "soupsearch.method": best.name})
+        if best.name in tracker.child_ids and outcome.config.tracking.log_soup_weights:
+            tracker.log_artifact(tracker.child_ids[best.name], path, "models")
+
+
 def _json(d) -> str:
     import json
 
@@ -386,6 +404,7 @@ def _log_parent(tracker, parent, outcome: MTOutcome, ctx: MTContext, run_dir: Pa
     best = pool[ctx.best_index([r.scores.objective(metric) for r in pool])]
     outcome.best = best.name
     tracker.set_tag(parent, "soupsearch.best", best.name)
+    _save_best(tracker, outcome, ctx, best, run_dir)
     tracker.log_metrics(parent, {f"best/{k}": v for k, v in best.scores.flat().items() if k.startswith("tasks_mean/")})
     table = results_table(outcome, fmt="markdown")
     write_text_atomic(run_dir / "results.md", table)
