@@ -43,10 +43,10 @@ bench: $(STAMP)
 
 # A real local cluster on loopback: a head and one worker node (`ray start` processes).
 cluster-up: $(STAMP)
-	$(BIN)/python -m soupsearch.cluster up --temp-dir $(RAY_TEMP) --port $(RAY_PORT) --dashboard-port $(RAY_DASHBOARD_PORT)
+	$(BIN)/soupsearch cluster up --temp-dir $(RAY_TEMP) --port $(RAY_PORT) --dashboard-port $(RAY_DASHBOARD_PORT)
 
 cluster-down:
-	$(BIN)/python -m soupsearch.cluster down --temp-dir $(RAY_TEMP)
+	$(BIN)/soupsearch cluster down --temp-dir $(RAY_TEMP)
 
 # Submit a search as a Ray job and follow its logs. Relative paths in the config resolve
 # against this directory (root=...), so the job writes to the same mlflow.db as `make demo`.

@@ -241,10 +241,10 @@ def ray_init(num_cpus: int = 2):
 
 def build_ray_pool(stack, splits: dict, num_evaluators: int, shard_size: int = 128, batch_size: int = 256,
                    max_in_flight: int = 2, refs: dict | None = None, per_actor: int | None = None):
-    """A RayEvalPool exactly as ``soupsearch.search.make_pool`` builds one (stack and splits
+    """A RayEvalPool exactly as ``soupsearch.launch.make_pool`` builds one (stack and splits
     put once into the object store; evaluators get refs; by default all evaluators are
     threads of one actor, as ``eval.evaluators_per_actor: auto`` does on one node)."""
-    from soupsearch.pool import RayEvalPool
+    from soupsearch.ray_pool import RayEvalPool
 
     return RayEvalPool.from_stack(stack, splits, MODEL_FACTORY, MODEL_KWARGS, num_evaluators, shard_size=shard_size,
                                   batch_size=batch_size, max_in_flight=max_in_flight, refs=refs,

@@ -15,10 +15,10 @@ images labelled by the base, val/test and 3 shifted sets):
   ``load_state_dict``, and a ``DataLoader`` over an ``ImageFolder`` of PNG files with
   per-sample ``ToTensor`` + ``Normalize``.
 * **soupsearch**: the checkpoints' headers read (``shards.read_headers``), the PNG
-  splits decoded once into tensor splits, the evaluators started by ``search.make_pool``
+  splits decoded once into tensor splits, the evaluators started by ``launch.make_pool``
   (on one node: two threads of one actor, which loads the stack from the ``.safetensors``
   files itself), a
-  ``search.Context`` and the real ``greedy`` strategy with its defaults (speculative,
+  ``context.Context`` and the real ``greedy`` strategy with its defaults (speculative,
   lookahead = number of evaluators; early stop of candidates that cannot reach the soup).
   No MLflow (the pool/context are built directly; ``run_search`` would add its tracking
   time).
@@ -176,7 +176,8 @@ def tensorize(dirs: dict[str, Path]):
 def soupsearch_greedy(st_paths: list[Path], dirs: dict[str, Path], num_evaluators, shard_size: int,
                       batch_size: int, T: C.Timer, precision: str = "float32") -> dict:
     from soupsearch.config import config_from_dict
-    from soupsearch.search import Context, make_pool
+    from soupsearch.context import Context
+    from soupsearch.launch import make_pool
     from soupsearch.shards import read_headers
     from soupsearch.strategies import create_strategy
 
@@ -184,7 +185,7 @@ def soupsearch_greedy(st_paths: list[Path], dirs: dict[str, Path], num_evaluator
 
     t_start = time.time()
 
-    def inputs():  # read while Ray starts, as soupsearch's driver does (search.start_with_ray)
+    def inputs():  # read while Ray starts, as soupsearch's driver does (launch.start_with_ray)
         with T("read checkpoint headers (while Ray starts)"):
             stack = read_headers(st_paths, C.make_model().state_dict())
         with T("tensorize splits, decode PNGs once (while Ray starts)"):

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     import ray
 
     from soupsearch.ingredients import format_bytes
-    from soupsearch.pool import RayEvalPool
+    from soupsearch.ray_pool import RayEvalPool
 
     print(f"# scaling: {d['n']} x resnet18 stack, val={d['val']}, {d['candidates']} random recipes per batch, "
           f"best of {d['rounds']} rounds; {os.cpu_count()} CPUs, load average {C.load_average()}", flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Sharded-stack benchmark (``eval.stack_shards``), through the search's own start-up path
-(``search.make_pool``: holders load their columns from the checkpoint files) and the
+(``launch.make_pool``: holders load their columns from the checkpoint files) and the
 pool's public ``evaluate``:
 
 * per-actor stack memory (what the holders report) and resident memory above an
@@ -117,7 +117,7 @@ def bench_pools(tmp: Path, n: int, factory: str, kwargs: dict, candidates: int, 
     from soupsearch.data import build_suite
     from soupsearch.mixing import Recipe
     from soupsearch.models import create_model
-    from soupsearch.search import make_pool
+    from soupsearch.launch import make_pool
     from soupsearch.shards import read_headers
 
     sweep = tmp / f"sweep{n}"

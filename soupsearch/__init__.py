@@ -16,7 +16,6 @@ from .methods import MergeMethod, get_method, list_methods, register_method
 from .mixing import Recipe, mix
 from .models import create_model, register_model
 from .rebasin import AlignError, align, permutation_spec
-from .multitask import MultiTaskConfig, load_multitask_config, run_multitask, split_head
 from .significance import mcnemar, paired_bootstrap, stratified_paired_bootstrap
 
 __all__ = [
@@ -28,5 +27,4 @@ __all__ = [
     "merge", "uniform_soup", "weighted_soup", "fisher_soup", "greedy_soup", "dare",
     "align", "permutation_spec", "AlignError",
     "paired_bootstrap", "mcnemar", "stratified_paired_bootstrap",
-    "MultiTaskConfig", "load_multitask_config", "run_multitask", "split_head",
 ]

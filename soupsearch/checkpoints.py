@@ -1,7 +1,7 @@
 """Checkpoints as training scripts save them, read safely.
 
 Training scripts rarely save a bare state dict. They save ``{"epoch": 3, "args":
-argparse.Namespace(...), "state_dict": ..., "optimizer": ...}``, Lightning ``.ckpt`` files
+Namespace(...), "state_dict": ..., "optimizer": ...}``, Lightning ``.ckpt`` files
 whose ``state_dict`` keys carry the LightningModule's attribute (``model.conv1.weight``),
 EMA copies under ``ema``, or the whole ``nn.Module``. This module finds the tensors in
 them without executing anything from the file:
@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 log = logging.getLogger("soupsearch")
 
@@ -240,8 +240,7 @@ def load_pickle(path: str | os.PathLike, mmap: bool = False) -> Any:
     except Exception as e:  # noqa: BLE001 - torch raises many types for unreadable files
         text = str(e)
         if "weights_only" not in text and "Unsupported global" not in text and "Unpickl" not in type(e).__name__:
-            msg = text.splitlines()[0] if text else type(e).__name__
-            raise CheckpointError(f"checkpoint {p}: not a readable torch checkpoint ({msg})") from None
+            raise CheckpointError(f"checkpoint {p}: not a readable torch checkpoint ({first_line(e)})") from None
     if not zipfile.is_zipfile(p):
         raise CheckpointError(
             f"checkpoint {p}: refused, a legacy (pre-1.6, non-zip) torch checkpoint holding Python objects "
@@ -250,8 +249,7 @@ def load_pickle(path: str | os.PathLike, mmap: bool = False) -> Any:
         obj = torch.load(str(p), map_location="cpu", weights_only=False, mmap=mmap,
                          pickle_module=_RestrictedPickleModule)
     except Exception as e:  # noqa: BLE001
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint {p}: not a readable torch checkpoint ({msg[:300]})") from None
+        raise CheckpointError(f"checkpoint {p}: not a readable torch checkpoint ({first_line(e)})") from None
     unknown = sorted({type(o).qualname for o in _walk(obj) if isinstance(o, Unloaded)})
     if unknown:
         log.info("checkpoint %s: %d class(es) not loaded (kept as inert placeholders): %s",

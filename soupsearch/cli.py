@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
+from typing import Any
 
-from .errors import SoupSearchError
+from .errors import SoupSearchError, reporting_errors
+from .progress import quiet_logs
 
 DEMO_SWEEP = Path("runs/demo-sweep")
 DEMO_CONFIG = "configs/demo.yaml"
@@ -24,59 +25,12 @@ def _cmd_run(args) -> int:
 
     mt = load_multitask_config(args.config, args.set)  # a config with a top-level tasks: key
     if mt is not None:
-        return _run_multitask(mt)
-    from .report import search_table
-    from .search import run_search
+        from .multitask.report import run_and_print as run_multitask_and_print
 
-    cfg = load_config(args.config, args.set)
-    outcome = run_search(cfg)
-    print(search_table(outcome))
-    print(f"run dir: {outcome.run_dir}   MLflow parent run: {outcome.parent_run_id}")
-    exp_id = None
-    try:
-        from mlflow.tracking import MlflowClient
+        return run_multitask_and_print(mt)
+    from .report import run_and_print
 
-        exp_id = MlflowClient(cfg.tracking.resolved_uri()).get_run(outcome.parent_run_id).info.experiment_id
-    except Exception:  # the hint is a convenience
-        pass
-    for line in open_hint(cfg.tracking.resolved_uri(), cfg.tracking.experiment, exp_id):
-        print(line)
-    return 0
-
-
-def _run_multitask(cfg) -> int:
-    from .multitask.driver import run_multitask
-    from .multitask.report import results_table
-
-    outcome = run_multitask(cfg)
-    print(results_table(outcome))
-    print(f"best merge on mean val: {outcome.best}   head (per task): {', '.join(outcome.head)}")
-    print(f"run dir: {outcome.run_dir}   MLflow parent run: {outcome.parent_run_id}")
-    for line in open_hint(cfg.tracking.resolved_uri(), cfg.tracking.experiment):
-        print(line)
-    return 0
-
-
-def open_hint(uri: str, experiment: str, experiment_id: str | None = None) -> list[str]:
-    """How to look at the results: the command that opens the MLflow UI on this store (or
-    its address) and the experiment's runs page, and `soupsearch compare`. The page's URL
-    asks for the "Model training" view: MLflow 3's UI otherwise opens an experiment in the
-    view last chosen in that browser (GenAI in a new one), whatever the experiment's kind."""
-    page = (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else "")
-    if uri.startswith(("http://", "https://")):
-        ui = f"open {uri.rstrip('/')}/{page} in a browser (experiment {experiment!r})"
-    else:
-        exe = Path(sys.executable).parent / "mlflow"
-        try:
-            exe_s = str(exe.relative_to(Path.cwd()))
-        except (ValueError, OSError):  # not below the cwd, or no cwd (a deleted directory)
-            exe_s = str(exe) if exe.exists() else "mlflow"
-        ui = (f"{exe_s} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
-              f"  then open http://127.0.0.1:5000/{page or f'  (experiment {experiment!r})'}")
-    return ["", "Results in MLflow:", f"  {ui}",
-            f"  soupsearch compare --experiment {experiment}" + ("" if uri == "sqlite:///mlflow.db" else
-                                                              f" --tracking-uri {uri}")
-            + "   # the soups side by side in the terminal"]
+    return run_and_print(load_config(args.config, args.set))
 
 
 def _cmd_sweep(args) -> int:
@@ -117,7 +71,7 @@ def _cmd_submit(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .search import plan_command
+    from .planning import plan_command
 
     lines, s = plan_command(
         args.config, args.set, gpus=args.gpus, gpu_memory=args.gpu_memory, nodes=args.nodes,
@@ -127,6 +81,159 @@ def _cmd_plan(args) -> int:
         print(line)
     print(f"stack_shards: {s}")
     return 0
+
+
+def _cmd_cluster(args) -> int:
+    from . import cluster
+
+    if args.action == "up":
+        info = cluster.start(args.temp_dir, args.port, args.dashboard_port, args.workers, args.cpus_per_node)
+        print(f"Ray cluster up: {info['nodes']} nodes, address {info['address']}, dashboard {info['dashboard']}")
+        print(f"submit with: make submit CONFIG=configs/demo.yaml   (or RAY_ADDRESS={info['dashboard']} ray job submit ...)")
+    elif args.action == "down":
+        n = cluster.stop(args.temp_dir)
+        print(f"stopped {n} processes of the cluster in {args.temp_dir}")
+    else:
+        print(f"{len(cluster.cluster_pids(args.temp_dir))} processes of the cluster in {args.temp_dir}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .compare import print_compare
+
+    return print_compare(args.tracking_uri, args.experiment, args.run_id, args.metric, args.fmt, args.columns,
+                         args.wide)
+
+
+def _recipe_error(msg: str) -> Exception:
+    from .errors import RecipeError
+
+    return RecipeError(msg)
+
+
+def _add_merge(subparsers) -> None:
+    from .methods import get_method, list_methods
+
+    methods = list_methods()
+    p = subparsers.add_parser(
+        "merge",
+        help="write a soup of checkpoints (no evaluation, streaming)",
+        description=(
+            "Merge checkpoints into one soup without any evaluation, tensor by tensor: peak memory is "
+            "about one output plus one tensor per checkpoint. Methods: "
+            + "; ".join(f"{m} ({get_method(m).describe_params()})" for m in methods)
+        ),
+    )
+    p.add_argument(
+        "checkpoints", nargs="+", metavar="CKPT",
+        help="checkpoint files (.safetensors/.pt/.pth/.bin), directories, globs or a manifest JSON",
+    )
+    p.add_argument("--method", choices=methods, default="uniform", help="merge method (default: uniform)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the method, e.g. --param density=0.3 (repeatable)")
+    p.add_argument(
+        "--weights", default=None, metavar="W1,W2,...",
+        help="comma-separated weights, one per checkpoint (required for weighted; optional otherwise)",
+    )
+    p.add_argument(
+        "--no-normalize", dest="normalize", action="store_false", default=None,
+        help="use the weights as given (averaging methods otherwise rescale them to sum 1)",
+    )
+    p.add_argument("--fisher", nargs="+", default=None, metavar="FISHER",
+                   help="one diagonal-Fisher file per checkpoint, same order (method fisher)")
+    p.add_argument("--fisher-floor", type=float, default=None, help="same as --param floor=... (method fisher)")
+    p.add_argument("--normalize-fisher", action="store_true", help="divide each Fisher by its mean")
+    p.add_argument("--base", default=None, help="base (pre-trained) checkpoint for task-vector methods")
+    p.add_argument("--drop-rate", type=float, default=None, help="same as --param p=... (dare, dare_ties)")
+    p.add_argument("--seed", type=int, default=None, help="same as --param seed=... (dare, dare_ties)")
+    p.add_argument("--dtype", choices=("original", "float32", "float16", "bfloat16"), default="original",
+                   help="dtype of the written float tensors (default: as in the checkpoints)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.safetensors, or .pt)")
+    p.set_defaults(func=_cmd_merge)
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """``--weights 1,2,3`` as floats (None when not given)."""
+    if text is None:
+        return None
+    vals = []
+    for i, tok in enumerate(t.strip() for t in text.split(",")):
+        try:
+            vals.append(float(tok))
+        except ValueError:
+            raise _recipe_error(f"--weights: value {i} is {tok!r}, expected a number") from None
+    return vals
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``--param KEY=VALUE`` items as a dict, values read as YAML scalars."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise _recipe_error(f"--param {item!r}: expected KEY=VALUE, e.g. --param density=0.3")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def _cmd_merge(args) -> int:
+    """``soupsearch merge``: errors propagate as SoupSearchError."""
+    from .ingredients import format_bytes
+    from .merge import merge_files
+
+    params = parse_params(args.param)
+    for flag, key in ((args.drop_rate, "p"), (args.seed, "seed"), (args.fisher_floor, "floor")):
+        if flag is not None:
+            params[key] = flag
+    res = merge_files(
+        args.checkpoints,
+        method=args.method,
+        weights=parse_weights(args.weights),
+        out=args.output,
+        base=args.base,
+        fishers=args.fisher,
+        normalize=args.normalize,
+        normalize_fisher=args.normalize_fisher,
+        dtype=args.dtype,
+        **params,
+    )
+    print(
+        f"wrote {res['output']}: {res['method']} soup of {len(res['names'])} checkpoints, "
+        f"{res['num_params']:,} parameters, {format_bytes(res['bytes'])}"
+    )
+    return 0
+
+
+def _add_compare(subparsers) -> None:
+    from .compare import COMPACT, FORMATS
+
+    p = subparsers.add_parser(
+        "compare", help="compare the soups of a logged search (read from MLflow)",
+        description=("One row per soup/baseline of a search logged to MLflow. The default table shows val, "
+                     "test, the mean and the worst over the shifted sets, the number of ingredients and the "
+                     "difference to the best individual ingredient (val_vs_best, test_vs_best); --wide adds one "
+                     "column per shifted set and the forward passes, --columns picks columns. Reads the tracking "
+                     "store, not the run directory."))
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment (default: the most recently created one with a search run)")
+    p.add_argument("--run", dest="run_id", default=None, metavar="PARENT_RUN_ID",
+                   help="the search's parent run id (default: the experiment's latest search)")
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default="table", help="output format (default: table)")
+    p.add_argument("--metric", default="accuracy",
+                   help="metric of every split column (default: accuracy; e.g. nll, ece, macro_f1)")
+    p.add_argument("--columns", default=None, metavar="COL,COL,...",
+                   help="columns to show, comma-separated (e.g. val,test,shift/blur:3,forward_passes); "
+                        "default: " + ",".join(COMPACT[1:]) + " (CSV: every column)")
+    p.add_argument("--wide", action="store_true",
+                   help="every column: one per shifted set, forward passes and every difference to the best")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.set_defaults(func=_cmd_compare)
 
 
 def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
@@ -139,25 +246,6 @@ def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help="log more: Optuna's per-trial INFO lines, soupsearch's debug log")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", default=d if not top else False,
                    help="no progress bars (they are off anyway when stderr is not a terminal or $CI is set)")
-
-
-def quiet_logs(verbose: bool, search: bool = False) -> None:
-    """Optuna's per-trial and MLflow's INFO lines only with ``--verbose``; soupsearch's debug log
-    then. ``search``: this command runs a search (Optuna is configured now; its first import
-    would reset its level)."""
-    import logging
-
-    level = logging.INFO if verbose else logging.WARNING
-    # MLflow sets its loggers' level from this variable when it is imported ("Creating initial tables")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
-    logging.getLogger("mlflow").setLevel(level)
-    if search:
-        import optuna
-
-        optuna.logging.set_verbosity(level)
-    if verbose:
-        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-        logging.getLogger("soupsearch").setLevel(logging.DEBUG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,13 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the logs")
     j.set_defaults(func=_cmd_submit)
 
-    from .compare import add_compare_subparser
+    c = sub.add_parser("cluster", help="a real local Ray cluster on loopback (a head and worker nodes)",
+                       description="Start (up), stop (down) or count (status) the `ray start` processes of a local "
+                                   "cluster bound to 127.0.0.1, kept in --temp-dir.")
+    c.add_argument("action", choices=["up", "down", "status"], help="up: start the nodes; down: stop them; status: count their processes")
+    c.add_argument("--temp-dir", default="/tmp/soupsearch-ray", help="the cluster's Ray temp dir (default: /tmp/soupsearch-ray)")
+    c.add_argument("--port", type=int, default=6390, help="the head's GCS port (default: 6390)")
+    c.add_argument("--dashboard-port", type=int, default=8265, help="the dashboard/jobs port (default: 8265)")
+    c.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default: 1)")
+    c.add_argument("--cpus-per-node", type=int, default=None, help="CPUs each node offers (default: all)")
+    c.set_defaults(func=_cmd_cluster)
 
-    add_compare_subparser(sub)
-
-    from .merge import add_merge_subparser
-
-    add_merge_subparser(sub)
+    _add_compare(sub)
+    _add_merge(sub)
     for sp in sub.choices.values():
         _add_common(sp)
     return p
@@ -246,20 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         from .progress import set_progress
 
         set_progress(False)
-    try:
-        return int(args.func(args) or 0)
-    except SoupSearchError as e:
-        if debug:
-            traceback.print_exc()
-        from .safety import redact
-
-        msg = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
-        print(f"soupsearch: error: {redact(msg)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("soupsearch: interrupted", file=sys.stderr)
-        return 130
-
+    return reporting_errors(lambda: args.func(args), debug)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,15 +10,15 @@ cluster (``ray stop`` would kill every Ray on the machine).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from . import timeouts as T
 
 DEFAULT_TEMP = "/tmp/soupsearch-ray"
 STATE = "cluster.json"
@@ -46,7 +46,7 @@ def _ray_bin() -> str:
 
 
 def start(temp_dir: str = DEFAULT_TEMP, port: int = 6390, dashboard_port: int = 8265, workers: int = 1,
-          cpus_per_node: int | None = None, timeout: float = 120) -> dict:
+          cpus_per_node: int | None = None, timeout: float = T.CLUSTER_START_S) -> dict:
     """Start a head and ``workers`` worker nodes on 127.0.0.1; returns the cluster info."""
     tmp = Path(temp_dir)
     if cluster_pids(temp_dir):
@@ -108,7 +108,7 @@ def _wait_nodes(info: dict, timeout: float) -> None:
     while time.time() < deadline:
         try:
             req = urllib.request.Request(info["dashboard"] + "/nodes?view=summary", headers=headers)
-            with urllib.request.urlopen(req, timeout=5) as resp:
+            with urllib.request.urlopen(req, timeout=T.CLUSTER_HTTP_PROBE_S) as resp:
                 data = json.loads(resp.read())
             nodes = data.get("data", {}).get("summary", [])
             alive = [n for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"]
@@ -117,7 +117,7 @@ def _wait_nodes(info: dict, timeout: float) -> None:
             last = f"{len(alive)} of {info['nodes']} nodes alive"
         except Exception as e:  # dashboard still starting
             last = str(e)
-        time.sleep(1)
+        time.sleep(T.CLUSTER_POLL_S)
     raise RuntimeError(f"Ray cluster at {info['address']} not ready after {timeout}s: {last}")
 
 
@@ -152,7 +152,7 @@ def stop(temp_dir: str = DEFAULT_TEMP, grace: float = 5.0) -> int:
                 pass
         deadline = time.time() + grace
         while time.time() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids):
-            time.sleep(0.2)
+            time.sleep(T.CLUSTER_STOP_POLL_S)
     (Path(temp_dir) / STATE).unlink(missing_ok=True)
     return len(pids)
 
@@ -162,29 +162,3 @@ def _zombie(pid: int) -> bool:
         return " Z " in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
     except OSError:
         return True
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m soupsearch.cluster")
-    p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--temp-dir", default=DEFAULT_TEMP)
-    p.add_argument("--port", type=int, default=6390)
-    p.add_argument("--dashboard-port", type=int, default=8265)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--cpus-per-node", type=int, default=None)
-    a = p.parse_args(argv)
-    if a.action == "up":
-        info = start(a.temp_dir, a.port, a.dashboard_port, a.workers, a.cpus_per_node)
-        print(f"Ray cluster up: {info['nodes']} nodes, address {info['address']}, dashboard {info['dashboard']}")
-        print(f"submit with: make submit CONFIG=configs/demo.yaml   (or RAY_ADDRESS={info['dashboard']} ray job submit ...)")
-    elif a.action == "down":
-        n = stop(a.temp_dir)
-        print(f"stopped {n} processes of the cluster in {a.temp_dir}")
-    else:
-        pids = cluster_pids(a.temp_dir)
-        print(f"{len(pids)} processes of the cluster in {a.temp_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

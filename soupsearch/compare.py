@@ -11,14 +11,13 @@ to the best individual ingredient (child run ``best_individual``). A multi-task 
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import SoupSearchError, TrackingError
+from .errors import SoupSearchError, TrackingError, first_line
 from .report import format_table
 
 BASELINE = "best_individual"
@@ -32,11 +31,6 @@ def default_tracking_uri() -> str:
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:300]
 
 
 def _client(uri: str):
@@ -59,7 +53,7 @@ def _client(uri: str):
     try:
         return MlflowClient(tracking_uri=uri)
     except Exception as e:
-        raise TrackingError(f"MLflow tracking URI {uri!r} is unusable: {_first_line(e)}") from None
+        raise TrackingError(f"MLflow tracking URI {uri!r} is unusable: {first_line(e)}") from None
 
 
 def _search_runs(client, exp_ids: list[str], filter_string: str, order_by: list[str] | None = None,
@@ -85,7 +79,7 @@ def _resolve(client, uri: str, experiment: str | None, run_id: str | None):
         try:
             run = client.get_run(run_id)
         except Exception as e:
-            raise TrackingError(f"run {run_id!r} not found at {uri}: {_first_line(e)}") from None
+            raise TrackingError(f"run {run_id!r} not found at {uri}: {first_line(e)}") from None
         tags = run.data.tags
         if tags.get("soupsearch.role") != "search":
             parent = tags.get("mlflow.parentRunId")
@@ -139,7 +133,7 @@ def _compare(tracking_uri: str | None, experiment: str | None, run_id: str | Non
     except SoupSearchError:
         raise
     except Exception as e:
-        raise TrackingError(f"MLflow tracking URI {uri!r} is unreachable or unusable: {_first_line(e)}") from None
+        raise TrackingError(f"MLflow tracking URI {uri!r} is unreachable or unusable: {first_line(e)}") from None
     children = [r for r in children if "soupsearch.strategy" in r.data.tags]
     children.sort(key=lambda r: (r.info.start_time or 0, r.info.run_name or ""))
     if not children:
@@ -322,68 +316,42 @@ def format_compare(rows: Sequence[dict], fmt: str = "table", title: str | None =
     return format_table(shown, cols, fmt=fmt, title=title)
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_compare_subparser(subparsers) -> argparse.ArgumentParser:
-    """Add ``compare`` to an argparse sub-parser set; dispatch with ``args.func(args)``."""
-    p = subparsers.add_parser(
-        "compare", help="compare the soups of a logged search (read from MLflow)",
-        description=("One row per soup/baseline of a search logged to MLflow. The default table shows val, "
-                     "test, the mean and the worst over the shifted sets, the number of ingredients and the "
-                     "difference to the best individual ingredient (val_vs_best, test_vs_best); --wide adds one "
-                     "column per shifted set and the forward passes, --columns picks columns. Reads the tracking "
-                     "store, not the run directory."))
-    p.add_argument("--experiment", default=None,
-                   help="MLflow experiment (default: the most recently created one with a search run)")
-    p.add_argument("--run", dest="run_id", default=None, metavar="PARENT_RUN_ID",
-                   help="the search's parent run id (default: the experiment's latest search)")
-    p.add_argument("--format", dest="fmt", choices=FORMATS, default="table", help="output format (default: table)")
-    p.add_argument("--metric", default="accuracy",
-                   help="metric of every split column (default: accuracy; e.g. nll, ece, macro_f1)")
-    p.add_argument("--columns", default=None, metavar="COL,COL,...",
-                   help="columns to show, comma-separated (e.g. val,test,shift/blur:3,forward_passes); "
-                        "default: " + ",".join(COMPACT[1:]) + " (CSV: every column)")
-    p.add_argument("--wide", action="store_true",
-                   help="every column: one per shifted set, forward passes and every difference to the best")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.set_defaults(func=run_compare)
-    return p
-
-
-def _run_compare_tasks(args) -> int:
-    rows, meta = compare_task_rows(args.tracking_uri, args.experiment, args.run_id, args.metric)
+def _print_compare_tasks(tracking_uri, experiment, run_id, metric, fmt) -> int:
+    rows, meta = compare_task_rows(tracking_uri, experiment, run_id, metric)
     cols = ["name", *meta["tasks"], "mean", "val_mean", "ood_mean"]
     if any(r["mean_vs_uniform"] is not None for r in rows):
         cols += ["mean_vs_uniform", "mean_vs_uniform_ci"]
     title = None
-    if args.fmt != "csv":
+    if fmt != "csv":
         title = (f"test {meta['metric']} per task (mean: task-weighted) of multi-task search {meta['parent_run_name']} "
                  f"({meta['parent_run_id']}, {meta['status'].lower()}) in experiment {meta['experiment']!r}")
-    print(format_compare(rows, args.fmt, title=title, columns=cols), end="")
+    print(format_compare(rows, fmt, title=title, columns=cols), end="")
     return 0
 
 
-def _parent_is_multitask(args) -> bool:
-    uri = args.tracking_uri or default_tracking_uri()
+def _parent_is_multitask(tracking_uri, experiment, run_id) -> bool:
+    uri = tracking_uri or default_tracking_uri()
     client = _client(uri)
     try:
-        return _is_multitask(_resolve(client, uri, args.experiment, args.run_id)[1])
+        return _is_multitask(_resolve(client, uri, experiment, run_id)[1])
     except SoupSearchError:
         return False  # the single-task path reports it
 
 
-def run_compare(args) -> int:
-    if _parent_is_multitask(args):  # a task x method table
-        return _run_compare_tasks(args)
-    rows, meta = _compare(args.tracking_uri, args.experiment, args.run_id, args.metric)
+def print_compare(tracking_uri: str | None = None, experiment: str | None = None, run_id: str | None = None,
+                  metric: str = "accuracy", fmt: str = "table", columns: str | None = None,
+                  wide: bool = False) -> int:
+    """``soupsearch compare``: print the soups of a logged search (see :func:`compare_rows`); a
+    multi-task search as a task x method table (see :func:`compare_task_rows`)."""
+    if _parent_is_multitask(tracking_uri, experiment, run_id):
+        return _print_compare_tasks(tracking_uri, experiment, run_id, metric, fmt)
+    rows, meta = _compare(tracking_uri, experiment, run_id, metric)
     title = None
-    if args.fmt != "csv":
+    if fmt != "csv":
         title = (f"{meta['metric']} of search {meta['parent_run_name']} ({meta['parent_run_id']}, "
                  f"{meta['status'].lower()}) in experiment {meta['experiment']!r}")
-    cols = pick_columns(rows, getattr(args, "columns", None), getattr(args, "wide", False), args.fmt)
-    print(format_compare(rows, args.fmt, title=title, columns=cols), end="")
+    cols = pick_columns(rows, columns, wide, fmt)
+    print(format_compare(rows, fmt, title=title, columns=cols), end="")
     if not meta["has_baseline"]:
         print(f"[soupsearch] no {BASELINE} run in this search: the *_vs_best columns are empty", file=sys.stderr)
     return 0

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from . import timeouts as T
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -146,7 +147,7 @@ class EvalConfig(_Strict):
     # whose per-actor memory fits eval.memory_per_actor / the GPU's memory)
     stack_shards: Union[int, Literal["auto"]] = "auto"
     memory_per_actor: Union[str, int, Literal["auto"]] = "auto"  # e.g. 16GiB; auto: a share of the node's
-    collective_timeout: float = Field(default=60.0, gt=0)  # seconds a replica group's collective may wait
+    collective_timeout: float = Field(default=T.COLLECTIVE_S, gt=0)  # seconds a replica group's collective may wait
 
     @field_validator("num_evaluators", "evaluators_per_actor", "stack_shards")
     @classmethod

@@ -31,7 +31,15 @@ class RecipeError(SoupSearchError, ValueError):
 
 
 class EvaluationError(SoupSearchError):
-    """Evaluating a candidate failed repeatedly (on every evaluator)."""
+    """Evaluating a candidate failed repeatedly (on every evaluator).
+
+    ``tickets``: the submissions the failure belongs to (empty: unknown, e.g. every
+    evaluator died); ``recipe_key``: the failed candidate's key, when one candidate failed."""
+
+    def __init__(self, message: str, *, tickets: tuple[int, ...] = (), recipe_key: str | None = None):
+        super().__init__(message)
+        self.tickets = tuple(tickets)
+        self.recipe_key = recipe_key
 
 
 class TrackingError(SoupSearchError):
@@ -43,3 +51,25 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     characters: what a one-line error quotes of a cause."""
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+def reporting_errors(run, debug: bool = False) -> int:
+    """Run a command (``run()`` returns its exit code); a :class:`SoupSearchError` becomes one
+    line on stderr (secrets redacted) and exit code 2 (the traceback too with ``debug``), an
+    interrupt exit code 130."""
+    import sys
+    import traceback
+
+    try:
+        return int(run() or 0)
+    except SoupSearchError as e:
+        if debug:
+            traceback.print_exc()
+        from .safety import redact
+
+        msg = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
+        print(f"soupsearch: error: {redact(msg)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("soupsearch: interrupted", file=sys.stderr)
+        return 130

@@ -23,7 +23,9 @@ from .errors import EvaluationError
 from .evaluator import ShardTask
 from .metrics import Counts
 from .mixing import Recipe
-from .pool import EvalPool, StatsRefs
+from .pool import EvalPool
+from .ray_pool import StatsRefs
+from . import timeouts as T
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class _Batch:
 
 class GroupEvalPool(EvalPool):
     def __init__(self, groups: list[list], split_sizes, shard_size, store=None, max_attempts=3, slots: int = 1,
-                 max_in_flight: int = 2, max_restarts: int = 3, collective_timeout: float = 60.0):
+                 max_in_flight: int = 2, max_restarts: int = 3, collective_timeout: float = T.COLLECTIVE_S):
         super().__init__(split_sizes, shard_size, store, max_attempts)
         self.groups = [list(g) for g in groups]
         self.s = len(self.groups[0])
@@ -67,7 +69,7 @@ class GroupEvalPool(EvalPool):
     def create(evaluator_args: dict, names_per_rank: list[list[str]], layout, num_groups: int, split_sizes,
                shard_size, *, slots: int = 1, use_gpu: bool = False, cpus_per_actor: float = 1, store=None,
                max_attempts: int = 3, max_in_flight: int = 2, max_restarts: int = 3,
-               collective_timeout: float = 60.0, start_timeout: float = 600.0) -> "GroupEvalPool":
+               collective_timeout: float = T.COLLECTIVE_S, start_timeout: float = T.ACTOR_START_S) -> "GroupEvalPool":
         """Start ``num_groups`` groups of ``len(names_per_rank)`` holders; holder ``k`` of every
         group loads the columns ``names_per_rank[k]`` (``evaluator_args["W"]`` is the
         :class:`~soupsearch.shards.StackSpec` of the whole stack)."""
@@ -121,12 +123,12 @@ class GroupEvalPool(EvalPool):
         deadline = time.monotonic() + 600
         while True:
             try:
-                ray.get([m.info.remote() for m in members], timeout=60)
+                ray.get([m.info.remote() for m in members], timeout=T.GROUP_MEMBER_INFO_S)
                 break
             except Exception:
                 if time.monotonic() > deadline:
                     raise EvaluationError(f"replica group {g}: a member did not come back") from None
-                time.sleep(0.5)
+                time.sleep(T.GROUP_RETRY_POLL_S)
         self._epoch[g] += 1
         for attempt in range(3):
             addr, port = ray.get(members[0].address.remote())
@@ -224,7 +226,7 @@ class GroupEvalPool(EvalPool):
             self._fill()
             if not self._ref_batch:  # pragma: no cover - invariant
                 raise RuntimeError("no shard in flight")
-            ready, _ = ray.wait(list(self._ref_batch), num_returns=1, timeout=0.5)
+            ready, _ = ray.wait(list(self._ref_batch), num_returns=1, timeout=T.RESULT_POLL_S)
             if not ready:
                 continue
             ref = ready[0]

@@ -6,37 +6,72 @@ data by path from the nodes, and writes MLflow from the driver only.
 
 ``soupsearch submit CONFIG --address http://HOST:8265`` submits the same entry point
 through ``JobSubmissionClient`` and follows the logs until the job ends. A multi-task
-config (a top-level ``tasks:`` key) runs the multi-task driver: the entry point is
-``soupsearch run``, which dispatches on that key (``cli._cmd_run``).
+config (a top-level ``tasks:`` key) runs the multi-task driver (:mod:`soupsearch.multitask`),
+as ``soupsearch run`` does.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from .errors import SoupSearchError, first_line
+from .errors import ConfigError, SoupSearchError, first_line, reporting_errors
+from . import timeouts as T
 
 DEFAULT_EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlartifacts", "*.db", "__pycache__", ".pytest_cache",
                     "bench/results", ".whl", ".gl"]
 
 
-def main(argv=None) -> int:
-    """The job's entry point: run the search on the job's cluster and print the table."""
-    from .cli import main as cli_main
+def main(argv: list[str] | None = None) -> int:
+    """The job's entry point (``python -m soupsearch.jobs CONFIG [--set KEY=VALUE ...]``): run
+    the search on the job's cluster and print the table; errors as in ``soupsearch run``."""
+    from .config import load_config
+    from .multitask.config import load_multitask_config
+    from .multitask.report import run_and_print as run_multitask_and_print
+    from .progress import quiet_logs
+    from .report import run_and_print
 
-    p = argparse.ArgumentParser(prog="python -m soupsearch.jobs")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[])
-    a = p.parse_args(argv)
-    config, overrides = leave_job_dir(a.config, a.set)
-    return cli_main(["run", config, *sum((["--set", s] for s in overrides), [])])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("SOUPSEARCH_DEBUG") == "1"
+
+    def run() -> int:
+        config, overrides = parse_job_args(argv)
+        config, overrides = leave_job_dir(config, overrides)
+        quiet_logs("--verbose" in argv, search=True)
+        mt = load_multitask_config(config, overrides)  # a config with a top-level tasks: key
+        if mt is not None:
+            return run_multitask_and_print(mt)
+        return run_and_print(load_config(config, overrides))
+
+    return reporting_errors(run, debug)
+
+
+def parse_job_args(argv: list[str]) -> tuple[str, list[str]]:
+    """``CONFIG [--set KEY=VALUE | --set=KEY=VALUE ...] [--verbose]`` -> ``(config, overrides)``."""
+    config, overrides, rest = None, [], list(argv)
+    while rest:
+        a = rest.pop(0)
+        if a == "--set":
+            if not rest:
+                raise ConfigError("python -m soupsearch.jobs: --set needs KEY=VALUE")
+            overrides.append(rest.pop(0))
+        elif a.startswith("--set="):
+            overrides.append(a[len("--set="):])
+        elif a == "--verbose":
+            continue
+        elif a.startswith("-") or config is not None:
+            raise ConfigError(f"python -m soupsearch.jobs: unexpected argument {a!r}; "
+                              "usage: python -m soupsearch.jobs CONFIG [--set KEY=VALUE ...]")
+        else:
+            config = a
+    if config is None:
+        raise ConfigError("python -m soupsearch.jobs: the config path is missing; "
+                          "usage: python -m soupsearch.jobs CONFIG [--set KEY=VALUE ...]")
+    return config, overrides
 
 
 def leave_job_dir(config: str, overrides: list[str]) -> tuple[str, list[str]]:
@@ -92,7 +127,7 @@ def submit(config: str, address: str, working_dir: str = ".", overrides: list[st
     runtime_env = {"working_dir": working_dir, "excludes": DEFAULT_EXCLUDES}
     if pip:
         runtime_env["pip"] = pip
-    deadline = time.time() + 120
+    deadline = time.time() + T.JOB_AGENT_WAIT_S
     while True:  # right after `ray start`, the head's job agent may not be up yet
         try:
             job_id = client.submit_job(entrypoint=" ".join(shlex.quote(x) for x in entry), runtime_env=runtime_env,
@@ -100,8 +135,8 @@ def submit(config: str, address: str, working_dir: str = ".", overrides: list[st
             break
         except RuntimeError as e:
             if "No available agent" not in str(e) or time.time() > deadline:
-                raise SoupSearchError(f"Ray job submission to {address} failed: {str(e).splitlines()[0][:300]}") from None
-            time.sleep(2)
+                raise SoupSearchError(f"Ray job submission to {address} failed: {first_line(e)}") from None
+            time.sleep(T.JOB_SUBMIT_RETRY_S)
     print(f"[soupsearch] submitted job {job_id} to {address}", file=sys.stderr, flush=True)
     if not wait:
         return job_id, "PENDING"
@@ -121,7 +156,7 @@ def submit(config: str, address: str, working_dir: str = ".", overrides: list[st
             return job_id, str(status.value if hasattr(status, "value") else status)
         if deadline and time.time() > deadline:
             return job_id, "TIMEOUT"
-        time.sleep(1)
+        time.sleep(T.JOB_STATUS_POLL_S)
 
 
 if __name__ == "__main__":

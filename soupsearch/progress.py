@@ -92,6 +92,11 @@ def active() -> bool:
     return any(b._t is not None for b in _bars)
 
 
+def say(msg: str) -> None:
+    """A status line of the driver (``[soupsearch] ...``) on stderr."""
+    write(f"[soupsearch] {msg}")
+
+
 def write(line: str) -> None:
     """A line on stderr that does not tear an open bar."""
     if active():
@@ -100,3 +105,22 @@ def write(line: str) -> None:
         tqdm.write(line, file=sys.stderr)
     else:
         print(line, file=sys.stderr, flush=True)
+
+
+def quiet_logs(verbose: bool, search: bool = False) -> None:
+    """Optuna's per-trial and MLflow's INFO lines only with ``--verbose``; soupsearch's debug log
+    then. ``search``: this command runs a search (Optuna is configured now; its first import
+    would reset its level)."""
+    import logging
+
+    level = logging.INFO if verbose else logging.WARNING
+    # MLflow sets its loggers' level from this variable when it is imported ("Creating initial tables")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
+    logging.getLogger("mlflow").setLevel(level)
+    if search:
+        import optuna
+
+        optuna.logging.set_verbosity(level)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+        logging.getLogger("soupsearch").setLevel(logging.DEBUG)

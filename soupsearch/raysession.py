@@ -28,6 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
+from . import timeouts as T
+
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 TEMP_PREFIX = "/tmp/ssr-"  # short: Ray's unix socket paths under it must stay < 108 bytes
 
@@ -130,7 +132,7 @@ def reap(marker: str, grace: float = 5.0, remove: bool = False) -> int:
                 pass
         deadline = time.time() + grace
         while time.time() < deadline and any(not _zombie(p) for p in pids):
-            time.sleep(0.1)
+            time.sleep(T.RAY_PROCESS_EXIT_POLL_S)
         pids = [p for p in pids if not _zombie(p)]
         if not pids:
             break

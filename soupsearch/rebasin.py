@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import SoupSearchError
+from .errors import SoupSearchError, first_line
 
 
 class AlignError(SoupSearchError):
@@ -132,7 +132,7 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as e:
-        raise AlignError(f"cannot trace {type(model).__name__} with torch.fx: {str(e).splitlines()[0][:300]}") from None
+        raise AlignError(f"cannot trace {type(model).__name__} with torch.fx: {first_line(e)}") from None
     mods = dict(gm.named_modules())
     G = _Groups()
     label: dict[str, Label | None] = {}  # node -> segments of its channel axis (None: not a tensor of units)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -85,3 +87,45 @@ def search_table(outcome, metric: str = "accuracy") -> str:
         title += ("\ntest_vs_best: test accuracy minus the best individual's (best on val), "
                   "[95% paired bootstrap CI] and McNemar's p")
     return format_table(rows, cols, title=title)
+
+
+def run_and_print(cfg) -> int:
+    """Run a search (``soupsearch run``, a Ray job's entry point) and print its table, where its
+    results are and how to open them."""
+    from .search import run_search
+
+    outcome = run_search(cfg)
+    print(search_table(outcome))
+    print(f"run dir: {outcome.run_dir}   MLflow parent run: {outcome.parent_run_id}")
+    exp_id = None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        exp_id = MlflowClient(cfg.tracking.resolved_uri()).get_run(outcome.parent_run_id).info.experiment_id
+    except Exception:  # the hint is a convenience
+        pass
+    for line in open_hint(cfg.tracking.resolved_uri(), cfg.tracking.experiment, exp_id):
+        print(line)
+    return 0
+
+
+def open_hint(uri: str, experiment: str, experiment_id: str | None = None) -> list[str]:
+    """How to look at the results: the command that opens the MLflow UI on this store (or
+    its address) and the experiment's runs page, and `soupsearch compare`. The page's URL
+    asks for the "Model training" view: MLflow 3's UI otherwise opens an experiment in the
+    view last chosen in that browser (GenAI in a new one), whatever the experiment's kind."""
+    page = (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else "")
+    if uri.startswith(("http://", "https://")):
+        ui = f"open {uri.rstrip('/')}/{page} in a browser (experiment {experiment!r})"
+    else:
+        exe = Path(sys.executable).parent / "mlflow"
+        try:
+            exe_s = str(exe.relative_to(Path.cwd()))
+        except (ValueError, OSError):  # not below the cwd, or no cwd (a deleted directory)
+            exe_s = str(exe) if exe.exists() else "mlflow"
+        ui = (f"{exe_s} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+              f"  then open http://127.0.0.1:5000/{page or f'  (experiment {experiment!r})'}")
+    return ["", "Results in MLflow:", f"  {ui}",
+            f"  soupsearch compare --experiment {experiment}" + ("" if uri == "sqlite:///mlflow.db" else
+                                                              f" --tracking-uri {uri}")
+            + "   # the soups side by side in the terminal"]

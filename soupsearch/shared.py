@@ -14,6 +14,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+# as soupsearch.timeouts (this module imports nothing of soupsearch: it runs in a bare worker)
+SHARED_ACTOR_S = 60.0
+SHARED_ACTOR_POLL_S = 0.05
+
 
 def _holder_class():
     """The holder actor's class, defined here so that Ray ships it by value: its worker
@@ -91,7 +95,7 @@ def resolve_shared(kwargs: dict) -> dict:
     return out
 
 
-def _get_actor(ray, name: str, timeout: float = 60.0):
+def _get_actor(ray, name: str, timeout: float = SHARED_ACTOR_S):
     """The named holder actor (its registration may trail its creation by a moment)."""
     import time
 
@@ -102,4 +106,4 @@ def _get_actor(ray, name: str, timeout: float = 60.0):
         except ValueError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.05)
+            time.sleep(SHARED_ACTOR_POLL_S)

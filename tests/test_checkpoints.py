@@ -150,7 +150,7 @@ def test_base_is_never_an_ingredient(tmp_path):
     from safetensors.torch import save_file
 
     from soupsearch import merge
-    from soupsearch.search import ingredient_files
+    from soupsearch.ingredients import ingredient_files
 
     sds = [_model_sd(i) for i in range(4)]
     for i, sd in enumerate(sds[:3]):
@@ -161,7 +161,7 @@ def test_base_is_never_an_ingredient(tmp_path):
     assert [f.name for f in files] == ["ft_0.safetensors", "ft_1.safetensors", "ft_2.safetensors"]
     assert excluded == [base]
     cfg = types.SimpleNamespace(ingredients=types.SimpleNamespace(path=str(tmp_path), glob=None, base=str(base)))
-    assert [f.name for f in ingredient_files(cfg)] == [f.name for f in files]
+    assert [f.name for f in ingredient_files(cfg.ingredients)] == [f.name for f in files]
     # the API: a directory holding the base merges the same soup as the explicit list
     a = merge(str(tmp_path), "task_arithmetic", base=str(base), scale=0.5)
     b = merge([str(f) for f in files], "task_arithmetic", base=str(base), scale=0.5)

@@ -115,19 +115,26 @@ def test_job_leaves_its_working_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(wd)
     seen = {}
 
-    def fake_cli(argv):
-        seen["cwd"] = Path.cwd()
-        seen["argv"] = argv
+    def fake_load(path, overrides):  # what the job hands the driver: the config path and overrides
+        seen["path"], seen["overrides"] = path, list(overrides)
+        return "cfg"
+
+    def fake_run(cfg):  # the search itself, in the directory the job moved to
+        seen["cwd"], seen["cfg"] = Path.cwd(), cfg
         return 0
 
-    monkeypatch.setattr("soupsearch.cli.main", fake_cli)
+    monkeypatch.setattr("soupsearch.config.load_config", fake_load)
+    monkeypatch.setattr("soupsearch.report.run_and_print", fake_run)
     assert jobs.main(["c.yaml", "--set", f"root={root}"]) == 0
-    assert seen["cwd"] == root and seen["argv"][1] == str(wd / "c.yaml")
+    assert seen["cwd"] == root and seen["path"] == str(wd / "c.yaml") and seen["cfg"] == "cfg"
     # without root: relative paths resolve against the working dir, and the job runs in a
     # directory of its own (Ray may delete the working dir under a running job)
     monkeypatch.chdir(wd)
     assert jobs.main(["c.yaml"]) == 0
-    assert seen["argv"][-2:] == ["--set", f"root={wd}"] and seen["cwd"] != wd
+    assert seen["overrides"][-1:] == [f"root={wd}"] and seen["cwd"] != wd
+    # its arguments: one config and --set items; anything else is a one-line error, exit 2
+    assert jobs.main(["c.yaml", "--bogus"]) == 2
+    assert jobs.main([]) == 2
     assert "soupsearch.plots" in sys.modules  # imported while the package's files are there
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import pytest
@@ -10,15 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from soupsearch.cli import build_parser
 from soupsearch.errors import CheckpointError, EvaluationError, RecipeError, SoupSearchError
 from soupsearch.merge import (
-    add_merge_subparser,
     check_weights,
     dare,
     fisher_soup,
     greedy_soup,
     merge_files,
-    run_merge,
     uniform_soup,
     weighted_soup,
 )
@@ -380,10 +378,13 @@ def test_bad_inputs():
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="soupsearch")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_merge_subparser(sub)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
+
+
+def run_merge(args):
+    """``soupsearch merge`` as the CLI dispatches it (errors propagate)."""
+    assert args.command == "merge"
+    return args.func(args)
 
 
 def test_cli_merge_uniform_equals_uniform_soup_and_loads(tmp_path, capsys):
@@ -391,7 +392,6 @@ def test_cli_merge_uniform_equals_uniform_soup_and_loads(tmp_path, capsys):
     paths = write_files(tmp_path, sds)
     out = tmp_path / "out" / "soup.safetensors"
     args = parse(["merge", *map(str, paths), "--method", "uniform", "-o", str(out)])
-    assert args.func is run_merge
     assert args.func(args) == 0
     assert "wrote" in capsys.readouterr().out
     merged = load_file(str(out))

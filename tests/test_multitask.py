@@ -364,6 +364,26 @@ def test_relative_paths_resolve_against_root_as_a_ray_job_sets_it(monkeypatch):
     assert cfg.tracking.resolved_uri().startswith("sqlite:////job/wd/")
 
 
+def test_ray_job_entry_point_runs_the_multitask_driver(sweep, tmp_path, monkeypatch, capsys):
+    """``python -m soupsearch.jobs CONFIG`` (what ``soupsearch submit`` runs on the cluster)
+    dispatches a tasks: config to the multi-task driver (here in-process: eval.backend local)."""
+    import copy
+
+    from soupsearch import jobs
+
+    out, raw = sweep
+    raw = copy.deepcopy(raw)
+    raw.update(run_dir=str(tmp_path / "run"), search={"strategies": ["uniform", "regmean"]},
+               tracking={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "job"})
+    p = tmp_path / "mt.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)  # the job moves to root; the test's cwd is restored afterwards
+    assert jobs.main([str(p), "--set", f"root={tmp_path}"]) == 0
+    printed = capsys.readouterr().out
+    assert "best merge on mean val:" in printed and "regmean" in printed
+    assert (tmp_path / "run" / "results.md").is_file()
+
+
 @pytest.mark.parametrize("name", ["multitask.yaml", "mnist_fmnist.yaml"])
 def test_shipped_configs_validate(name):
     cfg = multitask_config_from_dict(yaml.safe_load((ROOT / "configs" / name).read_text()), name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -21,11 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from soupsearch.compare import add_compare_subparser, columns_of, compare_rows, format_compare
+from soupsearch.cli import build_parser
+from soupsearch.compare import columns_of, compare_rows, format_compare
 from soupsearch.errors import SoupSearchError, TrackingError
 from soupsearch.mixing import Recipe
 from soupsearch.plots import make_plots
-from soupsearch.search import CandidateRow, SearchOutcome
+from soupsearch.outcome import CandidateRow, SearchOutcome
 from soupsearch.strategies.base import SoupResult
 from soupsearch.tracking import Tracker
 
@@ -202,8 +202,7 @@ def test_compare_formats_parse_back(searched):
 def test_compare_cli(searched, capsys, monkeypatch):
     cfg, out, _ = searched
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.resolved_uri())
-    p = argparse.ArgumentParser()
-    add_compare_subparser(p.add_subparsers(dest="command"))
+    p = build_parser()
     args = p.parse_args(["compare", "--format", "csv"])
     assert args.func(args) == 0
     printed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))

@@ -26,7 +26,7 @@ def test_submit_wait_returns_every_ticket_once_and_dedups_shards():
                pool.submit(r1, "test")]
     seen = {}
     while pool.pending():
-        for t, r, split, c in pool.wait(1):
+        for t, r, split, c, _ in pool.wait(1):
             assert t not in seen
             seen[t] = (r, split, c)
     assert sorted(seen) == sorted(tickets)
@@ -135,10 +135,10 @@ def test_max_errors_stops_exactly_when_the_bound_is_passed():
         for bound in (0, errors - 1, errors, errors + 5):
             pool = fresh()
             t = pool.submit(r, "val", max_errors=bound)
-            [(t2, _, _, c)] = pool.wait(1)
+            [(t2, _, _, c, stopped2)] = pool.wait(1)
             seen_errors = c.n - int(c.confusion.trace())
             assert t2 == t
-            if t in pool.rejected:  # stopped early: only possible past the bound, and on partial data
+            if stopped2:  # stopped early: only possible past the bound, and on partial data
                 assert bound < errors and seen_errors > bound and c.n < n_val
                 stopped += 1
                 # it stopped at the first shard that passed the bound: the rest were skipped
@@ -147,8 +147,8 @@ def test_max_errors_stops_exactly_when_the_bound_is_passed():
                 # asked again (e.g. a resumed search): decided from the cached shards, nothing re-run
                 n_eval = pool.stats["shards_evaluated"]
                 t3 = pool.submit(r, "val", max_errors=bound)
-                [(t4, _, _, c2)] = pool.wait(1)
-                assert t4 == t3 and t3 in pool.rejected and pool.stats["shards_evaluated"] == n_eval
+                [(t4, _, _, c2, stopped4)] = pool.wait(1)
+                assert t4 == t3 and stopped4 and pool.stats["shards_evaluated"] == n_eval
                 assert np.array_equal(c2.confusion, c.confusion)
             else:  # complete counts, identical to a plain request
                 assert np.array_equal(c.confusion, full.confusion) and c.nll_sum == full.nll_sum
@@ -160,7 +160,7 @@ def test_max_errors_stops_exactly_when_the_bound_is_passed():
 @pytest.mark.parametrize("metric", ["accuracy", "accuracy_nll"])
 def test_greedy_early_stop_keeps_the_same_soup_with_fewer_shards(metric):
     from soupsearch.data import EvalSuite, TensorSplit
-    from soupsearch.search import Context
+    from soupsearch.context import Context
     from soupsearch.strategies import create_strategy
 
     stack, splits = _labelled_by_uniform_soup(n=8, size=160, scale=0.4)
@@ -228,7 +228,7 @@ def test_shards_of_a_request_that_may_stop_early_go_hardest_first():
 
 def test_greedy_hard_shards_first_skips_more_with_the_same_soup(monkeypatch):
     from soupsearch.data import EvalSuite, TensorSplit
-    from soupsearch.search import Context
+    from soupsearch.context import Context
     from soupsearch.strategies import create_strategy
 
     stack, splits = _hard_tail()
@@ -251,7 +251,7 @@ def test_greedy_hard_shards_first_skips_more_with_the_same_soup(monkeypatch):
 
 
 def test_plan_actors_fits_every_actor_on_a_node():
-    from soupsearch.pool import plan_actors
+    from soupsearch.ray_pool import plan_actors
 
     # one node of 2 CPUs (this machine): one actor with both evaluators
     assert plan_actors(2, [2.0], "auto") == [(2, 2)]
@@ -283,7 +283,7 @@ def test_cancel_forgets_a_request_and_drops_its_unstarted_shards():
     assert pool.pending() == 2
     got = {}
     while pool.pending():
-        for t, _, split, c in pool.wait(1):
+        for t, _, split, c, _ in pool.wait(1):
             got[t] = (split, c)
     assert sorted(got) == [keep, also] and got[also][1].n == 50
     # 4 val shards of `keep` + 2 test shards; the 4 shards of `drop` never ran

@@ -8,7 +8,8 @@ import pytest
 
 from soupsearch import IngredientStack, Recipe
 from soupsearch.evaluator import Evaluator
-from soupsearch.pool import LocalEvalPool, RayEvalPool
+from soupsearch.pool import LocalEvalPool
+from soupsearch.ray_pool import RayEvalPool
 
 from .conftest import perturbed_state_dicts, random_split
 

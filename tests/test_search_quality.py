@@ -228,7 +228,8 @@ def test_accuracy_nll_search_end_to_end(tiny_sweep, tmp_path, monkeypatch):
     ordering, soups that start from greedy, the paired CIs, the table, the model card."""
     from soupsearch.config import config_from_dict
     from soupsearch.report import search_table
-    from soupsearch.search import _model_card, run_search
+    from soupsearch.search import run_search
+    from soupsearch.tracking.soups import model_card
 
     strategies = ["best_individual", "greedy", "line_search", {"name": "gradient", "epochs": 2},
                   {"name": "learned", "n_trials": 4}]
@@ -268,7 +269,7 @@ def test_accuracy_nll_search_end_to_end(tiny_sweep, tmp_path, monkeypatch):
     table = search_table(out)
     assert "accuracy_nll" in table.splitlines()[0] and "ties broken by NLL" in table.splitlines()[0]
     assert "test_vs_best" in table
-    card = _model_card("greedy", soups["greedy"], out.results["greedy"], out.stack, "accuracy_nll")
+    card = model_card("greedy", soups["greedy"], out.results["greedy"], out.stack, "accuracy_nll")
     assert "Is the gain real?" in card and "| test |" in card.split("Is the gain real?")[1]
 
 

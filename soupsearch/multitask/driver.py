@@ -258,7 +258,7 @@ def _run(cfg: MultiTaskConfig, tracker: Tracker | None, lock) -> MTOutcome:
     from .. import preflight
     from ..fileio import write_text_atomic
     from ..runlock import mark_stale_parent, uri_fingerprint
-    from ..search import init_ray
+    from ..launch import init_ray
 
     t0 = time.time()
     run_dir = lock.run_dir

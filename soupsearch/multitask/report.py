@@ -7,6 +7,21 @@ from pathlib import Path
 from ..report import format_table
 
 
+def run_and_print(cfg) -> int:
+    """Run a multi-task search (``soupsearch run``, a Ray job's entry point on a config with
+    ``tasks:``) and print its task x method table and where its results are."""
+    from ..report import open_hint
+    from .driver import run_multitask
+
+    outcome = run_multitask(cfg)
+    print(results_table(outcome))
+    print(f"best merge on mean val: {outcome.best}   head (per task): {', '.join(outcome.head)}")
+    print(f"run dir: {outcome.run_dir}   MLflow parent run: {outcome.parent_run_id}")
+    for line in open_hint(cfg.tracking.resolved_uri(), cfg.tracking.experiment):
+        print(line)
+    return 0
+
+
 def table_rows(outcome, split: str = "test", metric: str = "accuracy") -> list[dict]:
     rows = []
     for r in outcome.results:

@@ -17,13 +17,13 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .errors import TrackingError, first_line
-from .safety import redact, redact_obj
+from ..errors import TrackingError, first_line
+from ..safety import redact, redact_obj
+from .. import timeouts as T
 
 _BAD = re.compile(r"[^/\w.\- :]")
 
@@ -83,7 +83,7 @@ class Tracker:
         self.experiment_id: str | None = None
 
     # ----------------------------------------------------------------- setup
-    def connect(self, timeout: float = 10.0) -> None:
+    def connect(self, timeout: float = T.MLFLOW_CONNECT_S) -> None:
         """Reach the tracking store and get/create the experiment; fail fast if unreachable.
         Searches creating one fresh SQLite store together take turns (a lock file next to
         it); other transient store races are retried."""
