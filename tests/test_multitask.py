@@ -338,6 +338,7 @@ def _cli(args, cwd=ROOT, timeout=600):
      "option granularity"),
     (lambda r: r.update(base=None, search={"strategies": ["task_arithmetic"]}), "needs base"),
     (lambda r: r["tasks"][0].update(name="mean"), "column of the results table"),
+    (lambda r: r["tasks"][1]["data"].update(num_classes=7), "tasks.1: data.num_classes is 7 but num_classes is 4"),
 ])
 def test_config_errors_are_one_line(sweep, mutate, expect):
     import copy

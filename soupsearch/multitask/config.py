@@ -46,6 +46,13 @@ class TaskConfig(_Strict):
             raise ValueError(f"task name {v!r} cannot be used: {problem}")
         return v
 
+    @model_validator(mode="after")
+    def _classes(self):
+        if self.data.num_classes is not None and self.data.num_classes != self.num_classes:
+            raise ValueError(f"data.num_classes is {self.data.num_classes} but num_classes is {self.num_classes}; "
+                             "expected the same (or leave data.num_classes out)")
+        return self
+
     @field_validator("ingredients")
     @classmethod
     def _ingr(cls, v):
