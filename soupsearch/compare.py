@@ -197,7 +197,7 @@ def compare_task_rows(tracking_uri: str | None = None, experiment: str | None = 
     except SoupSearchError:
         raise
     except Exception as e:
-        raise TrackingError(f"MLflow tracking URI {uri!r} is unreachable or unusable: {_first_line(e)}") from None
+        raise TrackingError(f"MLflow tracking URI {uri!r} is unreachable or unusable: {first_line(e)}") from None
     if not _is_multitask(parent):
         raise SoupSearchError(f"search run {parent.info.run_id} ({parent.info.run_name}) is not a multi-task search")
     children = [r for r in children if "soupsearch.strategy" in r.data.tags]

@@ -25,7 +25,7 @@ from ..models import create_model
 from ..selection import higher_is_better
 from ..tracking import Tracker
 from .config import MultiTaskConfig
-from .evaluate import Candidate, EvalSpec, TaskPool, TaskSpec
+from .evaluate import EvalSpec, TaskPool, TaskSpec
 from .heads import Split, split_head
 from .scores import Scores, score
 from .strategies import MTResult, get_strategy

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import EvaluationError, SoupSearchError
 from ..ingredients import ParamLayout
-from ..metrics import Counts, counts_from_logits
+from ..metrics import counts_from_logits
 from ..mixing import Recipe, mix
 from ..models import create_model
 
