@@ -15,6 +15,8 @@ from .ingredients import IngredientStack, ParamLayout, discover, load_state_dict
 from .methods import MergeMethod, get_method, list_methods, register_method
 from .mixing import Recipe, mix
 from .models import create_model, register_model
+from .barriers import barrier, path_metrics
+from .bnreset import reset_bn_stats
 from .rebasin import AlignError, align, permutation_spec
 from .significance import mcnemar, paired_bootstrap, stratified_paired_bootstrap
 
@@ -25,6 +27,6 @@ __all__ = [
     "Recipe", "mix", "MergeMethod", "list_methods", "get_method", "register_method",
     "create_model", "register_model",
     "merge", "uniform_soup", "weighted_soup", "fisher_soup", "greedy_soup", "dare",
-    "align", "permutation_spec", "AlignError",
+    "align", "permutation_spec", "AlignError", "reset_bn_stats", "barrier", "path_metrics",
     "paired_bootstrap", "mcnemar", "stratified_paired_bootstrap",
 ]

@@ -8,6 +8,12 @@ evaluators load them like any checkpoint). Alignment is deterministic, so a re-r
 the same files and reuses the cached results. This step holds the whole sweep in the
 driver's memory: meant for models that are trained from scratch (small to medium), not
 for sweeps that need a sharded stack.
+
+It also measures what the alignment did: the path from the reference to every other
+ingredient on the val split, before and after alignment (:mod:`soupsearch.barriers`;
+with ``eval.reset_bn``, each point's BatchNorm statistics are recomputed first, as the
+search will), into ``run_dir/aligned/barriers.json`` and ``barriers.png``. The
+``interpolate`` strategy reports the unaligned barriers of its pairs from there.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import barriers, selection
+from .bnreset import MAX_EXAMPLES, reset_split
 from .fileio import save_safetensors_atomic
 from .models import create_model
 from .rebasin import align
@@ -25,6 +33,7 @@ from .safety import inside
 from .tensors import open_reader
 
 ACTIVATION_EXAMPLES = 512  # val inputs whose activations are correlated (method "activation")
+POINTS = 11  # alphas of the measured paths (the interpolate strategy's default)
 
 
 def _inputs(x: np.ndarray, normalize: dict | None) -> torch.Tensor:
@@ -38,16 +47,6 @@ def _inputs(x: np.ndarray, normalize: dict | None) -> torch.Tensor:
     return t
 
 
-def _accuracy(model, sd: dict, x: torch.Tensor, y: np.ndarray, batch_size: int) -> float:
-    model.load_state_dict(sd)
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for a in range(0, len(x), batch_size):
-            correct += int((model(x[a:a + batch_size]).argmax(1).numpy() == y[a:a + batch_size]).sum())
-    return correct / max(1, len(y))
-
-
 def align_sweep(cfg, stack, suite, run_dir: Path, say: Callable[[str], None]) -> None:
     """Replace ``stack.paths`` by aligned copies (see the module docstring)."""
     method = cfg.ingredients.align
@@ -58,9 +57,15 @@ def align_sweep(cfg, stack, suite, run_dir: Path, say: Callable[[str], None]) ->
         with open_reader(p, expected=keys) as r:
             sds.append({k: r.get(k).clone() for k in keys})
     val = suite.splits["val"]
-    x = _inputs(val.x, cfg.data.normalize)
-    accs = [_accuracy(model, sd, x, val.y, cfg.eval.batch_size) for sd in sds]
-    ref = int(np.argmax(accs))
+    x, y = _inputs(val.x, cfg.data.normalize), torch.from_numpy(val.y)
+    rs = reset_split(cfg)
+    reset = _inputs(suite.splits[rs].x[:MAX_EXAMPLES], cfg.data.normalize) if rs else None
+    bs = cfg.eval.batch_size
+    ends = [barriers.path_metrics(model, sd, sd, x, y, [0.0], bs, reset) for sd in sds]
+    accs = [e["accuracy"][0] for e in ends]
+    # the best individual by val accuracy, ties broken by NLL (the search's default selection)
+    ref = selection.best_of([selection.tie_broken_accuracy(e["accuracy"][0], e["nll"][0], len(y)) for e in ends],
+                            "accuracy_nll")
     say(f"aligning {stack.n} ingredients onto {stack.names[ref]} (best on val, {accs[ref]:.4f}) by {method} "
         "matching")
     data = x[:ACTIVATION_EXAMPLES] if method == "activation" else None
@@ -73,3 +78,21 @@ def align_sweep(cfg, stack, suite, run_dir: Path, say: Callable[[str], None]) ->
         save_safetensors_atomic({k: v.contiguous() for k, v in sd.items()}, p)
         paths.append(str(p))
     stack.paths = paths
+    if stack.n > 1:
+        _report(model, sds, aligned, ref, stack.names, x, y, bs, reset, out, say,
+                {"method": method, "split": "val", "reset_bn": rs})
+
+
+def _report(model, sds, aligned, ref, names, x, y, bs, reset, out: Path, say, meta: dict) -> None:
+    """The path from the reference to every other ingredient, before and after alignment."""
+    alphas = np.linspace(0, 1, POINTS).tolist()
+    pairs = {}
+    for i, name in enumerate(names):
+        if i != ref:
+            pairs[name] = {"unaligned": barriers.path_metrics(model, sds[ref], sds[i], x, y, alphas, bs, reset),
+                           "aligned": barriers.path_metrics(model, sds[ref], aligned[i], x, y, alphas, bs, reset)}
+    barriers.write_report(out, {"reference": names[ref], **meta, "pairs": pairs})
+    un = [p["unaligned"]["loss_barrier"] for p in pairs.values()]
+    al = [p["aligned"]["loss_barrier"] for p in pairs.values()]
+    say(f"val loss barrier from {names[ref]} to the others (median of {len(pairs)}): unaligned "
+        f"{float(np.median(un)):.3f}, aligned {float(np.median(al)):.3f} ({out / barriers.REPORT})")

@@ -142,6 +142,10 @@ class EvalConfig(_Strict):
     # forward passes in float32, or under autocast in bfloat16 / float16 (CPU and GPU); the
     # soup is always mixed in float32. Results are cached per precision.
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    # recompute every candidate's BatchNorm statistics on the fisher split (else val) right
+    # after it is mixed, before it is scored (REPAIR-style reset; soupsearch.bnreset). For
+    # soups of models that do not share a basin. Results are cached apart.
+    reset_bn: bool = False
     backend: Literal["ray", "local"] = "ray"  # local: in-process, no Ray (debugging)
     # holders per replica group: each holds ~1/s of the stack's columns (auto: the smallest s
     # whose per-actor memory fits eval.memory_per_actor / the GPU's memory)

@@ -85,6 +85,7 @@ class Evaluator:
         subsets: dict[str, list[int]] | None = None,
         group=None,
         precision: str = "float32",
+        reset_bn: str | None = None,
     ):
         """``W`` is the stack ``[n, P]`` (a tensor or array, e.g. from the object store) or a
         :class:`~soupsearch.shards.StackSpec`: then this evaluator loads its columns straight
@@ -92,7 +93,9 @@ class Evaluator:
         :class:`~soupsearch.group.ShardGroup`) makes it a member of a replica group: it holds
         a column shard, mixes that shard and all-gathers the model from the group.
         ``precision``: ``float32``, or ``bfloat16`` / ``float16`` to run the forward passes under
-        autocast (the soup is mixed and held in float32; logits are returned as float32)."""
+        autocast (the soup is mixed and held in float32; logits are returned as float32).
+        ``reset_bn``: the name of a split in ``splits`` whose inputs recompute the BatchNorm
+        statistics of every recipe right after it is mixed (:mod:`soupsearch.bnreset`)."""
         from .shards import StackSpec, load_columns
 
         self._state = {"key": None}  # the recipe mixed into theta (shared by siblings sharing theta)
@@ -127,6 +130,10 @@ class Evaluator:
             self.mean = torch.tensor(normalize["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
             self.std = torch.tensor(normalize["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.subsets = {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in (subsets or {}).items()}
+        if reset_bn is not None and reset_bn not in self.splits:
+            raise ValueError(f"reset_bn: split {reset_bn!r} is not one of the evaluator's splits "
+                             f"({', '.join(self.splits)})")
+        self.reset_bn = reset_bn
         self._build_model()
 
     def _build_model(self, theta: torch.Tensor | None = None) -> None:
@@ -184,6 +191,10 @@ class Evaluator:
                 mix(self.W, recipe, self.shard, out=self.theta_k, base=self.base, stats=stats,
                     param_names=self.param_names)
                 self.group.gather_padded(self.theta)
+            if self.reset_bn is not None:  # the soup's own BatchNorm statistics, written into theta
+                from .bnreset import batches_of, reset_bn_stats
+
+                reset_bn_stats(self.model, batches_of(self.splits[self.reset_bn][0], self.batch_size, self.prepare))
             self._mixed_key = recipe.key
             self.mix_count += 1
 

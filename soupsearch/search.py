@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import progress, selection, significance
+from . import bnreset, progress, selection, significance
 from .config import Config, StrategySpec
 from .context import Context, with_ood_mean
 from .data import EvalSuite, build_suite
@@ -127,6 +127,7 @@ def _run_search(cfg: Config, tracker: Tracker | None, lock) -> SearchOutcome:
         stack_fp = combine_digests(stack.layout, digests)
         if cfg.eval.precision != "float32":  # other numbers: cached (and studies named) apart
             stack_fp += f"-{cfg.eval.precision}"
+        stack_fp += bnreset.fingerprint_suffix(cfg, suite)  # eval.reset_bn: other numbers, cached apart
         store = ResultStore(run_dir / "results.sqlite", stack_fp,
                             {n: fingerprint_arrays(s.x, s.y) for n, s in suite.splits.items()})
         pool.store = store

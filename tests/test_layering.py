@@ -19,7 +19,7 @@ MAX_LINES = 450
 ENTRY = {"cli", "jobs", "__main__"}
 # config validation reads the strategies' metadata: the config belongs to the driver's layer
 DRIVER = {"search", "context", "launch", "planning", "outcome", "report", "tracking", "compare", "plots",
-          "preflight", "runlock", "demo", "multitask_sweep", "align_sweep", "sanity", "config",
+          "preflight", "runlock", "demo", "multitask_sweep", "scratch", "align_sweep", "sanity", "config",
           "multitask"}  # the multi-task driver package (its config, strategies and evaluator inside it)
 STRATEGIES = {"strategies"}
 POOL = {"pool", "ray_pool", "group_pool", "raysession", "cluster"}

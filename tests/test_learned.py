@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import sqlite3
 import subprocess
@@ -22,6 +21,8 @@ from soupsearch.errors import ConfigError, EvaluationError
 from soupsearch.mixing import Recipe
 from soupsearch.strategies import create_strategy
 from soupsearch.strategies.learned import _Space
+
+from .fake_context import FakeContext as _Fake
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -40,71 +41,20 @@ def score(r: Recipe) -> dict[str, float]:
             "nll": float(((C - C_NLL[:n]) ** 2).sum(1).mean())}
 
 
-class FakeContext:
-    """A SearchContext whose evaluations are a deterministic function of the coefficients.
+class FakeContext(_Fake):
+    """The table-driven fake (tests/fake_context.py) scoring with :func:`score`.
 
     ``wait`` completes a random pending submission (seeded) so completions come out of order;
-    ``fail_if(recipe)`` makes that evaluation raise ``EvaluationError`` (with the failed
-    ``tickets`` attached when ``attach_ticket``) or, with ``fail_in="submit"``, the submit."""
+    ``fail_if(recipe)`` makes that evaluation raise ``EvaluationError`` (naming the failed
+    ``tickets`` when ``attach_ticket``) or, with ``fail_in="submit"``, the submit. Never more
+    submissions in flight than evaluators."""
 
     def __init__(self, run_dir, n=5, num_evaluators=3, seed=0, groups=("g0", "g1", "g2"), group_depth=1,
-                 fail_if=None, fail_in="wait", attach_ticket=True, interrupt_after=None):
-        self.n = n
-        self.names = [f"m{i}" for i in range(n)]
-        self.selection_metric = "accuracy"
-        self.higher_is_better = True
-        self.num_evaluators = num_evaluators
-        self.run_dir = Path(run_dir)
-        self.fingerprint = "fakefp"
-        self.seed = seed
-        self.layer_groups = list(groups)
-        self.group_depth = group_depth
-        self.results = {}
-        self.fail_if = fail_if or (lambda r: False)
-        self.fail_in = fail_in
-        self.attach_ticket = attach_ticket
-        self.interrupt_after = interrupt_after
-        self.pending: dict[int, Recipe] = {}
-        self.submitted: list[Recipe] = []
-        self.max_pending = 0
-        self.waits = 0
-        self._ticket = 0
-        self._rng = random.Random(1234)
-
-    def evaluate(self, recipes, split="val"):
-        assert split == "val"
-        return [score(r) for r in recipes]
-
-    def individual_scores(self):
-        return [score(Recipe.one_hot(i, self.n))["accuracy"] for i in range(self.n)]
-
-    def result(self, name):
-        return self.results.get(name)
-
-    def submit(self, recipe, split="val", must_reach=None, reference=None):  # greedy seeds may pass must_reach (ignored here)
-        assert split == "val"  # selection on val only
-        if self.fail_in == "submit" and self.fail_if(recipe):
-            raise EvaluationError(f"cannot submit {recipe.label}")
-        self._ticket += 1
-        self.pending[self._ticket] = recipe
-        self.submitted.append(recipe)
-        assert len(self.pending) <= self.num_evaluators, "more trials in flight than evaluators"
-        self.max_pending = max(self.max_pending, len(self.pending))
-        return self._ticket
-
-    def wait(self, num_returns=1):
-        assert self.pending, "wait() with nothing in flight"
-        self.waits += 1
-        if self.interrupt_after is not None and self.waits > self.interrupt_after:
-            raise KeyboardInterrupt
-        t = self._rng.choice(sorted(self.pending))
-        r = self.pending.pop(t)
-        if self.fail_in == "wait" and self.fail_if(r):
-            e = EvaluationError(f"candidate {r.label} failed 3 times: boom")
-            if self.attach_ticket:
-                e.tickets = [t]
-            raise e
-        return [(t, r, score(r))]
+                 fail_if=None, fail_in="wait", attach_ticket=True, interrupt_after=None, **kw):
+        super().__init__(n, run_dir=run_dir, score=lambda r, split: score(r), num_evaluators=num_evaluators,
+                         seed=seed, groups=groups, group_depth=group_depth, fail_if=fail_if, fail_in=fail_in,
+                         attribute_failures=attach_ticket, interrupt_after=interrupt_after, completion="random",
+                         max_in_flight=num_evaluators, **kw)
 
 
 def run_greedy(ctx):
@@ -277,10 +227,16 @@ def test_num_ingredients_objective_counts_above_threshold(tmp_path):
 
 
 def test_fisher_learned_makes_fisher_recipes(tmp_path):
-    ctx = FakeContext(tmp_path, num_evaluators=1)
+    ctx = FakeContext(tmp_path, num_evaluators=1, stats=("fisher",))
     [res] = create_strategy("fisher_learned", n_trials=3).run(ctx)
     assert res.name == "fisher_learned" and res.recipe.method == "fisher"
     assert all(r.method == "fisher" for r in ctx.submitted)
+    # the context completes the recipes with the statistics' tag: the trials record the scored key
+    study = load(tmp_path, res)
+    scored = {r.key for r, _ in ctx.evaluated}
+    assert {t.user_attrs["recipe_key"] for t in study.trials} <= scored
+    with pytest.raises(EvaluationError, match="needs the 'fisher' statistics"):  # a search without them
+        create_strategy("fisher_learned", n_trials=2).run(FakeContext(tmp_path / "nofisher", num_evaluators=1))
     assert create_strategy("learned").options.method == "weighted"
 
 

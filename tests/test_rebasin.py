@@ -1,6 +1,8 @@
 """Re-basin alignment: permutation groups from the graph, exact recovery of hand-permuted
-copies, function preserved, residual streams, clear errors, and a real barrier reduction."""
+copies, function preserved, residual streams, clear errors, a real barrier reduction, and
+the barriers before/after alignment reported by a search."""
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -127,20 +129,10 @@ def _train_mlp(X, y, seed):
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def test_alignment_lowers_the_barrier_of_independently_trained_models():
+def test_alignment_lowers_the_barrier_of_independently_trained_models(trained_pair):
     """Two MLPs trained from different seeds on the digits: the midpoint of the aligned pair
     has a much lower loss than the midpoint of the raw pair (Git Re-Basin's effect)."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
-    y = torch.tensor(y)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny full-batch steps: threads only contend (20x slower on a busy machine)
-    try:
-        sds = [_train_mlp(X, y, seed) for seed in (0, 1)]
-    finally:
-        torch.set_num_threads(threads)
+    sds, X, y = trained_pair
     m = MLP(h=64)
 
     def loss(sd):
@@ -195,5 +187,144 @@ def test_search_aligns_the_sweep_before_souping(tiny_sweep, tmp_path):
     copy, orig = load_file(str(out / "relabelled.safetensors")), load_file(str(out / f"{src[1].stem}.safetensors"))
     for k in orig:
         assert torch.allclose(copy[k].float(), orig[k].float()), k
-    relabelled = load_file(str(d / "relabelled.safetensors"))
-    assert not all(torch.equal(relabelled[k], copy[k]) for k in copy)  # the search read a permuted-back copy
+    # the search read permuted copies: the relabelled one, or (when it is the reference, a tie on val
+    # broken by rounding) its original
+    import json
+
+    moved = src[1].stem if json.loads((out / "barriers.json").read_text())["reference"] == "relabelled" \
+        else "relabelled"
+    before, after = load_file(str(d / f"{moved}.safetensors")), load_file(str(out / f"{moved}.safetensors"))
+    assert not all(torch.equal(before[k], after[k]) for k in after)
+
+
+# ----------------------------------------------------------------------------- barriers before/after alignment
+
+
+def test_barrier_is_the_largest_gap_to_the_straight_line():
+    from soupsearch.barriers import barrier
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        v = rng.uniform(0, 3, size=int(rng.integers(3, 12))).tolist()
+        k = len(v) - 1
+        # by hand: the endpoints' straight line at alpha = j / k
+        gaps = [v[j] - ((k - j) / k * v[0] + j / k * v[-1]) for j in range(k + 1)]
+        assert barrier(v) == pytest.approx(max(0.0, max(gaps)), abs=1e-12)
+        assert barrier(v, higher_is_better=True) == pytest.approx(max(0.0, max(-g for g in gaps)), abs=1e-12)
+    assert barrier([0.2, 0.2, 0.2]) == 0.0 and barrier([1.0, 0.5, 0.0]) == 0.0  # on / below the line
+
+
+def test_path_metrics_match_a_direct_computation():
+    from soupsearch.barriers import path_metrics
+
+    torch.manual_seed(0)
+    a, b = MLP().state_dict(), MLP().state_dict()
+    x, y = torch.randn(50, 1, 8, 8), torch.randint(0, 10, (50,))
+    got = path_metrics(MLP(), a, b, x, y, [0.0, 0.3, 1.0], batch_size=16)
+    m = MLP()
+    for j, t in enumerate((0.0, 0.3, 1.0)):
+        m.load_state_dict({k: (1 - t) * a[k] + t * b[k] for k in a})
+        with torch.no_grad():
+            out = m(x)
+        assert got["nll"][j] == pytest.approx(nn.functional.cross_entropy(out, y).item(), rel=1e-5)
+        assert got["accuracy"][j] == pytest.approx((out.argmax(1) == y).float().mean().item())
+    from soupsearch.barriers import barrier
+
+    assert got["loss_barrier"] == barrier(got["nll"]) and got["accuracy_barrier"] == barrier(got["accuracy"], True)
+
+
+def test_aligned_pair_has_lower_loss_and_accuracy_barriers(trained_pair):
+    """Two MLPs trained from different seeds: the whole path's barriers (11 points, on data
+    neither model was fitted to beyond the digits themselves) are lower once aligned."""
+    from soupsearch.barriers import path_metrics
+
+    sds, X, y = trained_pair
+    aligned = align(sds, MLP(h=64), method="weight")
+    alphas = np.linspace(0, 1, 11)
+    raw = path_metrics(MLP(h=64), sds[0], sds[1], X, y, alphas)
+    al = path_metrics(MLP(h=64), sds[0], aligned[1], X, y, alphas)
+    assert al["nll"][-1] == pytest.approx(raw["nll"][-1], rel=1e-4)  # the same endpoints
+    assert al["loss_barrier"] < 0.5 * raw["loss_barrier"], (raw["loss_barrier"], al["loss_barrier"])
+    assert al["accuracy_barrier"] < raw["accuracy_barrier"], (raw["accuracy_barrier"], al["accuracy_barrier"])
+
+
+@pytest.fixture(scope="module")
+def trained_pair():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
+    y = torch.tensor(y)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny full-batch steps: threads only contend (20x slower on a busy machine)
+    try:
+        return [_train_mlp(X, y, seed) for seed in (0, 1)], X, y
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow  # a whole search (MLflow, plots): ~20 s alone, up to 2 min on a busy machine
+def test_interpolate_reports_the_barriers_before_and_after_alignment(tmp_path):
+    """A search with ``ingredients.align: weight`` over two models trained from scratch: the
+    alignment step writes the paths before/after, ``interpolate`` reports both barriers, its
+    own (aligned) path is the report's aligned path, and the plot and report are artifacts."""
+    import json
+
+    from soupsearch.config import config_from_dict
+    from soupsearch.scratch import make_scratch_sweep
+    from soupsearch.search import run_search
+
+    kw = {"num_classes": 10, "width": 4, "hidden": 16}
+    sweep = tmp_path / "sweep"
+    make_scratch_sweep(sweep, n=2, seed=0, epochs=2, progress=False, model_kwargs=kw)
+    sf = str(sweep / "splits.json")
+
+    def run(align_mode):
+        raw = {"name": "scratch", "run_dir": str(tmp_path / "run"), "model": {"factory": "builtin:digits_cnn",
+                                                                               "kwargs": kw},
+               "ingredients": {"path": str(sweep / "manifest.json"), "align": align_mode},
+               "data": {"val": {"type": "digits", "split": "val", "split_file": sf},
+                        "test": {"type": "digits", "split": "test", "split_file": sf}, "corruptions": None},
+               "eval": {"backend": "local", "shard_size": 128},
+               "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "t",
+                            "log_best_model": False, "log_soup_weights": False},
+               "search": {"strategies": ["interpolate"]}}
+        return run_search(config_from_dict(raw))
+
+    res = run("weight").results["interpolate"]
+    tag = "-".join(res.params["pairs"][0])
+    extra = res.info["extra_metrics"]
+    report = json.loads((tmp_path / "run" / "aligned" / "barriers.json").read_text())
+    other = next(iter(report["pairs"]))
+    p = report["pairs"][other]
+    assert set(res.params["pairs"][0]) == {report["reference"], other}
+    flip = res.params["pairs"][0][0] != report["reference"]
+    curve = json.loads((tmp_path / "run" / "soups" / "interpolate" / "interpolation.json").read_text())
+    mine = [m["val"]["nll"] for m in curve["curves"][tag]["metrics"]]
+    assert np.allclose(mine[::-1] if flip else mine, p["aligned"]["nll"], rtol=1e-4, atol=1e-5)
+    assert extra[f"interp/{tag}/val_loss_barrier_unaligned"] == pytest.approx(p["unaligned"]["loss_barrier"])
+    assert extra[f"interp/{tag}/val_loss_barrier"] == pytest.approx(p["aligned"]["loss_barrier"], abs=1e-4)
+    assert p["unaligned"]["loss_barrier"] > p["aligned"]["loss_barrier"]
+    assert {"alignment_barriers.json", "alignment_barriers.png", "interpolation.png"} <= set(res.artifacts)
+
+
+def test_unaligned_curve_is_taken_only_for_the_path_the_search_measured():
+    from soupsearch.barriers import unaligned_curve
+
+    al = {"alpha": [0, 0.5, 1], "nll": [0.1, 0.3, 0.2], "accuracy": [0.9, 0.8, 0.95], "loss_barrier": 0.15,
+          "accuracy_barrier": 0.125}
+    un = {"alpha": [0, 0.5, 1], "nll": [0.1, 2.0, 0.2], "accuracy": [0.9, 0.3, 0.95], "loss_barrier": 1.85,
+          "accuracy_barrier": 0.625}
+    report = {"reference": "a", "pairs": {"b": {"aligned": al, "unaligned": un}}}
+    got = unaligned_curve(report, "a", "b", [0.1, 0.3, 0.2])
+    assert got["nll"] == un["nll"] and got["loss_barrier"] == 1.85
+    back = unaligned_curve(report, "b", "a", [0.2, 0.3, 0.1])  # the other direction: the curve reversed
+    assert back["nll"] == un["nll"][::-1] and back["accuracy"] == un["accuracy"][::-1]
+    assert unaligned_curve(report, "a", "b", [0.1, 2.0, 0.2]) is None  # a search on the unaligned stack
+    assert unaligned_curve(report, "a", "c", [0.1, 0.3, 0.2]) is None  # not a pair of the report
+    assert unaligned_curve(report, "b", "c", [0.1, 0.3, 0.2]) is None
+    assert unaligned_curve(report, "a", "b", [0.1, 0.2, 0.3, 0.2]) is None  # other alphas
+    assert unaligned_curve(None, "a", "b", [0.1, 0.3, 0.2]) is None
+    broken = {"reference": "a", "pairs": {"b": {"aligned": al, "unaligned": {"nll": "x"}}}}
+    assert unaligned_curve(broken, "a", "b", [0.1, 0.3, 0.2]) is None  # malformed: ignored, no crash
+    assert unaligned_curve(["not", "a", "dict"], "a", "b", [0.1, 0.3, 0.2]) is None

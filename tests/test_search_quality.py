@@ -125,13 +125,8 @@ def test_line_search_tries_each_weight_and_never_drops_below_its_start(tmp_path)
 
 class _GradCtx(FakeContext):
     def __init__(self, tmp_path, learned_coeffs):
-        super().__init__(tmp_path, num_evaluators=1)
-        self.learned_coeffs, self.calls = learned_coeffs, []
-        self.log = lambda msg: None
-
-    def run_on_evaluator(self, method, *args, **kwargs):
-        self.calls.append(kwargs)
-        return {"coeffs": [list(self.learned_coeffs)], "losses": [1.0, 0.5]}
+        super().__init__(tmp_path, num_evaluators=1, learned_coeffs=learned_coeffs)
+        self.calls = self.learn_calls  # the options of each ctx.learn_coefficients("val", ...)
 
 
 def test_gradient_starts_from_greedy_and_keeps_it_unless_beaten(tmp_path):

@@ -6,32 +6,12 @@ from soupsearch.errors import ConfigError
 from soupsearch.mixing import Recipe
 from soupsearch.strategies import create_strategy, list_strategies
 
+from .fake_context import FakeContext
 
-class TableContext:
-    """Scores soups from a table keyed by the set of ingredients in the soup."""
 
-    def __init__(self, table: dict[frozenset, float], n: int, metric="accuracy"):
-        self.table = table
-        self.n = n
-        self.names = [f"m{i}" for i in range(n)]
-        self.selection_metric = metric
-        self.higher_is_better = metric != "nll"
-        self.calls = []
-
-    def evaluate(self, recipes, split="val"):
-        assert split == "val"  # strategies select on val only
-        out = []
-        for r in recipes:
-            s = frozenset(r.support())
-            self.calls.append(s)
-            out.append({self.selection_metric: self.table[s]})
-        return out
-
-    def individual_scores(self):
-        return [self.table[frozenset([i])] for i in range(self.n)]
-
-    def result(self, name):
-        return None
+def TableContext(table: dict[frozenset, float], n: int, metric="accuracy") -> FakeContext:
+    """Scores uniform soups from a table keyed by the set of ingredients in the soup."""
+    return FakeContext(n, table=table, metric=metric)
 
 
 def test_greedy_picks_expected_set_on_hand_made_table():
@@ -89,57 +69,15 @@ def test_unknown_strategy_and_option_errors():
     assert {"best_individual", "uniform", "greedy"} <= set(list_strategies())
 
 
-class AsyncTableContext(TableContext):
-    """TableContext with submit/wait that completes tickets in a random order."""
-
-    def __init__(self, table, n, num_evaluators, rng, metric="accuracy"):
-        super().__init__(table, n, metric)
-        self.num_evaluators = num_evaluators
-        self.rng = rng
-        self._pending = {}
-        self._next = 0
-        self.max_inflight = 0
-
-    def submit(self, recipe, split="val", must_reach=None, reference=None):
-        t = self._next
-        self._next += 1
-        self._pending[t] = (recipe, must_reach)
-        self.max_inflight = max(self.max_inflight, len(self._pending))
-        return t
-
-    def wait(self, num_returns=1):
-        k = self.rng.randint(num_returns, len(self._pending))
-        picked = self.rng.sample(sorted(self._pending), k)
-        out = []
-        for t in picked:
-            r, must_reach = self._pending.pop(t)
-            m = self.evaluate([r])[0]
-            if must_reach is not None:  # like Context: a candidate that cannot reach may stop early
-                thr, strict = must_reach
-                if (m[self.selection_metric] <= thr if strict else m[self.selection_metric] < thr) \
-                        and self.rng.random() < 0.7:
-                    bound = self.rng.uniform(m[self.selection_metric], thr)
-                    if not strict and bound >= thr:  # pragma: no cover - uniform() may return thr
-                        bound = m[self.selection_metric]
-                    m = {self.selection_metric: bound, "stopped_early": True}
-            out.append((t, r, m))
-        return out
-
-    def pending(self):
-        return len(self._pending)
-
-
-class CancellingTableContext(AsyncTableContext):
-    """... that also lets greedy cancel stale speculative submissions."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.cancelled = 0
-
-    def cancel(self, ticket):
-        assert ticket in self._pending, "cancelled a ticket that was already returned"
-        del self._pending[ticket]
-        self.cancelled += 1
+def _plain_greedy(t, n, rule):
+    """The sequential rule written out (the oracle): best-first, keep if the soup does not drop."""
+    order = sorted(range(n), key=lambda i: (-t[frozenset([i])], i))
+    kept, cur = [order[0]], t[frozenset([order[0]])]
+    for i in order[1:]:
+        s = t[frozenset(kept + [i])]
+        if (s >= cur) if rule == ">=" else (s > cur):
+            kept, cur = kept + [i], s
+    return sorted(kept)
 
 
 def test_speculative_greedy_equals_sequential_on_random_tables():
@@ -154,9 +92,12 @@ def test_speculative_greedy_equals_sequential_on_random_tables():
             t[frozenset(i for i in range(n) if mask >> i & 1)] = rng.choice([0.5, 0.6, 0.7, 0.8, 0.9])
         rule = rng.choice([">=", ">"])
         [seq] = create_strategy("greedy", rule=rule, lookahead=1).run(TableContext(t, n))
+        assert seq.info["kept"] == _plain_greedy(t, n, rule)
         w = rng.randint(2, 5)
         early = rng.random() < 0.5  # candidates that cannot reach the soup may stop early
-        actx = (CancellingTableContext if rng.random() < 0.5 else AsyncTableContext)(t, n, w, rng)
+        # completions in random batches; candidates that cannot reach the soup may stop early
+        actx = FakeContext(n, table=t, num_evaluators=w, completion="batches", early_stop=True,
+                           rng_seed=rng.randrange(2**31))
         [spec] = create_strategy("greedy", rule=rule, early_stop=early).run(actx)
         assert spec.info["kept"] == seq.info["kept"], (trial, t)
         assert spec.recipe == seq.recipe
@@ -168,8 +109,47 @@ def test_speculative_greedy_equals_sequential_on_random_tables():
                 a = {k: v for k, v in a.items() if k not in ("candidate_score", "stopped_early")}
                 b = {k: v for k, v in b.items() if k != "candidate_score"}
             assert a == b
-        assert actx.pending() == 0  # stale speculative work was drained
+        assert not actx.pending  # stale speculative work was drained or cancelled
         if n - 1 >= w:
-            assert actx.max_inflight >= w  # the lookahead was used
+            assert actx.max_pending >= w  # the lookahead was used
         # fresh (non-stale) work never exceeds the lookahead: evaluations <= steps + discarded
         assert spec.info["evaluated"] <= (n - 1) + spec.info["discarded"]
+
+
+# ----------------------------------------------------------------------------- the ask/tell loop
+
+
+def test_ask_tell_loop_limit_attribution_cancel_and_abort():
+    from soupsearch.errors import EvaluationError
+    from soupsearch.strategies.asktell import AskTellLoop, Proposal
+
+    n = 4
+    recipes = [Recipe.one_hot(i, n, label=f"r{i}") for i in range(n)] + [Recipe.uniform_over([0, 1], n, label="u")]
+    # a failure naming its ticket fails that proposal only; the others are told
+    ctx = FakeContext(n, completion="random", fail_if=lambda r: r.label == "r2", max_in_flight=2)
+    todo, told, failed = list(recipes), [], []
+    loop = AskTellLoop(ctx, limit=2)
+    loop.run(lambda: Proposal(todo.pop(0), todo and len(todo)) if todo else None,
+             lambda tag, r, m: told.append(r.label), lambda tag, e, stage: failed.append((stage, str(e))))
+    assert sorted(told) == ["r0", "r1", "r3", "u"] and [s for s, _ in failed] == ["evaluation"]
+    assert ctx.max_pending == 2 and not ctx.pending
+    # naming the recipe (no tickets) is enough; naming nothing fails every one in flight
+    loop = AskTellLoop(ctx, limit=3)
+    loop._inflight = {7: Proposal(recipes[0], "a"), 8: Proposal(recipes[1], "b")}
+    assert loop.blame(EvaluationError("x", recipe_key=recipes[1].key)) == [8]
+    assert loop.blame(EvaluationError("x", tickets=(7,))) == [7]
+    assert loop.blame(EvaluationError("x")) == [7, 8]
+    # without a fail callback the error propagates, after the work in flight was cancelled
+    ctx = FakeContext(n, fail_if=lambda r: r.label == "r0", completion="fifo")
+    todo, aborted = list(recipes), []
+    with pytest.raises(EvaluationError, match="boom"):
+        AskTellLoop(ctx, limit=3).run(lambda: Proposal(todo.pop(0), len(todo)) if todo else None,
+                                      lambda *a: None, abort=lambda tags, e: aborted.append(tags))
+    assert aborted == [[4, 3, 2]] and not ctx.pending and ctx.cancelled == {2, 3}  # the failed one too
+    # an interrupt: the proposals in flight go to abort, cancelled, and the interrupt propagates
+    ctx = FakeContext(n, interrupt_after=1)
+    todo, aborted = list(recipes), []
+    with pytest.raises(KeyboardInterrupt):
+        AskTellLoop(ctx, limit=2).run(lambda: Proposal(todo.pop(0), len(todo)) if todo else None,
+                                      lambda *a: None, abort=lambda tags, e: aborted.append((tags, type(e))))
+    assert aborted == [([3, 2], KeyboardInterrupt)] and not ctx.pending

@@ -1,26 +1,76 @@
-"""Strategy registry: one module per strategy, registered by name."""
+"""Strategy registry: one module per strategy, registered by name.
+
+The registry is lazy: importing this package loads only :mod:`.base`; the strategy modules
+are imported on the first :func:`list_strategies` / :func:`get_strategy_class` (every module
+of the package, in name order, so adding a strategy is adding its module). What a strategy
+needs from a search (the base model, per-ingredient statistics, the ingredients'
+predictions, other strategies' results) is class metadata on it (see :class:`.base.Strategy`);
+:func:`default_strategies` are the ones a config without ``search.strategies`` runs.
+
+Modules that are not strategies: :mod:`.base` (the contract: ``SearchContext``, ``Strategy``,
+``SoupResult``), :mod:`.asktell` (the one asynchronous ask/tell loop), and the Optuna
+strategies' parts: :mod:`.study` (storage, naming, resume), :mod:`.space` (search spaces),
+:mod:`.trials` (the trial loop), :mod:`.study_plots`, :mod:`.neighbourhood` (centred regions)."""
 
 from __future__ import annotations
 
-from .base import SearchContext, SoupResult, Strategy
+import importlib
+import inspect
+import pkgutil
+import threading
+
+from .base import Needs, SearchContext, SoupResult, Strategy
 
 _REGISTRY: dict[str, type[Strategy]] = {}
+_loaded = False
+_lock = threading.RLock()  # re-entrant: a strategy module importing another re-enters _load
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"strategy {cls.name!r} is registered twice")
     _REGISTRY[cls.name] = cls
     return cls
 
 
+def _load() -> None:
+    """Import every module of this package once, in name order (thread-safe)."""
+    global _loaded
+    if _loaded:
+        return
+    with _lock:
+        if not _loaded:
+            for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+                importlib.import_module(f"{__name__}.{m.name}")
+            _loaded = True
+
+
+def _ordered() -> list[str]:
+    """Registered names by module, then by place in the module: the same order whatever was
+    imported first."""
+    def key(name):
+        cls = _REGISTRY[name]
+        try:
+            line = inspect.getsourcelines(cls)[1]
+        except (OSError, TypeError):  # defined where there is no source (e.g. interactively)
+            line = 0
+        return cls.__module__, line, name
+
+    return sorted(_REGISTRY, key=key)
+
+
 def list_strategies() -> list[str]:
-    return list(_REGISTRY)
+    """Names of the registered strategies, by module and then place in it."""
+    _load()
+    return _ordered()
 
 
 def get_strategy_class(name: str) -> type[Strategy]:
     from ..errors import ConfigError
 
+    _load()
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown strategy {name!r}; valid: {', '.join(_REGISTRY)}")
+        raise ConfigError(f"unknown strategy {name!r}; valid: {', '.join(_ordered())}")
     return _REGISTRY[name]
 
 
@@ -28,7 +78,18 @@ def create_strategy(name: str, **options) -> Strategy:
     return get_strategy_class(name)(**options)
 
 
-from . import basic, dare, ema, ensemble, fisher, gradient, greedy, interpolate, learned, line_search, merge, tune  # noqa: E402,F401,I001  (registration side effects)
+def needs_of(name: str, options: dict | None = None) -> Needs:
+    """What strategy ``name`` with ``options`` (as in the config) needs from a search."""
+    cls = get_strategy_class(name)
+    return cls.needs(cls.validate_options(options or {}))
 
-__all__ = ["Strategy", "SoupResult", "SearchContext", "register_strategy", "list_strategies",
-           "get_strategy_class", "create_strategy"]
+
+def default_strategies() -> list[str]:
+    """The strategies a search runs when the config names none (``Strategy.default_rank``)."""
+    _load()
+    ranked = [(_REGISTRY[name].default_rank, name) for name in _ordered() if _REGISTRY[name].default_rank is not None]
+    return [name for _, name in sorted(ranked)]
+
+
+__all__ = ["Strategy", "SoupResult", "SearchContext", "Needs", "register_strategy", "list_strategies",
+           "get_strategy_class", "create_strategy", "default_strategies", "needs_of"]

@@ -11,6 +11,8 @@ from .base import SoupResult, Strategy, rank_by_score  # noqa: F401  (re-exporte
 class BestIndividual(Strategy):
     name = "best_individual"
     description = "the single ingredient with the best held-out (val) score"
+    is_baseline = True  # what every soup is compared with
+    default_rank = 0
 
     def run(self, ctx):
         scores = ctx.individual_scores()
@@ -24,6 +26,7 @@ class BestIndividual(Strategy):
 class Uniform(Strategy):
     name = "uniform"
     description = "the average of all ingredients"
+    default_rank = 1
 
     def run(self, ctx):
         return [SoupResult(self.label, Recipe.uniform_over(range(ctx.n), ctx.n, label=self.label),

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..metrics import compute_metrics, counts_from_logits
 from . import register_strategy
-from .base import SoupResult, Strategy, member_sets
+from .base import Needs, SoupResult, Strategy, member_sets, results_of_sets
 
 
 def ensemble_logprobs(member_logprobs: list[np.ndarray], combine: str = "prob_mean") -> np.ndarray:
@@ -30,6 +30,12 @@ def ensemble_logprobs(member_logprobs: list[np.ndarray], combine: str = "prob_me
 class Ensemble(Strategy):
     name = "ensemble"
     description = "output ensemble of all ingredients and of the greedy set"
+    needs_predictions = True  # combines the ingredients' cached predictions
+    is_baseline = True  # n forward passes at inference: a reference point, not a soup
+
+    @classmethod
+    def needs(cls, options) -> Needs:
+        return Needs(predictions=True, results=results_of_sets(options.sets))
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import selection
 from ..mixing import Recipe
 from . import register_strategy
-from .base import SoupResult, Strategy
+from .base import Needs, SoupResult, Strategy
 
 
 @register_strategy
@@ -35,6 +35,12 @@ class GradientSoup(Strategy):
         weight_decay: float = Field(default=0.0, ge=0)
         batch_size: int = Field(default=64, gt=0)
 
+    needs_result = ("greedy",)
+
+    @classmethod
+    def needs(cls, options) -> Needs:
+        return Needs(results=(options.init,) if options.init != "uniform" else ())
+
     def _init(self, ctx) -> tuple[Recipe, str]:
         uniform = Recipe.uniform_over(range(ctx.n), ctx.n)
         if self.options.init == "uniform":
@@ -49,10 +55,10 @@ class GradientSoup(Strategy):
     def run(self, ctx):
         o = self.options
         start, started = self._init(ctx)
-        res = ctx.run_on_evaluator("learn_coefficients", "val", per_layer=o.per_layer, group_depth=ctx.group_depth,
-                                   temperature=o.temperature, epochs=o.epochs, lr=o.lr,
-                                   weight_decay=o.weight_decay, batch_size=o.batch_size, seed=ctx.seed,
-                                   init=[list(start.coeffs)])
+        res = ctx.learn_coefficients("val", per_layer=o.per_layer, group_depth=ctx.group_depth,
+                                     temperature=o.temperature, epochs=o.epochs, lr=o.lr,
+                                     weight_decay=o.weight_decay, batch_size=o.batch_size, seed=ctx.seed,
+                                     init=[list(start.coeffs)])
         c = res["coeffs"]
         learned = (Recipe(layer_coeffs=tuple(tuple(r) for r in c), group_depth=ctx.group_depth, label=self.label)
                    if o.per_layer else Recipe(tuple(c[0]), label=self.label))

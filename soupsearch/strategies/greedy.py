@@ -13,19 +13,20 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from ..mixing import Recipe
 from ..selection import improves
 from . import register_strategy
-from .base import SoupResult, Strategy
-from .basic import rank_by_score
+from .asktell import AskTellLoop, Proposal
+from .base import SoupResult, Strategy, rank_by_score
 
 
 @register_strategy
 class Greedy(Strategy):
     name = "greedy"
     description = "greedy soup: add ingredients best-first, keep each if val does not drop"
+    default_rank = 2
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
@@ -41,20 +42,13 @@ class Greedy(Strategy):
         scores = ctx.individual_scores()
         order = rank_by_score(scores, hib)
         la = self.options.lookahead
-        lookahead = max(1, int(getattr(ctx, "num_evaluators", 1)) if la == "auto" else int(la))
+        lookahead = max(1, int(ctx.num_evaluators) if la == "auto" else int(la))
         kept = [order[0]]
         current = scores[order[0]]
         traj = [{"step": 0, "index": order[0], "name": ctx.names[order[0]], "candidate_score": current,
                  "kept": True, "soup_score": current, "soup_size": 1}]
         stats = {"evaluated": 0, "discarded": 0, "stopped_early": 0}
-        if hasattr(ctx, "submit"):  # lookahead 1: the same loop, one candidate at a time
-            step_scores = self._speculative(ctx, order, kept, current, lookahead, metric, hib, traj, stats)
-        else:
-            for step, i in enumerate(order[1:], start=1):
-                cand = Recipe.uniform_over(kept + [i], ctx.n, label=f"{self.label}_step{step}")
-                score = ctx.evaluate([cand], "val")[0][metric]
-                stats["evaluated"] += 1
-                current = self._decide(ctx, step, i, score, current, kept, traj, hib)
+        self._speculative(ctx, order, kept, current, lookahead, metric, hib, traj, stats)
         recipe = Recipe.uniform_over(kept, ctx.n, label=self.label)
         return [SoupResult(self.label, recipe, params={"rule": self.options.rule, "selection_metric": metric,
                                                         "num_ingredients": len(kept), "lookahead": lookahead},
@@ -79,48 +73,55 @@ class Greedy(Strategy):
             return {}
         return {"must_reach": (current, self.options.rule == ">"), "reference": Recipe.uniform_over(kept, n)}
 
-    def _speculative(self, ctx, order, kept, current, lookahead, metric, hib, traj, stats):
+    def _speculative(self, ctx, order, kept, current, lookahead, metric, hib, traj, stats) -> float:
+        """The decisions of greedy on the ask/tell loop: keep the next ``lookahead`` candidates
+        in flight (tag: ``(step, soup version)``), decide steps strictly in order, and on an
+        acceptance cancel the candidates scored against the old soup."""
         n_steps = len(order)
-        inflight: dict[int, tuple[int, int]] = {}  # ticket -> (step, soup version)
+        state = {"step": 1, "nxt": 1, "version": 0, "current": current}
         results: dict[int, dict] = {}  # step -> metrics against the current soup version
-        version = 0
         submitted: dict[int, int] = {}  # step -> version it was submitted against
-        nxt = 1
-        for step in range(1, n_steps):
-            # keep `lookahead` candidates (this step and the following ones) in flight
-            while nxt < n_steps and nxt < step + lookahead:
-                if submitted.get(nxt) != version:
-                    cand = Recipe.uniform_over(kept + [order[nxt]], ctx.n, label=f"{self.label}_step{nxt}")
-                    inflight[ctx.submit(cand, "val", **self._reach(current, kept, ctx.n))] = (nxt, version)
-                    submitted[nxt] = version
-                    stats["evaluated"] += 1
-                nxt += 1
-            while step not in results:
-                for ticket, _, m in ctx.wait(1):
-                    s, v = inflight.pop(ticket, (None, None))
-                    if s is None:
-                        continue
-                    if v == version:
-                        results[s] = m
-                    else:
-                        stats["discarded"] += 1
-            before = len(kept)
-            m = results.pop(step)
-            stats["stopped_early"] += bool(m.get("stopped_early"))
-            current = self._decide(ctx, step, order[step], m[metric], current, kept, traj, hib,
-                                   bool(m.get("stopped_early")))
-            if len(kept) != before:  # accepted: speculative results behind it are stale
-                version += 1
-                stats["discarded"] += len(results)
-                results.clear()
-                nxt = step + 1
-                if hasattr(ctx, "cancel"):  # stop the stale ones still being scored
-                    for ticket in list(inflight):
-                        ctx.cancel(ticket)
-                        del inflight[ticket]
-                        stats["discarded"] += 1
-        while inflight:  # drain stale work so no later strategy sees it
-            for ticket, _, _ in ctx.wait(1):
-                if inflight.pop(ticket, None) is not None:
-                    stats["discarded"] += 1
-        return current
+        loop = AskTellLoop(ctx)  # greedy bounds itself: at most `lookahead` steps ahead
+
+        def ask() -> Proposal | None:
+            while True:
+                step, nxt, version = state["step"], state["nxt"], state["version"]
+                # keep `lookahead` candidates (this step and the following ones) in flight
+                while nxt < n_steps and nxt < step + lookahead:
+                    state["nxt"] = nxt + 1
+                    if submitted.get(nxt) != version:
+                        submitted[nxt] = version
+                        stats["evaluated"] += 1
+                        cand = Recipe.uniform_over(kept + [order[nxt]], ctx.n, label=f"{self.label}_step{nxt}")
+                        return Proposal(cand, (nxt, version), "val", **self._reach(state["current"], kept, ctx.n))
+                    nxt += 1
+                if step >= n_steps or step not in results:
+                    return None  # wait for this step's score (or done)
+                self._step(ctx, order, kept, state, results, loop, traj, hib, metric, stats)
+
+        def tell(tag, recipe, m) -> None:
+            s, v = tag
+            if v == state["version"]:
+                results[s] = m
+            else:
+                stats["discarded"] += 1
+
+        loop.run(ask, tell)  # drains: stale work ends before the next strategy runs
+        stats["discarded"] += loop.cancelled
+        return state["current"]
+
+    def _step(self, ctx, order, kept, state, results, loop, traj, hib, metric, stats) -> None:
+        """Decide the current step from its score; an acceptance makes the scores behind it stale."""
+        step = state["step"]
+        before = len(kept)
+        m = results.pop(step)
+        stats["stopped_early"] += bool(m.get("stopped_early"))
+        state["current"] = self._decide(ctx, step, order[step], m[metric], state["current"], kept, traj, hib,
+                                        bool(m.get("stopped_early")))
+        state["step"] = step + 1
+        if len(kept) != before:  # accepted: speculative results behind it are stale
+            state["version"] += 1
+            stats["discarded"] += len(results)
+            results.clear()
+            state["nxt"] = step + 1
+            loop.cancel_all()  # stop the stale ones still being scored

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .. import selection
 from ..mixing import Recipe
 from . import register_strategy
-from .base import SoupResult, Strategy, rank_by_score
+from .base import Needs, SoupResult, Strategy, rank_by_score
 
 
 @register_strategy
@@ -42,6 +42,12 @@ class LineSearch(Strategy):
             if not v or any(not (0.0 < a < 1.0) for a in v):
                 raise ValueError(f"expected a non-empty list of mixing weights in (0, 1), got {v}")
             return sorted(set(v))
+
+    needs_result = ("greedy",)
+
+    @classmethod
+    def needs(cls, options) -> Needs:
+        return Needs(results=(options.start,))
 
     def _start(self, ctx, order) -> tuple[list[float], str]:
         res = ctx.result(self.options.start)

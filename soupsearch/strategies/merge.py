@@ -10,19 +10,20 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import RecipeError
 from ..methods import get_method, list_methods
 from ..mixing import Recipe
 from . import register_strategy
-from .base import SetName, SoupResult, Strategy, member_sets
+from .base import Needs, SetName, SoupResult, Strategy, member_sets, results_of_sets
 
 
-def method_requirements(method: str) -> set[str]:
-    """What a search must provide for a merge method: ``base`` and its statistics."""
+def method_needs(method: str, sets=()) -> Needs:
+    """What a search must provide for a merge method over ``sets``: the base when the method
+    needs it, its per-ingredient statistics, and the results the sets are read from."""
     m = get_method(method)
-    return ({"base"} if m.needs_base else set()) | set(m.stats)
+    return Needs(base=bool(m.needs_base), stats=frozenset(m.stats), results=results_of_sets(sets))
 
 
 def default_sets(method: str) -> list[str]:
@@ -61,6 +62,7 @@ def method_soups(ctx, method: str, params: dict, sets: list[str], label: str) ->
 class MergeSoup(Strategy):
     name = "merge"
     description = "a soup made by any registered merge method (over all ingredients, the greedy set or the top k)"
+    example_options = {"method": "ties"}
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
@@ -78,8 +80,8 @@ class MergeSoup(Strategy):
         return options.method
 
     @classmethod
-    def requirements(cls, options) -> set[str]:
-        return method_requirements(options.method)
+    def needs(cls, options) -> Needs:
+        return method_needs(options.method, options.sets or default_sets(options.method))
 
     def run(self, ctx):
         o = self.options
@@ -91,9 +93,14 @@ class MethodPreset(Strategy):
 
     method: ClassVar[str]
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        m = get_method(cls.method)  # the class metadata is the method's
+        cls.needs_base, cls.needs_stats = bool(m.needs_base), frozenset(m.stats)
+
     @classmethod
-    def requirements(cls, options) -> set[str]:
-        return method_requirements(cls.method)
+    def needs(cls, options) -> Needs:
+        return method_needs(cls.method, options.sets)
 
     def run(self, ctx):
         params = self.options.model_dump(exclude={"sets"})

@@ -17,20 +17,20 @@ import hashlib
 import json
 
 
-def centre_params(ctx, space, name: str, label: str, say) -> dict | None:
+def centre_params(ctx, space, name: str, label: str) -> dict | None:
     """The trial params of the result ``name`` (a strategy that ran before), or None with a
     log line saying why the search is not centred."""
     res = ctx.result(name)
     if res is None or res.recipe is None:
-        say(ctx, f"{label}: no {name!r} soup ran before it; searching the whole space")
+        ctx.log(f"{label}: no {name!r} soup ran before it; searching the whole space")
         return None
     enc = space.encode(res.recipe)
     if isinstance(enc, str):
-        say(ctx, f"{label}: the {name!r} soup {enc}; searching the whole space")
+        ctx.log(f"{label}: the {name!r} soup {enc}; searching the whole space")
         return None
     params, exact = enc
     if not exact:
-        say(ctx, f"{label}: the {name!r} soup is only approximated by the mapping; centred on that approximation")
+        ctx.log(f"{label}: the {name!r} soup is only approximated by the mapping; centred on that approximation")
     return params
 
 

@@ -16,55 +16,23 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError, RecipeError
 from ..methods import get_method
-from ..mixing import Recipe
 from . import register_strategy
-from .base import SetName, member_sets
-from .learned import INTERRUPTED, OBJECTIVES, Learned, _OptionError, _say
-from .merge import check_method, method_requirements
+from .base import Needs, SetName, member_sets
+from .learned import OBJECTIVES, Learned, _OptionError
+from .merge import check_method, method_needs
+from .space import MethodParamSpace
+from .study import tried_params
 
 
-class _ParamSpace:
-    """Trial params <-> a recipe of one method over fixed members."""
-
-    per_layer = False
-
-    def __init__(self, method: str, space: dict, fixed: dict, members: list[int], n: int):
-        self.method, self.space, self.fixed, self.members, self.n = method, space, fixed, members, n
-
-    def suggest(self, trial) -> dict:
-        out = {}
-        for k, spec in self.space.items():
-            lo, hi = spec[0], spec[1]
-            log = len(spec) > 2
-            if isinstance(lo, int) and isinstance(hi, int) and not isinstance(lo, bool):
-                out[k] = trial.suggest_int(k, lo, hi, log=log)
-            else:
-                out[k] = trial.suggest_float(k, float(lo), float(hi), log=log)
-        return out
-
-    def coeffs(self, raw: dict) -> dict:
-        return raw  # every point of the space is a valid recipe (its ends were validated)
-
-    def recipe(self, raw: dict, label: str = "") -> Recipe:
-        return Recipe.of(self.method, self.members, self.n, label=label, **{**self.fixed, **raw})
-
-    def recipe_from_params(self, params: dict, label: str = "") -> Recipe:
-        return self.recipe(dict(params), label)
-
-    def defaults(self) -> dict:
-        d = get_method(self.method).params(self.fixed).model_dump()
-        out = {}
-        for k, spec in self.space.items():
-            lo, hi = spec[0], spec[1]
-            v = min(max(d[k], lo), hi)
-            out[k] = int(v) if isinstance(lo, int) and isinstance(hi, int) else float(v)
-        return out
+_ParamSpace = MethodParamSpace  # the older name
 
 
 @register_strategy
 class Tune(Learned):
     name = "tune"
     description = "a merge method's parameters tuned by Optuna on val, seeded with the method's defaults"
+    needs_result = ()  # only with ``set: greedy`` (see needs)
+    example_options = {"method": "ties", "space": {"density": [0.1, 0.9]}}
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
@@ -127,8 +95,11 @@ class Tune(Learned):
         return f"tune_{options.method}"
 
     @classmethod
-    def requirements(cls, options) -> set[str]:
-        return method_requirements(options.method)
+    def needs(cls, options) -> Needs:
+        return method_needs(options.method, [options.set])
+
+    def _per_layer(self) -> bool:
+        return False
 
     def _space(self, ctx):
         o = self.options
@@ -137,17 +108,14 @@ class Tune(Learned):
             raise ConfigError(f"strategy {self.label}: set {o.set!r} needs the greedy strategy to run before it")
         members = sets[0][2]
         get_method(o.method).check_support(len(members), f"strategy {self.label} (set {o.set})")
-        return _ParamSpace(o.method, dict(o.space), dict(o.params), members, ctx.n)
+        return MethodParamSpace(o.method, dict(o.space), dict(o.params), members, ctx.n)
 
-    def _seed(self, study, space: _ParamSpace, ctx) -> None:
+    def _seed(self, study, space: MethodParamSpace, ctx) -> None:
         if not self.options.seed_with_defaults:
             return
-        from optuna.trial import TrialState
-
         params = space.defaults()
-        have = [t.system_attrs.get("fixed_params", t.params) for t in study.get_trials(deepcopy=False)
-                if not (t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED))]
+        have = tried_params(study)
         if any(h.keys() == params.keys() and all(h[k] == v for k, v in params.items()) for h in have):
             return
         study.enqueue_trial(params, user_attrs={"seed": "defaults"})
-        _say(ctx, f"{self.label}: first trial is the method's defaults {params}")
+        ctx.log(f"{self.label}: first trial is the method's defaults {params}")
