@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from soupsearch import multitask_sweep as mt
 from soupsearch.config import CorruptionsConfig, DatasetConfig
 from soupsearch.data import load_dataset
-from soupsearch.data.digits import load_digits_arrays, make_splits
+from soupsearch.data.digits import make_splits
 from soupsearch.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,7 +218,8 @@ def test_multitask_config_matches_the_sweep_layout(tiny):
     root = Path(doc["base"]).parent
     assert doc["base"] == str(root / man["base"])
     assert doc["model"]["factory"] == man["model"]["factory"]
-    assert [(t["name"], t["num_classes"]) for t in doc["tasks"]] == [(t["name"], t["num_classes"]) for t in man["tasks"]]
+    pairs = lambda ts: [(t["name"], t["num_classes"]) for t in ts]  # noqa: E731
+    assert pairs(doc["tasks"]) == pairs(man["tasks"])
     for ct, mt_ in zip(doc["tasks"], man["tasks"]):
         for s in ("val", "test", "fisher"):
             DatasetConfig(**ct["data"][s])
