@@ -182,6 +182,15 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_other_weights(tin
     assert a["shapes/test.npz"] == c["shapes/test.npz"]  # the data depends on split_seed only
 
 
+def test_a_task_s_first_finetunes_do_not_depend_on_how_many_are_built(tiny, tmp_path):
+    mt.make_multitask_sweep(tmp_path / "one", seed=3, fine_tunes_per_task=1, **TINY)
+    a, b = _files(tiny), _files(tmp_path / "one")
+    assert not any(k.endswith("ft_01.safetensors") for k in b)
+    for k in b:
+        if k.endswith(".safetensors") or k.endswith(".npz"):
+            assert a[k] == b[k], k
+
+
 def test_incomplete_sweep_is_detected(tiny, tmp_path):
     import shutil
 
