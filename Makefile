@@ -25,8 +25,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/soupsearch demo
 
-# Multi-task merging on the offline demo: builds runs/mt-sweep when it is missing (about
-# 40 s on 2 cores), then runs configs/multitask.yaml.
+# Multi-task merging on the offline demo: builds runs/mt-sweep when it is missing (under
+# a minute on 2 cores), then runs configs/multitask.yaml.
 demo-multitask: $(STAMP)
 	@test -f runs/mt-sweep/manifest.json || $(BIN)/soupsearch sweep multitask --out runs/mt-sweep
 	$(BIN)/soupsearch run configs/multitask.yaml

@@ -101,10 +101,10 @@ def main(argv=None) -> int:
         return {t["name"]: _acc({**body, **heads[t["name"]]}, factory, kwargs, t["num_classes"],
                                 *data[t["name"], split]) for t in tasks}
 
-    grid = [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]
+    grid = [0.1, 1 / len(every), 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0]
     vals = {lam: np.mean(list(score(body_ta(lam), "val").values())) for lam in grid}
     lam = max(grid, key=lambda v: (vals[v], -v))
-    rows = {"uniform": score(uniform_body, "test"), f"task_arith (lam={lam})": score(body_ta(lam), "test")}
+    rows = {"uniform": score(uniform_body, "test"), f"task_arith (lam={lam:.3g})": score(body_ta(lam), "test")}
     res = {}
     for t in tasks:
         n = t["name"]

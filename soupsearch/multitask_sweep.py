@@ -14,14 +14,18 @@ all from data that ships with installed packages or is drawn procedurally:
 How the checkpoints arise (the setting of multi-task merging: one pre-trained body, one
 fine-tune per task, each with its own head):
 
-1. the shared body is pre-trained (Adam) as a 10-class digits classifier on the digits'
-   ``pretrain`` split -- examples no task ever evaluates on. ``base.safetensors`` holds it
-   *with that pre-training head* (``head.3.*``, 10 outputs: the digits task's head shape);
+1. the shared body is pre-trained (Adam), multi-head: a 10-class digits head on the digits'
+   ``pretrain`` split and a 6-class head on separately drawn shapes (examples no task
+   evaluates on; the restyled digits are never seen). ``base.safetensors`` holds the body
+   *with the digits pre-training head* (``head.3.*``, 10 outputs: the digits task's head
+   shape); the shapes pre-training head is dropped;
 2. per task, a linear probe: the last layer (``head.3``, the only tensors whose shape depends
    on the task) trained on the frozen base's features; ``<task>/probe.safetensors`` is the base
    body with that head (the "pre-trained body + task head" baseline);
 3. per task, ``K`` fine-tunes of the whole network from the probe (SGD with momentum, cosine
    schedule, learning rate and seed drawn per fine-tune), ``<task>/ft_XX.safetensors``.
+   BatchNorm layers stay in eval mode while fine-tuning: every file carries the pre-trained
+   running statistics, so merges are about the weights.
 
 The fine-tunes of different tasks pull the shared body apart (the style task's inverted,
 rotated inputs most), so a plain average of the bodies loses accuracy against each task's
@@ -32,8 +36,8 @@ and ``y`` int64, readable by the ``npz`` dataset type): ``train`` (fine-tuning a
 ``val`` (selection), ``fisher`` (Fisher / Gram statistics), ``test`` (reporting only). The two
 digit tasks use the same partition of the 1797 scikit-learn digits as the single-task demo
 (:func:`soupsearch.data.digits.make_splits`): a source digit is in the same split in both
-tasks, so no test digit is trained on by any task or by the pre-training. ``pretrain.npz``
-holds the pre-training examples.
+tasks, so no test digit is trained on by any task or by the pre-training.
+``pretrain/<source>.npz`` hold the pre-training examples.
 
 Everything is deterministic for ``seed`` (and ``split_seed``): the same arguments give
 byte-identical files. ``manifest.json`` is written last; its presence means complete.
@@ -66,7 +70,6 @@ from .demo import (
     _pinned_threads,
     _save_state,
     _seeded_model,
-    _train,
 )
 from .fileio import atomic_path, write_text_atomic
 from .models import create_model

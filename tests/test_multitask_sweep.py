@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from soupsearch import multitask_sweep as mt
 from soupsearch.config import CorruptionsConfig, DatasetConfig
 from soupsearch.data import load_dataset
-from soupsearch.data.digits import load_digits_arrays, make_splits
+from soupsearch.data.digits import make_splits
 from soupsearch.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +182,15 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_other_weights(tin
     assert a["shapes/test.npz"] == c["shapes/test.npz"]  # the data depends on split_seed only
 
 
+def test_a_task_s_first_finetunes_do_not_depend_on_how_many_are_built(tiny, tmp_path):
+    mt.make_multitask_sweep(tmp_path / "one", seed=3, fine_tunes_per_task=1, **TINY)
+    a, b = _files(tiny), _files(tmp_path / "one")
+    assert not any(k.endswith("ft_01.safetensors") for k in b)
+    for k in b:
+        if k.endswith(".safetensors") or k.endswith(".npz"):
+            assert a[k] == b[k], k
+
+
 def test_incomplete_sweep_is_detected(tiny, tmp_path):
     import shutil
 
@@ -218,7 +227,8 @@ def test_multitask_config_matches_the_sweep_layout(tiny):
     root = Path(doc["base"]).parent
     assert doc["base"] == str(root / man["base"])
     assert doc["model"]["factory"] == man["model"]["factory"]
-    assert [(t["name"], t["num_classes"]) for t in doc["tasks"]] == [(t["name"], t["num_classes"]) for t in man["tasks"]]
+    pairs = lambda ts: [(t["name"], t["num_classes"]) for t in ts]  # noqa: E731
+    assert pairs(doc["tasks"]) == pairs(man["tasks"])
     for ct, mt_ in zip(doc["tasks"], man["tasks"]):
         for s in ("val", "test", "fisher"):
             DatasetConfig(**ct["data"][s])
