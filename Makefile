@@ -12,7 +12,7 @@ RAY_TEMP ?= /tmp/soupsearch-ray
 ARGS ?=
 export RAY_AUTH_MODE ?= token
 
-.PHONY: install demo test bench clean cluster-up cluster-down submit
+.PHONY: install demo demo-multitask test bench clean cluster-up cluster-down submit
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/soupsearch demo
+
+# Multi-task merging on the offline demo: builds runs/mt-sweep when it is missing (under
+# a minute on 2 cores), then runs configs/multitask.yaml.
+demo-multitask: $(STAMP)
+	@test -f runs/mt-sweep/manifest.json || $(BIN)/soupsearch sweep multitask --out runs/mt-sweep
+	$(BIN)/soupsearch run configs/multitask.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --timeout=900 tests

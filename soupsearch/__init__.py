@@ -18,7 +18,7 @@ from .models import create_model, register_model
 from .barriers import barrier, path_metrics
 from .bnreset import reset_bn_stats
 from .rebasin import AlignError, align, permutation_spec
-from .significance import mcnemar, paired_bootstrap
+from .significance import mcnemar, paired_bootstrap, stratified_paired_bootstrap
 
 __all__ = [
     "SoupSearchError", "ConfigError", "CheckpointError", "DataError", "ModelFactoryError", "RecipeError",
@@ -28,5 +28,5 @@ __all__ = [
     "create_model", "register_model",
     "merge", "uniform_soup", "weighted_soup", "fisher_soup", "greedy_soup", "dare",
     "align", "permutation_spec", "AlignError", "reset_bn_stats", "barrier", "path_metrics",
-    "paired_bootstrap", "mcnemar",
+    "paired_bootstrap", "mcnemar", "stratified_paired_bootstrap",
 ]

@@ -21,14 +21,28 @@ DEMO_CONFIG = "configs/demo.yaml"
 
 def _cmd_run(args) -> int:
     from .config import load_config
+    from .multitask.config import load_multitask_config
+
+    mt = load_multitask_config(args.config, args.set)  # a config with a top-level tasks: key
+    if mt is not None:
+        from .multitask.report import run_and_print as run_multitask_and_print
+
+        return run_multitask_and_print(mt)
     from .report import run_and_print
 
     return run_and_print(load_config(args.config, args.set))
 
 
 def _cmd_sweep(args) -> int:
+    if args.kind == "multitask":
+        from .multitask_sweep import make_multitask_sweep
+
+        if args.fine_tunes_per_task < 1:
+            raise SoupSearchError(f"--fine-tunes-per-task must be >= 1, got {args.fine_tunes_per_task}")
+        make_multitask_sweep(args.out, seed=args.seed, fine_tunes_per_task=args.fine_tunes_per_task)
+        return 0
     if args.kind not in ("demo", "scratch"):
-        raise SoupSearchError(f"sweep kind {args.kind!r}: expected 'demo' or 'scratch'")
+        raise SoupSearchError(f"sweep kind {args.kind!r}: expected 'demo', 'scratch' or 'multitask'")
     n = args.n if args.n is not None else (6 if args.kind == "scratch" else 16)
     if n < 1:
         raise SoupSearchError(f"sweep {args.kind}: --n {n}, expected a number of models >= 1")
@@ -266,14 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("sweep", help="build a checkpoint sweep (offline, real training)",
-                       description="Train a sweep (offline): fine-tunes from one pre-trained model (demo) or models "
-                                   "trained from scratch with different seeds (scratch), and write their checkpoints "
-                                   "and a manifest.json with their hyperparameters.")
-    s.add_argument("kind", choices=["demo", "scratch"],
+                       description="Train a sweep (offline): fine-tunes from one pre-trained model (demo), models "
+                                   "trained from scratch with different seeds (scratch), or one pre-trained body "
+                                   "fine-tuned on three tasks (multitask), and write their checkpoints and a "
+                                   "manifest.json with their hyperparameters.")
+    s.add_argument("kind", choices=["demo", "scratch", "multitask"],
                    help="the sweep to build (demo: fine-tunes of a small CNN on scikit-learn's digits; scratch: "
-                        "the same CNN trained from scratch with different seeds, for ingredients.align)")
-    s.add_argument("--out", required=True, help="output directory (checkpoints, manifest.json, splits.json)")
-    s.add_argument("--n", type=int, default=None, help="number of models (default: 16 for demo, 6 for scratch)")
+                        "the same CNN trained from scratch with different seeds, for ingredients.align; multitask: "
+                        "one shared pre-trained body fine-tuned on three tasks -- digits, restyled digits, PIL-drawn "
+                        "shapes -- each with its own head)")
+    s.add_argument("--out", required=True, help="output directory (checkpoints, data splits, manifest.json)")
+    s.add_argument("--n", type=int, default=None, help="demo/scratch: number of models (default: 16 for demo, "
+                                                         "6 for scratch)")
+    s.add_argument("--fine-tunes-per-task", type=int, default=2,
+                   help="multitask: fine-tunes per task (default: 2)")
     s.add_argument("--seed", type=int, default=0, help="seed of the data splits and hyperparameters (default: 0)")
     s.set_defaults(func=_cmd_sweep)
 

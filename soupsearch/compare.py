@@ -5,7 +5,8 @@ directory: the latest parent run of an experiment (tag ``soupsearch.role = searc
 unless ``--run`` names one, and one row per child run (soup or baseline, tag
 ``soupsearch.strategy``) with val, test, every shifted set, the mean over the shifted
 sets, the number of ingredients, the forward passes at inference and the difference
-to the best individual ingredient (child run ``best_individual``).
+to the best individual ingredient (child run ``best_individual``). A multi-task search
+(``soupsearch.kind = multitask``) is shown as a task x method table instead.
 """
 
 from __future__ import annotations
@@ -179,6 +180,63 @@ def _compare(tracking_uri: str | None, experiment: str | None, run_id: str | Non
     return rows, meta
 
 
+def _is_multitask(parent) -> bool:
+    return parent.data.tags.get("soupsearch.kind") == "multitask"
+
+
+def compare_task_rows(tracking_uri: str | None = None, experiment: str | None = None, run_id: str | None = None,
+                      metric: str = "accuracy", split: str = "test") -> tuple[list[dict], dict]:
+    """A multi-task search (parent tag ``soupsearch.kind = multitask``) as a task x method
+    table: one dict per child run with ``name``, one key per task (``tasks/<task>/<split>/<metric>``),
+    ``mean`` (``tasks_mean/<split>/<metric>``), ``val_mean`` and ``ood_mean``; and the meta
+    (with ``tasks`` in logging order)."""
+    uri = tracking_uri or default_tracking_uri()
+    client = _client(uri)
+    try:
+        exp, parent = _resolve(client, uri, experiment, run_id)
+        children = _search_runs(client, [parent.info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{parent.info.run_id}'", ["attributes.start_time ASC"])
+    except SoupSearchError:
+        raise
+    except Exception as e:
+        raise TrackingError(f"MLflow tracking URI {uri!r} is unreachable or unusable: {first_line(e)}") from None
+    if not _is_multitask(parent):
+        raise SoupSearchError(f"search run {parent.info.run_id} ({parent.info.run_name}) is not a multi-task search")
+    children = [r for r in children if "soupsearch.strategy" in r.data.tags]
+    children.sort(key=lambda r: (r.info.start_time or 0, r.info.run_name or ""))
+    import json
+
+    try:
+        tasks = json.loads(parent.data.params.get("tasks", "[]"))
+    except ValueError:
+        tasks = []
+    suffix = f"/{split}/{metric}"
+    if not tasks:  # from the metric keys
+        tasks = sorted({k[len("tasks/"):-len(suffix)] for r in children for k in r.data.metrics
+                        if k.startswith("tasks/") and k.endswith(suffix)})
+    if children and not any(k.endswith(f"/{metric}") for r in children for k in r.data.metrics
+                            if k.startswith("tasks_mean/")):
+        raise SoupSearchError(f"--metric {metric!r}: not logged by search {parent.info.run_name}")
+    rows = []
+    for r in children:
+        m = r.data.metrics
+        row = {"name": r.data.tags.get("soupsearch.strategy") or r.info.run_name, "run_id": r.info.run_id}
+        for t in tasks:
+            row[t] = _value(m, f"tasks/{t}{suffix}")
+        row["mean"] = _value(m, f"tasks_mean{suffix}")
+        row["val_mean"] = _value(m, f"tasks_mean/val/{metric}")
+        row["ood_mean"] = _value(m, f"tasks_mean/ood_mean/{metric}")
+        key = f"delta_vs_uniform/{split}/{metric}"  # the search logs it for accuracy
+        row["mean_vs_uniform"] = _value(m, key)
+        row["mean_vs_uniform_ci_low"] = _value(m, f"{key}_ci_low")
+        row["mean_vs_uniform_ci_high"] = _value(m, f"{key}_ci_high")
+        rows.append(row)
+    meta = {"tracking_uri": uri, "experiment": exp.name, "parent_run_id": parent.info.run_id,
+            "parent_run_name": parent.info.run_name, "status": parent.info.status, "metric": metric,
+            "tasks": tasks, "split": split}
+    return rows, meta
+
+
 def compare_rows(tracking_uri: str | None = None, experiment: str | None = None, run_id: str | None = None,
                  metric: str = "accuracy") -> list[dict]:
     """One dict per child run (soup/baseline) of a search, in logging order.
@@ -211,6 +269,7 @@ def columns_of(rows: Sequence[dict]) -> list[str]:
 
 
 _CSV_EXPANDED = {"val_vs_best_ci": ["val_vs_best_ci_low", "val_vs_best_ci_high"],
+                 "mean_vs_uniform_ci": ["mean_vs_uniform_ci_low", "mean_vs_uniform_ci_high"],
                  "test_vs_best_ci": ["test_vs_best_ci_low", "test_vs_best_ci_high"]}
 
 
@@ -249,7 +308,7 @@ def format_compare(rows: Sequence[dict], fmt: str = "table", title: str | None =
         v = r.get(k)
         if v is None:
             return "-"
-        if k.endswith("_vs_best"):
+        if k.endswith(("_vs_best", "_vs_uniform")):
             return f"{v:+.4f}"
         if k.endswith("_p"):
             return f"{v:.3g}"
@@ -259,10 +318,35 @@ def format_compare(rows: Sequence[dict], fmt: str = "table", title: str | None =
     return format_table(shown, cols, fmt=fmt, title=title)
 
 
+def _print_compare_tasks(tracking_uri, experiment, run_id, metric, fmt) -> int:
+    rows, meta = compare_task_rows(tracking_uri, experiment, run_id, metric)
+    cols = ["name", *meta["tasks"], "mean", "val_mean", "ood_mean"]
+    if any(r["mean_vs_uniform"] is not None for r in rows):
+        cols += ["mean_vs_uniform", "mean_vs_uniform_ci"]
+    title = None
+    if fmt != "csv":
+        title = (f"test {meta['metric']} per task (mean: task-weighted) of multi-task search {meta['parent_run_name']} "
+                 f"({meta['parent_run_id']}, {meta['status'].lower()}) in experiment {meta['experiment']!r}")
+    print(format_compare(rows, fmt, title=title, columns=cols), end="")
+    return 0
+
+
+def _parent_is_multitask(tracking_uri, experiment, run_id) -> bool:
+    uri = tracking_uri or default_tracking_uri()
+    client = _client(uri)
+    try:
+        return _is_multitask(_resolve(client, uri, experiment, run_id)[1])
+    except SoupSearchError:
+        return False  # the single-task path reports it
+
+
 def print_compare(tracking_uri: str | None = None, experiment: str | None = None, run_id: str | None = None,
                   metric: str = "accuracy", fmt: str = "table", columns: str | None = None,
                   wide: bool = False) -> int:
-    """``soupsearch compare``: print the soups of a logged search (see :func:`compare_rows`)."""
+    """``soupsearch compare``: print the soups of a logged search (see :func:`compare_rows`); a
+    multi-task search as a task x method table (see :func:`compare_task_rows`)."""
+    if _parent_is_multitask(tracking_uri, experiment, run_id):
+        return _print_compare_tasks(tracking_uri, experiment, run_id, metric, fmt)
     rows, meta = _compare(tracking_uri, experiment, run_id, metric)
     title = None
     if fmt != "csv":

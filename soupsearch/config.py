@@ -297,6 +297,10 @@ class Config(_Strict):
                 raise ValueError(f"strategy {s.run_name} needs ingredients.base (the pre-trained model)")
             if "fisher" in needs and self.fisher.split == "fisher" and self.data.fisher is None:
                 raise ValueError(f"strategy {s.run_name} needs data.fisher (a split disjoint from val/test)")
+            other = sorted(set(needs) - {"base", "fisher"})
+            if other:  # e.g. RegMean's Gram matrices: computed per task by a multi-task search only
+                raise ValueError(f"strategy {s.run_name} needs per-layer {other[0]!r} statistics that only a "
+                                 "multi-task search computes (a config with a top-level tasks: key)")
         return self
 
     def resolved_run_dir(self) -> Path:

@@ -237,6 +237,7 @@ def mix(
     base: torch.Tensor | None = None,
     stats: Mapping[str, torch.Tensor] | None = None,
     param_names: Collection[str] | None = None,
+    tensor_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Merge the stack ``W [n, P]`` (or a column shard: ``layout`` then is the shard's) into
     one flat float32 vector ``theta [P]`` with ``recipe``'s method, tensor by tensor.
@@ -246,7 +247,10 @@ def mix(
     ``{"fisher": F}``, possibly with prepared entries, see :class:`StatsCache`);
     ``param_names``: the trainable parameters (other float tensors are buffers, which
     non-linear methods average plainly); None: every tensor is a parameter. Without a
-    ``layout`` the whole row is one tensor.
+    ``layout`` the whole row is one tensor. ``tensor_stats``: statistics that are not
+    ``[n, m]`` columns of the stack, by tensor name then statistic name (RegMean's Gram
+    matrices ``[n, d, d]`` of a layer's inputs); a method's statistic given there for some
+    tensors is not required as a row.
     """
     n, P = W.shape
     name = recipe.label or recipe.key
@@ -257,7 +261,11 @@ def mix(
         raise RecipeError(f"recipe {name}: method {method.name} uses the base model but none was given "
                           "(set ingredients.base)")
     stats = dict(stats or {})
+    tensor_stats = tensor_stats or {}
+    per_tensor = {k for d in tensor_stats.values() for k in d}
     for s in method.stats:
+        if s in per_tensor and s not in stats:
+            continue
         if s not in stats:
             raise RecipeError(f"recipe {name}: method {method.name} needs the {s!r} statistics of every "
                               "ingredient but none were given")
@@ -289,7 +297,7 @@ def mix(
         t = TensorArgs(
             s.name, W[:, a:b], C[g], runs[g],
             base=None if base is None else base[a:b],
-            stats={k: v[:, a:b] for k, v in stats.items()} if stats else {},
+            stats={**({k: v[:, a:b] for k, v in stats.items()} if stats else {}), **tensor_stats.get(s.name, {})},
             is_param=params is None or s.name in params,
             base_coeff=recipe.base_coeff,
             out=out[a:b],

@@ -48,6 +48,31 @@ def paired_bootstrap(a, b, resamples: int = DEFAULT_RESAMPLES, level: float = DE
             "a_only": a_only, "b_only": b_only}
 
 
+def stratified_paired_bootstrap(strata, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
+                                seed: int = 0) -> dict[str, float]:
+    """The difference of a weighted mean of accuracies, ``sum_t w_t (acc_t(a) - acc_t(b)) / sum_t w_t``
+    over strata ``(a_t, b_t, w_t)`` (a multi-task search's tasks), with a percentile bootstrap
+    interval that resamples the examples of each stratum in pairs, independently (as
+    :func:`paired_bootstrap` per stratum). ``{"delta", "ci_low", "ci_high", "n"}``."""
+    rng = np.random.default_rng(seed)
+    strata = [(*_check(a, b), float(w)) for a, b, w in strata if float(w) > 0]
+    if not strata:
+        raise ValueError("stratified paired bootstrap needs at least one stratum with a positive weight")
+    wsum = sum(w for _, _, w in strata)
+    deltas = np.zeros(resamples)
+    delta, n_total = 0.0, 0
+    for a, b, w in strata:
+        n = a.size
+        a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
+        p = np.array([a_only, b_only, n - a_only - b_only], np.float64) / n
+        draws = rng.multinomial(n, p, size=resamples)
+        deltas += (w / wsum) * (draws[:, 0] - draws[:, 1]) / n
+        delta += (w / wsum) * (a_only - b_only) / n
+        n_total += n
+    lo, hi = np.quantile(deltas, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"delta": float(delta) + 0.0, "ci_low": float(lo) + 0.0, "ci_high": float(hi) + 0.0, "n": n_total}  # no -0.0
+
+
 def mcnemar(a, b) -> float:
     """Two-sided p-value of McNemar's exact test that ``a`` and ``b`` are equally accurate."""
     a, b = _check(a, b)

@@ -20,7 +20,8 @@ ENTRY = {"cli", "jobs", "__main__"}
 # config validation reads the strategies' metadata: the config belongs to the driver's layer
 DRIVER = {"search", "context", "launch", "planning", "outcome", "report", "tracking", "compare", "plots",
           "preflight", "runlock", "align_sweep", "sanity", "config",
-          "demo", "scratch", "multitask_sweep"}  # and the sweep builders (`soupsearch sweep ...`)
+          "demo", "scratch", "multitask_sweep",  # the sweep builders (`soupsearch sweep ...`)
+          "multitask"}  # the multi-task driver package (its config, strategies and evaluator inside it)
 STRATEGIES = {"strategies"}
 POOL = {"pool", "ray_pool", "group_pool", "raysession", "cluster"}
 # everything else (evaluator, group, methods, mixing, ingredients, layout, data, metrics, merge, ...) is below

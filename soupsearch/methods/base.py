@@ -140,7 +140,8 @@ class MergeMethod(ABC):
     * ``default_weights``: ``"mean"`` (1/n each, normalized) or ``"ones"`` (1 each, for sums
       of task vectors);
     * ``min_ingredients`` / ``max_ingredients``: how many non-zero coefficients it takes;
-    * ``buffers``: what it does with float buffers (documentation).
+    * ``buffers``: what it does with float buffers (documentation);
+    * ``grid``: a few values per parameter worth trying (``{"scale": (0.5, 1.0)}``).
     """
 
     name: ClassVar[str]
@@ -155,6 +156,9 @@ class MergeMethod(ABC):
     max_ingredients: ClassVar[int | None] = None
     buffers: ClassVar[str] = "weighted mean sum_i c_i x_i / sum_i c_i"
     recipe_method: ClassVar[str | None] = None  # an alias's canonical method (uniform -> weighted)
+    # a small default grid of parameter values a search may try and select on val (the
+    # multi-task search does, for methods whose parameters are not tuned otherwise)
+    grid: ClassVar[Mapping[str, tuple]] = {}
 
     # ------------------------------------------------------------------ parameters
     @classmethod

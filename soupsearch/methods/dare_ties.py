@@ -19,6 +19,7 @@ class DareTies(MergeMethod):
     needs_base = True
     default_weights = "ones"
     buffers = "weighted mean Σ cᵢ xᵢ / Σ cᵢ"
+    grid = {"p": (0.5, 0.9), "scale": (0.6, 1.0, 1.4)}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

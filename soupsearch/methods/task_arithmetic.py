@@ -16,6 +16,7 @@ class TaskArithmetic(MergeMethod):
     needs_base = True
     default_weights = "ones"
     buffers = "weighted mean Σ cᵢ xᵢ / Σ cᵢ (a scaled sum of running variances is not a variance)"
+    grid = {"scale": (0.3, 0.5, 0.7, 1.0)}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

@@ -71,6 +71,7 @@ class Ties(MergeMethod):
     needs_base = True
     default_weights = "ones"
     buffers = "weighted mean Σ cᵢ xᵢ / Σ cᵢ (trimming and sign election are meaningless for statistics)"
+    grid = {"density": (0.2, 0.5), "scale": (0.6, 1.0, 1.4)}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

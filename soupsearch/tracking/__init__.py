@@ -2,7 +2,9 @@
 
 One parent run per search (resolved config, sweep manifest, results table), one
 child run per strategy/soup with the same metric keys (``<split>/<metric>``), so
-MLflow's compare view lines them up. Split names map to metric prefixes:
+MLflow's compare view lines them up; a multi-task search's children log
+``tasks/<task>/<split>/<metric>`` and ``tasks_mean/<split>/<metric>`` instead
+(:mod:`soupsearch.multitask.scores`). Split names map to metric prefixes:
 ``val``, ``test``, ``shift/<name>`` and ``ood_mean``. MLflow does not allow ``@`` in
 metric keys, so a corruption set ``gaussian_noise@3`` is logged as
 ``shift/gaussian_noise:3/...``.
@@ -185,6 +187,10 @@ class Tracker:
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, name: str, text: str) -> None:
+        """A small text artifact (a recipe, a table) written straight from memory."""
+        self.client.log_text(run_id, text, name)
 
     def end(self, run_id: str, status: str = "FINISHED", end_time: float | None = None) -> None:
         self.client.set_terminated(run_id, status=status, end_time=int(end_time * 1000) if end_time else None)
