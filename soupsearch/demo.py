@@ -133,16 +133,16 @@ def make_sweep(
     data = {k: (torch.from_numpy(x_all[v]), torch.from_numpy(y_all[v])) for k, v in splits.items()}
     rng = np.random.default_rng(seed)
 
-    with _pinned_threads(SWEEP_NUM_THREADS):
+    with pinned_threads(SWEEP_NUM_THREADS):
         # ---- shared pre-trained model
         pre_seed = int(rng.integers(0, 2**31 - 1))
-        model = _seeded_model(pre_seed, kwargs)
+        model = seeded_model(pre_seed, kwargs)
         gen = torch.Generator().manual_seed(pre_seed)
         opt = torch.optim.Adam(model.parameters(), lr=PRETRAIN_LR)
-        _train(model, opt, *data["pretrain"], epochs=pretrain_epochs, gen=gen)
-        base_sd = _clean_state_dict(model)
-        base_val = _accuracy(model, *data["val"])
-        _save_state(out / "base.safetensors", base_sd)
+        train(model, opt, *data["pretrain"], epochs=pretrain_epochs, gen=gen)
+        base_sd = clean_state_dict(model)
+        base_val = accuracy(model, *data["val"])
+        save_state(out / "base.safetensors", base_sd)
         if progress:
             print(
                 f"[demo] pre-trained on {len(splits['pretrain'])} digits for {pretrain_epochs} epochs: "
@@ -160,7 +160,7 @@ def make_sweep(
             model.load_state_dict(base_sd)
             train_acc, val_acc = _finetune(model, hp, data)
             rel = f"ingredients/{name}.safetensors"
-            _save_state(out / rel, _clean_state_dict(model))
+            save_state(out / rel, clean_state_dict(model))
             entries.append(
                 {
                     "name": name,
@@ -247,7 +247,7 @@ def _finetune(model: nn.Module, hp: Mapping[str, Any], data) -> tuple[float, flo
     opt = torch.optim.SGD(
         model.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"]
     )
-    _train(
+    train(
         model,
         opt,
         x,
@@ -260,10 +260,10 @@ def _finetune(model: nn.Module, hp: Mapping[str, Any], data) -> tuple[float, flo
         input_noise_std=hp["input_noise_std"],
         lr_schedule="cosine",
     )
-    return _accuracy(model, *data["train"]), _accuracy(model, *data["val"])
+    return accuracy(model, *data["train"]), accuracy(model, *data["val"])
 
 
-def _train(
+def train(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     x: torch.Tensor,
@@ -291,7 +291,7 @@ def _train(
             idx = perm[s : s + batch_size]
             xb, yb = x[idx], y[idx]
             if aug_strength > 0:
-                xb = _augment(xb, aug_strength, gen)
+                xb = augment(xb, aug_strength, gen)
             if input_noise_std > 0:
                 xb = xb + input_noise_std * torch.randn(xb.shape, generator=gen)
             if lr_schedule == "cosine":
@@ -314,7 +314,7 @@ def _train(
     model.eval()
 
 
-def _augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
     """Random rotation, shift and zoom per image, scaled by ``strength`` in [0, 1]."""
     b = x.shape[0]
     u = torch.rand(b, 4, generator=gen) * 2.0 - 1.0  # uniform in [-1, 1]
@@ -328,7 +328,7 @@ def _augment(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Te
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     model.eval()
     correct = 0
     for s in range(0, len(x), batch_size):
@@ -336,7 +336,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     return correct / max(len(x), 1)
 
 
-def _seeded_model(seed: int, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+def seeded_model(seed: int, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return create_model(MODEL_FACTORY, **(kwargs if kwargs is not None else MODEL_KWARGS))
@@ -345,18 +345,18 @@ def _seeded_model(seed: int, kwargs: Mapping[str, Any] | None = None) -> nn.Modu
 # ----------------------------------------------------------------------------- helpers
 
 
-def _clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def _save_state(path: Path, sd: Mapping[str, torch.Tensor]) -> None:
+def save_state(path: Path, sd: Mapping[str, torch.Tensor]) -> None:
     # One metadata key only: safetensors keeps metadata in a hash map, so with two or
     # more keys their order in the header (and hence the file bytes) varies per process.
     save_safetensors_atomic(dict(sd), path, metadata={"format": "pt"})
 
 
 @contextlib.contextmanager
-def _pinned_threads(n: int) -> Iterator[None]:
+def pinned_threads(n: int) -> Iterator[None]:
     """Pin torch's intra-op threads and keep the caller's global torch RNG untouched."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)

@@ -180,9 +180,9 @@ class GroupEvalPool(EvalPool):
         self._fill()
 
     def _cancel(self, key):
-        from .pool import _drop_task
+        from .pool import drop_task
 
-        return _drop_task(self._pending, key)
+        return drop_task(self._pending, key)
 
     def _take(self, g: int) -> tuple[Recipe, list[ShardTask]]:
         """The next batch for group ``g``: shards of one recipe (the one ``g`` mixed last if it

@@ -64,12 +64,12 @@ from .demo import (
     BATCH_SIZE,
     MOMENTUM,
     SWEEP_NUM_THREADS,
-    _accuracy,
-    _augment,
-    _clean_state_dict,
-    _pinned_threads,
-    _save_state,
-    _seeded_model,
+    accuracy,
+    augment,
+    clean_state_dict,
+    pinned_threads,
+    save_state,
+    seeded_model,
 )
 from .fileio import write_text_atomic
 from .models import create_model
@@ -213,7 +213,7 @@ def _finetune(model: nn.Module, hp: Mapping[str, Any], x: torch.Tensor, y: torch
             b = perm[s : s + bs]
             xb = x[b]
             if hp["aug_strength"] > 0:
-                xb = _augment(xb, hp["aug_strength"], gen)
+                xb = augment(xb, hp["aug_strength"], gen)
             f = 0.5 * (1.0 + math.cos(math.pi * step / total))
             if step < warmup:
                 f *= (step + 1) / (warmup + 1)
@@ -279,15 +279,15 @@ def make_multitask_sweep(
             save_npz(out / tname / f"{s}.npz", x, y)
 
     entries: list[dict[str, Any]] = []
-    with _pinned_threads(SWEEP_NUM_THREADS):
+    with pinned_threads(SWEEP_NUM_THREADS):
         # ---- shared pre-trained body: a 10-class digits classifier (+ a shapes head, dropped)
         pre_seed = int(np.random.default_rng([seed, 0]).integers(0, 2**31 - 1))
         base_kwargs = {**kwargs, "num_classes": len(DIGIT_CLASSES)}
-        model = _seeded_model(pre_seed, base_kwargs)
+        model = seeded_model(pre_seed, base_kwargs)
         _pretrain(model, {k: (_t(x), _t(y)) for k, (x, y) in pre.items()}, epochs=pretrain_epochs, seed=pre_seed)
-        base_sd = _clean_state_dict(model)
-        _save_state(out / "base.safetensors", base_sd)
-        base_val = _accuracy(model, *(_t(a) for a in tasks["digits"]["val"]))
+        base_sd = clean_state_dict(model)
+        save_state(out / "base.safetensors", base_sd)
+        base_val = accuracy(model, *(_t(a) for a in tasks["digits"]["val"]))
         say(f"[multitask] pre-trained body on {' + '.join(f'{len(v[1])} {k}' for k, v in pre.items())}, "
             f"{pretrain_epochs} epochs: digits val acc {base_val:.3f}")
         body_sd = {k: v for k, v in base_sd.items() if not k.startswith(HEAD_PREFIX)}
@@ -303,9 +303,9 @@ def make_multitask_sweep(
             model.load_state_dict({**body_sd, **{k: v for k, v in model.state_dict().items()
                                                  if k.startswith(HEAD_PREFIX)}})
             _probe(model, xtr, ytr, nc, epochs=probe_epochs, seed=probe_seed)
-            probe_sd = _clean_state_dict(model)
-            probe_val = _accuracy(model, xva, yva)
-            _save_state(out / tname / "probe.safetensors", probe_sd)
+            probe_sd = clean_state_dict(model)
+            probe_val = accuracy(model, xva, yva)
+            save_state(out / tname / "probe.safetensors", probe_sd)
             say(f"[multitask] {tname}: {nc} classes, probe on the pre-trained body val acc {probe_val:.3f}")
             # ---- fine-tunes from the probe
             fts = []
@@ -315,9 +315,9 @@ def make_multitask_sweep(
                 model.load_state_dict(probe_sd)
                 _finetune(model, hp, xtr, ytr)
                 rel = f"{tname}/ft_{i:02d}.safetensors"
-                _save_state(out / rel, _clean_state_dict(model))
+                save_state(out / rel, clean_state_dict(model))
                 e = {"name": f"ft_{i:02d}", "file": rel, "hparams": hp,
-                     "train_accuracy": _accuracy(model, xtr, ytr), "val_accuracy": _accuracy(model, xva, yva)}
+                     "train_accuracy": accuracy(model, xtr, ytr), "val_accuracy": accuracy(model, xva, yva)}
                 fts.append(e)
                 say(f"[multitask] {tname} {e['name']} val acc {e['val_accuracy']:.3f}  lr={hp['lr']:.4f} "
                     f"aug={hp['aug_strength']:.2f} seed={hp['seed']}")

@@ -77,7 +77,7 @@ def make_plots(outcome, out_dir: str | Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _figure(w: float, h: float):
+def figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -86,7 +86,7 @@ def _figure(w: float, h: float):
     return fig
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     from .fileio import atomic_path
 
     path = Path(path)
@@ -152,7 +152,7 @@ def plot_soups(outcome, path: Path) -> Path | None:
     soups = [(r, x, y) for r, x, y in soups if x is not None and y is not None]
     if not ing and not soups:
         return None
-    fig = _figure(7.5, 6)
+    fig = figure(7.5, 6)
     ax = fig.add_subplot()
     if ing:
         ax.scatter([x for _, x, _ in ing], [y for _, _, y in ing], s=28, c="0.55", alpha=0.8,
@@ -187,7 +187,7 @@ def plot_soups(outcome, path: Path) -> Path | None:
         ax.set_title("Soups, baselines and ingredients: val vs test (no shifted sets)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best", framealpha=0.85)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _annotate_apart(ax, labels: list[tuple[float, float, str]], fontsize: int = 8) -> None:
@@ -225,7 +225,7 @@ def plot_trajectory(res, path: Path, metric: str = METRIC, label: str | None = N
     kept = [bool(s["kept"]) for s in traj]
     soup = [float(s["soup_score"]) for s in traj]
     names = [str(s.get("name", s.get("index", i))) for i, s in enumerate(traj)]
-    fig = _figure(min(_MAX_WIDTH, max(6.5, 0.45 * len(traj) + 3)), 4.8)
+    fig = figure(min(_MAX_WIDTH, max(6.5, 0.45 * len(traj) + 3)), 4.8)
     ax = fig.add_subplot()
     ax.step(steps, soup, where="post", color="tab:blue", lw=2, label="soup after the step", zorder=2)
     early = [bool(s.get("stopped_early")) for s in traj]
@@ -249,7 +249,7 @@ def plot_trajectory(res, path: Path, metric: str = METRIC, label: str | None = N
     ax.set_title(f"{label or getattr(res, 'name', '')}: trajectory ({len(ks)} of {len(traj)} kept)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_strategies(outcome, path: Path) -> Path | None:
@@ -262,7 +262,7 @@ def plot_strategies(outcome, path: Path) -> Path | None:
         return None
     nb = len(rows)
     width = 0.8 / nb
-    fig = _figure(min(_MAX_WIDTH, max(7.0, 0.35 * nb * len(splits) + 2.5)), 5.0)
+    fig = figure(min(_MAX_WIDTH, max(7.0, 0.35 * nb * len(splits) + 2.5)), 5.0)
     ax = fig.add_subplot()
     cmap = _colors(nb)
     vals_all = []
@@ -285,7 +285,7 @@ def plot_strategies(outcome, path: Path) -> Path | None:
     ax.set_title(f"{METRIC} of every strategy on every split")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=min(4, nb), loc="upper left", bbox_to_anchor=(0, -0.22 if len(splits) > 4 else -0.1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _mixable(res) -> bool:
@@ -383,7 +383,7 @@ def plot_layer_spread(outcome, path: Path) -> Path | None:
     names = [g for g, _ in groups]
     G = len(names)
 
-    fig = _figure(min(_MAX_WIDTH, max(7.0, 0.55 * G + 3)), 7.5)
+    fig = figure(min(_MAX_WIDTH, max(7.0, 0.55 * G + 3)), 7.5)
     ax, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
     x = np.arange(G)
     ax.boxplot([rel[g] for g in range(G)], positions=x, widths=0.55, showfliers=False,
@@ -413,7 +413,7 @@ def plot_layer_spread(outcome, path: Path) -> Path | None:
                         fontsize=8 if G <= 40 else 5)
     ax2.set_xlabel("layer group")
     ax2.grid(True, axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _colors(k: int) -> list:

@@ -58,7 +58,7 @@ class Completed(NamedTuple):
     stopped_early: bool = False
 
 
-def _drop_task(queue: deque, key: tuple[str, str, int]) -> bool:
+def drop_task(queue: deque, key: tuple[str, str, int]) -> bool:
     for j, t in enumerate(queue):
         if (t.recipe.key, t.split, t.shard) == key:
             del queue[j]
@@ -364,7 +364,7 @@ class LocalEvalPool(EvalPool):
         self._queue.extend(tasks)
 
     def _cancel(self, key):
-        return _drop_task(self._queue, key)
+        return drop_task(self._queue, key)
 
     def _next_done(self):
         if not self._queue:  # pragma: no cover - internal invariant

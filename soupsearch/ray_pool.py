@@ -14,7 +14,7 @@ from .errors import EvaluationError
 from .metrics import Counts
 from .evaluator import EvaluatorActor, ShardTask
 from .mixing import Recipe
-from .pool import EvalPool, _drop_task
+from .pool import EvalPool, drop_task
 from . import timeouts as T
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class RayEvalPool(EvalPool):
         self._fill()
 
     def _cancel(self, key):
-        return _drop_task(self._pending, key)
+        return drop_task(self._pending, key)
 
     def _fill(self) -> None:
         alive = self._available()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .data.digits import DATASET_NAME, NUM_CLASSES, load_digits_arrays, make_splits, save_splits
-from .demo import MANIFEST_NAME, _accuracy, _clean_state_dict, _pinned_threads, _save_state, _train
+from .demo import MANIFEST_NAME, accuracy, clean_state_dict, pinned_threads, save_state, train
 from .fileio import write_text_atomic
 from .models import create_model
 
@@ -71,21 +71,21 @@ def make_scratch_sweep(out_dir: str | os.PathLike, n: int = 6, seed: int = 0, ep
     xv, yv = torch.from_numpy(x_all[splits["val"]]), torch.from_numpy(y_all[splits["val"]])
     seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=n).tolist()
     entries = []
-    with _pinned_threads(SWEEP_NUM_THREADS):
+    with pinned_threads(SWEEP_NUM_THREADS):
         for i, s in enumerate(seeds):
             name = f"seed_{i:02d}"
             torch.manual_seed(s)  # the initialization
             model = create_model(MODEL_FACTORY, **kwargs)
             gen = torch.Generator().manual_seed(s)  # shuffling and augmentation
             opt = torch.optim.Adam(model.parameters(), lr=LR)
-            _train(model, opt, x, y, epochs=epochs, gen=gen, batch_size=BATCH_SIZE, aug_strength=AUG_STRENGTH,
+            train(model, opt, x, y, epochs=epochs, gen=gen, batch_size=BATCH_SIZE, aug_strength=AUG_STRENGTH,
                    lr_schedule="cosine")
             rel = f"ingredients/{name}.safetensors"
-            _save_state(out / rel, _clean_state_dict(model))
+            save_state(out / rel, clean_state_dict(model))
             hp = {"seed": int(s), "optimizer": "adam", "lr": LR, "epochs": int(epochs), "batch_size": BATCH_SIZE,
                   "aug_strength": AUG_STRENGTH}
-            entry = {"name": name, "file": rel, "hparams": hp, "train_accuracy": _accuracy(model, x, y),
-                     "val_accuracy": _accuracy(model, xv, yv)}
+            entry = {"name": name, "file": rel, "hparams": hp, "train_accuracy": accuracy(model, x, y),
+                     "val_accuracy": accuracy(model, xv, yv)}
             entries.append(entry)
             if progress:
                 print(f"[scratch] {name} (seed {s}) val acc {entry['val_accuracy']:.3f}", flush=True)

@@ -229,8 +229,22 @@ def _inputs(method, n: int, P: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(P, generator=g)
     W = base + 0.1 * torch.randn(n, P, generator=g)
-    stats = {s: torch.rand(n, P, generator=g) + 0.1 for s in method.stats}
+    stats = {s: torch.rand(n, P, generator=g) + 0.1 for s in method.stats} if not method.tensor_stats else {}
     return W, base, stats
+
+
+def _tensor_stats(method, n: int, seed: int = 0) -> dict:
+    """Per-tensor statistics of a method that declares them (``tensor_stats``): for every 2-D
+    weight of the test layout, each ingredient's Gram matrix ``X^T X`` of random inputs."""
+    if not method.tensor_stats:
+        return {}
+    g = torch.Generator().manual_seed(seed + 7)
+    out = {}
+    for spec in _layout().specs:
+        if len(spec.shape) == 2:
+            X = torch.randn(n, 16, spec.shape[1], generator=g)
+            out[spec.name] = {s: X.transpose(1, 2) @ X for s in method.stats}
+    return out
 
 
 @pytest.mark.parametrize("name", list_methods())
@@ -241,7 +255,7 @@ def test_method_conformance(name):
     n = _n(method)
     W, base, stats = _inputs(method, n, P)
     recipe = Recipe.of(name, list(range(n)), n)  # default coefficients and parameters
-    kw = dict(base=base if method.needs_base else None, stats=stats)
+    kw = dict(base=base if method.needs_base else None, stats=stats, tensor_stats=_tensor_stats(method, n))
     theta = mix(W, recipe, layout, **kw)
     assert theta.shape == (P,) and theta.dtype == torch.float32
     assert torch.isfinite(theta).all()
@@ -251,7 +265,8 @@ def test_method_conformance(name):
             mix(W, recipe, layout, stats=stats)
     for s in method.stats:
         with pytest.raises(RecipeError, match=s):
-            mix(W, recipe, layout, base=kw["base"], stats={k: v for k, v in stats.items() if k != s})
+            mix(W, recipe, layout, base=kw["base"], stats={k: v for k, v in stats.items() if k != s},
+                tensor_stats={t: {k: v for k, v in d.items() if k != s} for t, d in kw["tensor_stats"].items()})
 
 
 @pytest.mark.parametrize("name", list_methods())
@@ -264,7 +279,8 @@ def test_method_of_equal_ingredients_is_that_ingredient(name):
     W = W[:1].expand(n, P).clone()
     # coefficients that sum to 1 (averaging), with parameters that keep every entry
     recipe = Recipe(tuple([1.0 / n] * n), method=name, params=IDENTITY_PARAMS.get(name, {}))
-    theta = mix(W, recipe, layout, base=base if method.needs_base else None, stats=stats)
+    theta = mix(W, recipe, layout, base=base if method.needs_base else None, stats=stats,
+                tensor_stats=_tensor_stats(method, n, seed=1))
     torch.testing.assert_close(theta, W[0], rtol=1e-5, atol=1e-5)
 
 

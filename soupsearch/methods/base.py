@@ -150,6 +150,9 @@ class MergeMethod(ABC):
     Params: ClassVar[type[BaseModel]] = NoParams
     needs_base: ClassVar[bool] = False
     stats: ClassVar[tuple[str, ...]] = ()
+    # the statistics come per tensor (``mix(tensor_stats=...)``, e.g. a layer's input Gram matrix),
+    # not as [n, P] rows; tensors without them are merged by the method's fallback
+    tensor_stats: ClassVar[bool] = False
     linear: ClassVar[bool] = False
     default_weights: ClassVar[Literal["mean", "ones"]] = "mean"
     min_ingredients: ClassVar[int] = 1

@@ -65,6 +65,7 @@ class RegMean(MergeMethod):
     description = "closed-form least-squares merge of each linear/conv layer from the inputs' Gram matrices"
     formula = "[W|b]ᵀ = (Σᵢ cᵢ G̃ᵢ)⁻¹ Σᵢ cᵢ G̃ᵢ [Wᵢ|bᵢ]ᵀ,  G̃ᵢ = α Gᵢ + (1−α) diag Gᵢ,  Gᵢ = XᵢᵀXᵢ"
     stats = ("gram",)
+    tensor_stats = True
     buffers = "weighted mean Σ cᵢ xᵢ / Σ cᵢ; so are parameters of layers without a Gram matrix"
     grid = {"alpha": (0.5, 0.9, 1.0)}
 

@@ -54,14 +54,14 @@ def results_table(outcome, fmt: str = "table", metric: str = "accuracy") -> str:
 
 def plot_task_accuracy(outcome, path: Path, metric: str = "accuracy") -> Path | None:
     """Grouped bars: test ``metric`` of every task (and the mean) for every method."""
-    from ..plots import _figure, _save
+    from ..plots import figure, save_figure
 
     rows = table_rows(outcome, "test", metric)
     if not rows:
         return None
     groups = [*outcome.task_names, "mean"]
     k = len(rows)
-    fig = _figure(max(6.0, 1.2 * len(groups) + 0.25 * k * len(groups)), 4.2)
+    fig = figure(max(6.0, 1.2 * len(groups) + 0.25 * k * len(groups)), 4.2)
     ax = fig.add_subplot(111)
     width = 0.8 / k
     import matplotlib
@@ -80,4 +80,4 @@ def plot_task_accuracy(outcome, path: Path, metric: str = "accuracy") -> Path | 
     ax.grid(axis="y", alpha=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, path)
+    return save_figure(fig, path)
