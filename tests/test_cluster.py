@@ -20,8 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
+    """One real two-node cluster (`ray start` head + worker on loopback) for this module's tests."""
     temp = f"/tmp/ssray-{uuid.uuid4().hex[:6]}"
     port, dash = free_port(), free_port()
     info = cluster.start(temp, port=port, dashboard_port=dash, workers=1, cpus_per_node=1, timeout=180)
@@ -61,11 +62,14 @@ def test_ray_job_on_two_node_cluster(two_node_cluster, tiny_sweep, tmp_path, mon
 def test_sharded_stack_on_two_node_cluster(two_node_cluster, tiny_sweep, tmp_path, monkeypatch):
     """``eval.stack_shards: 2`` on two 1-CPU nodes: one replica group with a holder on each
     node, each holding about half the stack; the results equal those of one holder per node
-    holding it all (``stack_shards: 1``)."""
+    holding it all (``stack_shards: 1``, here in one in-process evaluator)."""
     import pyarrow.parquet as pq
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.chdir(REPO)
+    from soupsearch.config import config_from_dict
+    from soupsearch.search import run_search
+
     split_file = str(tiny_sweep / "splits.json")
     runs = {}
     for s in (1, 2):
@@ -76,10 +80,14 @@ def test_sharded_stack_on_two_node_cluster(two_node_cluster, tiny_sweep, tmp_pat
             "search.strategies": ["best_individual", "uniform", "greedy", "fisher",
                                   {"name": "merge", "method": "ties"}]})
         (tmp_path / f"s{s}").mkdir(exist_ok=True)
-        cfg_path = tmp_path / f"s{s}" / "job.yaml"
-        cfg_path.write_text(yaml.safe_dump(raw))
-        job_id, status = submit(str(cfg_path), two_node_cluster["dashboard"], working_dir=REPO, timeout=400)
-        assert status == "SUCCEEDED", job_id
+        if s == 1:  # the reference: the whole stack in one in-process evaluator (same numbers as any pool)
+            raw["eval"]["backend"] = "local"
+            run_search(config_from_dict(raw, "reference"))
+        else:
+            cfg_path = tmp_path / f"s{s}" / "job.yaml"
+            cfg_path.write_text(yaml.safe_dump(raw))
+            job_id, status = submit(str(cfg_path), two_node_cluster["dashboard"], working_dir=REPO, timeout=400)
+            assert status == "SUCCEEDED", job_id
         runs[s] = raw
     rows = {s: pq.read_table(os.path.join(raw["run_dir"], "results.parquet")).to_pylist() for s, raw in runs.items()}
     assert rows[2] == rows[1]
