@@ -169,6 +169,10 @@ def _compare(tracking_uri: str | None, experiment: str | None, run_id: str | Non
         rows.append(row)
         if reference is None and r.data.tags.get("soupsearch.reference") == "true":
             reference = row
+    if reference is None:  # a search logged before the driver tagged its reference run
+        from .strategies.basic import BestIndividual
+
+        reference = next((row for row in rows if row["name"] == BestIndividual.name), None)
     best = reference
     for row in rows:
         for col in ("val", "test", "ood_mean"):

@@ -234,6 +234,29 @@ def _default_strategies() -> list[str]:
     return default_strategies()
 
 
+def coerce_strategy_items(v) -> list:
+    """``search.strategies`` items as ``{name, label, options}``: a bare name, or a mapping whose
+    keys besides ``name``/``label`` are the options (or given under ``options:``)."""
+    out = []
+    for item in v or []:
+        if isinstance(item, str):
+            out.append({"name": item})
+        elif isinstance(item, dict) and "name" in item:
+            opts = {k: val for k, val in item.items() if k not in ("name", "label")}
+            opts = opts.pop("options", opts)
+            out.append({"name": item["name"], "label": item.get("label"), "options": opts})
+        else:
+            out.append(item)
+    return out
+
+
+def check_run_names(labels: list[str]) -> None:
+    """Every strategy's run name appears once."""
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"strategy run name {dup[0]!r} is used twice; give one a 'label'")
+
+
 class SearchConfig(_Strict):
     strategies: list[StrategySpec] = Field(
         default_factory=lambda: [StrategySpec(name=n) for n in _default_strategies()]
@@ -242,17 +265,7 @@ class SearchConfig(_Strict):
     @field_validator("strategies", mode="before")
     @classmethod
     def _coerce(cls, v):
-        out = []
-        for item in v or []:
-            if isinstance(item, str):
-                out.append({"name": item})
-            elif isinstance(item, dict) and "name" in item:
-                opts = {k: val for k, val in item.items() if k not in ("name", "label")}
-                opts = opts.pop("options", opts)
-                out.append({"name": item["name"], "label": item.get("label"), "options": opts})
-            else:
-                out.append(item)
-        return out
+        return coerce_strategy_items(v)
 
     @field_validator("strategies")
     @classmethod
@@ -265,10 +278,7 @@ class SearchConfig(_Strict):
             if s.name not in list_strategies():
                 raise ValueError(f"unknown strategy {s.name!r}; valid: {', '.join(list_strategies())}")
             get_strategy_class(s.name).validate_options(s.options)
-        labels = [s.run_name for s in v]
-        dup = {x for x in labels if labels.count(x) > 1}
-        if dup:
-            raise ValueError(f"strategy run name {sorted(dup)[0]!r} is used twice; give one a 'label'")
+        check_run_names([s.run_name for s in v])
         return v
 
 

@@ -86,6 +86,17 @@ _MAX_ZOOM = 0.10
 # ----------------------------------------------------------------------------- public API
 
 
+def prepare_sweep_dir(out_dir) -> tuple[Path, Path]:
+    """Create a sweep's folder (with ``ingredients/``) and remove its manifest, so that from
+    here on an unfinished build never looks complete; returns ``(folder, manifest path)``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST_NAME
+    manifest_path.unlink(missing_ok=True)
+    (out / "ingredients").mkdir(exist_ok=True)
+    return out, manifest_path
+
+
 def make_sweep(
     out_dir: str | os.PathLike,
     n: int = 16,
@@ -120,11 +131,7 @@ def make_sweep(
     if max_epochs is not None and max_epochs < 1:
         raise ValueError(f"make_sweep: max_epochs must be >= 1 or None, got {max_epochs}")
     kwargs = {**MODEL_KWARGS, **dict(model_kwargs or {})}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / MANIFEST_NAME
-    manifest_path.unlink(missing_ok=True)  # from here on the folder does not look complete
-    (out / "ingredients").mkdir(exist_ok=True)
+    out, manifest_path = prepare_sweep_dir(out_dir)
 
     t0 = time.perf_counter()
     splits = make_splits(split_seed)

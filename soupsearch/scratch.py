@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .data.digits import DATASET_NAME, NUM_CLASSES, load_digits_arrays, make_splits, save_splits
-from .demo import MANIFEST_NAME, accuracy, clean_state_dict, pinned_threads, save_state, train
+from .demo import accuracy, clean_state_dict, pinned_threads, prepare_sweep_dir, save_state, train
 from .fileio import write_text_atomic
 from .models import create_model
 
@@ -56,11 +56,7 @@ def make_scratch_sweep(out_dir: str | os.PathLike, n: int = 6, seed: int = 0, ep
     if epochs < 1:
         raise ValueError(f"make_scratch_sweep: epochs must be >= 1, got {epochs}")
     kwargs = {**MODEL_KWARGS, **dict(model_kwargs or {})}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / MANIFEST_NAME
-    manifest_path.unlink(missing_ok=True)  # from here on the folder does not look complete
-    (out / "ingredients").mkdir(exist_ok=True)
+    out, manifest_path = prepare_sweep_dir(out_dir)
 
     t0 = time.perf_counter()
     splits = make_splits(split_seed)

@@ -116,57 +116,51 @@ def _run_search(cfg: Config, tracker: Tracker | None, lock) -> SearchOutcome:
     pool = None
     store = None
     try:
-        pool = make_pool(cfg, stack, suite)
-        # the stack's fingerprint from the holders' per-tensor digests (the same for any sharding)
-        digests = {k: v for info in pool.actor_infos for k, v in (info.get("digests") or {}).items()}
-        stack_fp = combine_digests(stack.layout, digests)
-        if cfg.eval.precision != "float32":  # other numbers: cached (and studies named) apart
-            stack_fp += f"-{cfg.eval.precision}"
-        stack_fp += bnreset.fingerprint_suffix(cfg, suite)  # eval.reset_bn: other numbers, cached apart
-        store = ResultStore(run_dir / "results.sqlite", stack_fp,
-                            {n: fingerprint_arrays(s.x, s.y) for n, s in suite.splits.items()})
-        pool.store = store
-        s_used = pool.plan.s if getattr(pool, "plan", None) is not None else 1
-        held = max(int(info.get("held_bytes", 0)) for info in pool.actor_infos)
-        say(f"holders report {format_bytes(held)} of stack per actor ({s_used} shard(s))")
-        parent = tracker.start_parent(
-            cfg.name,
-            params={"config": cfg.model_dump(mode="json"), "num_ingredients": stack.n,
-                    "num_params": stack.num_params, "num_evaluators": pool.num_evaluators,
-                    "stack_dtype": cfg.ingredients.stack_dtype},
-            tags={"soupsearch.config_name": cfg.name, "soupsearch.stack_shards": str(s_used),
-                  "soupsearch.sweep": str((manifest or {}).get("name", Path(cfg.ingredients.path).stem))},
-        )
-        lock.record(parent_run_id=parent, tracking_fp=uri_fingerprint(tracker.uri))
-        tracker.log_metrics(parent, {"memory/stack_bytes": stack.nbytes, "memory/stack_bytes_per_actor": held})
-        write_text_atomic(run_dir / "config.resolved.yaml", preflight.resolved_yaml(cfg))
-        tracker.log_artifact(parent, run_dir / "config.resolved.yaml")
-        if manifest_path:
-            tracker.log_artifact(parent, manifest_path)
-        outcome = _search(cfg, tracker, stack, suite, pool, hparams, run_dir)
-        soups_log.layer_spread(outcome, pool)
-        soups_log.log_plots(tracker, parent, outcome, run_dir)
-        outcome.seconds = time.time() - t0
-        try:  # the most any actor holds at the end (with the Fisher values, when estimated)
-            tracker.log_metrics(parent, {"memory/stack_bytes_per_actor": max(held, pool.held_bytes())})
-        except Exception as e:  # a metric must not fail a finished search
-            say(f"could not read the holders' memory: {e}")
-        if pool.first_result_at is not None:  # start-up: config to the first shard scored
-            outcome.startup_seconds = pool.first_result_at - t0
-            say(f"the first shard was scored {outcome.startup_seconds:.1f}s after the start")
-            tracker.log_metrics(parent, {"startup_seconds": outcome.startup_seconds})
-        tracker.log_metrics(parent, {"search_seconds": outcome.seconds,
-                                     "shards_evaluated": pool.stats["shards_evaluated"],
-                                     "evaluator_nodes": len(pool.node_ids)})
-        tracker.set_tag(parent, "soupsearch.evaluator_node_ids", ",".join(sorted(pool.node_ids)))
-        tracker.end_all("FINISHED")
+        with tracker.closing_runs():  # FINISHED, or KILLED / FAILED with the error
+            pool = make_pool(cfg, stack, suite)
+            # the stack's fingerprint from the holders' per-tensor digests (the same for any sharding)
+            digests = {k: v for info in pool.actor_infos for k, v in (info.get("digests") or {}).items()}
+            stack_fp = combine_digests(stack.layout, digests)
+            if cfg.eval.precision != "float32":  # other numbers: cached (and studies named) apart
+                stack_fp += f"-{cfg.eval.precision}"
+            stack_fp += bnreset.fingerprint_suffix(cfg, suite)  # eval.reset_bn: other numbers, cached apart
+            store = ResultStore(run_dir / "results.sqlite", stack_fp,
+                                {n: fingerprint_arrays(s.x, s.y) for n, s in suite.splits.items()})
+            pool.store = store
+            s_used = pool.plan.s if getattr(pool, "plan", None) is not None else 1
+            held = max(int(info.get("held_bytes", 0)) for info in pool.actor_infos)
+            say(f"holders report {format_bytes(held)} of stack per actor ({s_used} shard(s))")
+            parent = tracker.start_parent(
+                cfg.name,
+                params={"config": cfg.model_dump(mode="json"), "num_ingredients": stack.n,
+                        "num_params": stack.num_params, "num_evaluators": pool.num_evaluators,
+                        "stack_dtype": cfg.ingredients.stack_dtype},
+                tags={"soupsearch.config_name": cfg.name, "soupsearch.stack_shards": str(s_used),
+                      "soupsearch.sweep": str((manifest or {}).get("name", Path(cfg.ingredients.path).stem))},
+            )
+            lock.record(parent_run_id=parent, tracking_fp=uri_fingerprint(tracker.uri))
+            tracker.log_metrics(parent, {"memory/stack_bytes": stack.nbytes, "memory/stack_bytes_per_actor": held})
+            write_text_atomic(run_dir / "config.resolved.yaml", preflight.resolved_yaml(cfg))
+            tracker.log_artifact(parent, run_dir / "config.resolved.yaml")
+            if manifest_path:
+                tracker.log_artifact(parent, manifest_path)
+            outcome = _search(cfg, tracker, stack, suite, pool, hparams, run_dir)
+            soups_log.layer_spread(outcome, pool)
+            soups_log.log_plots(tracker, parent, outcome, run_dir)
+            outcome.seconds = time.time() - t0
+            try:  # the most any actor holds at the end (with the Fisher values, when estimated)
+                tracker.log_metrics(parent, {"memory/stack_bytes_per_actor": max(held, pool.held_bytes())})
+            except Exception as e:  # a metric must not fail a finished search
+                say(f"could not read the holders' memory: {e}")
+            if pool.first_result_at is not None:  # start-up: config to the first shard scored
+                outcome.startup_seconds = pool.first_result_at - t0
+                say(f"the first shard was scored {outcome.startup_seconds:.1f}s after the start")
+                tracker.log_metrics(parent, {"startup_seconds": outcome.startup_seconds})
+            tracker.log_metrics(parent, {"search_seconds": outcome.seconds,
+                                         "shards_evaluated": pool.stats["shards_evaluated"],
+                                         "evaluator_nodes": len(pool.node_ids)})
+            tracker.set_tag(parent, "soupsearch.evaluator_node_ids", ",".join(sorted(pool.node_ids)))
         return outcome
-    except KeyboardInterrupt:
-        tracker.end_all("KILLED", error="interrupted (KeyboardInterrupt)")
-        raise
-    except BaseException as e:
-        tracker.end_all("FAILED", error=f"{type(e).__name__}: {e}")
-        raise
     finally:
         if pool is not None:
             pool.close()

@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..config import (DataConfig, EvalConfig, FisherConfig, ModelConfig, RayConfig, TrackingConfig, _format_validation_error,
-                      _resolve_paths, _Strict, parse_overrides, set_dotted)
+                      _resolve_paths, _Strict, check_run_names, coerce_strategy_items, parse_overrides, set_dotted)
 from ..errors import ConfigError
 
 
@@ -78,17 +78,7 @@ class MTSearchConfig(_Strict):
     @field_validator("strategies", mode="before")
     @classmethod
     def _coerce(cls, v):
-        out = []
-        for item in v or []:
-            if isinstance(item, str):
-                out.append({"name": item})
-            elif isinstance(item, dict) and "name" in item:
-                opts = {k: val for k, val in item.items() if k not in ("name", "label")}
-                opts = opts.pop("options", opts)
-                out.append({"name": item["name"], "label": item.get("label"), "options": opts})
-            else:
-                out.append(item)
-        return out
+        return coerce_strategy_items(v)
 
     @field_validator("strategies")
     @classmethod
@@ -101,10 +91,7 @@ class MTSearchConfig(_Strict):
             if s.name not in list_strategies():
                 raise ValueError(f"unknown multi-task strategy {s.name!r}; valid: {', '.join(list_strategies())}")
             get_strategy(s.name).validate_options(s.name, s.options)
-        labels = [s.run_name for s in v]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise ValueError(f"strategy run name {dup[0]!r} is used twice; give one a 'label'")
+        check_run_names([s.run_name for s in v])
         return v
 
 

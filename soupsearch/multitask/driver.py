@@ -270,50 +270,44 @@ def _run(cfg: MultiTaskConfig, tracker: Tracker | None, lock) -> MTOutcome:
     started = False
     pool = None
     try:
-        if cfg.eval.backend == "ray":
-            started = init_ray(cfg, lock)
-            n = resolve_num_evaluators(cfg)
-        else:
-            n = 1
-        t = time.time()
-        pool = TaskPool(inputs.spec, cfg.eval.backend, n)
-        say(f"{pool.num_evaluators} multi-task evaluator(s) ready in {time.time() - t:.1f}s")
-        parent = tracker.start_parent(
-            cfg.name, params={"config": cfg.model_dump(mode="json"), "num_tasks": len(cfg.tasks),
-                              "tasks": [t.name for t in cfg.tasks], "head": list(inputs.split.head),
-                              "num_body_params": inputs.spec.layout.num_params,
-                              "num_fine_tunes": int(inputs.spec.W.shape[0]), "num_evaluators": pool.num_evaluators},
-            tags={"soupsearch.kind": "multitask", "soupsearch.config_name": cfg.name})
-        lock.record(parent_run_id=parent, tracking_fp=uri_fingerprint(tracker.uri))
-        write_text_atomic(run_dir / "config.resolved.yaml", preflight.resolved_yaml(cfg))
-        tracker.log_artifact(parent, run_dir / "config.resolved.yaml")
-        outcome = MTOutcome(cfg, task_names=[t.name for t in cfg.tasks], parent_run_id=parent, run_dir=run_dir,
-                            head=inputs.split.head)
-        ctx = MTContext(cfg, pool, inputs)
-        for s in cfg.search.strategies:
-            cls = get_strategy(s.name)
-            opts = cls.validate_options(s.name, s.options)
-            started_at = time.time()
-            res = cls().run(ctx, s.name, s.run_name, opts)
-            res.scores = ctx.scores([res.candidate], None)[0]
-            res.seconds = time.time() - started_at
-            res.strategy = s.name
-            outcome.results.append(res)
-            _log_child(tracker, cfg, res, started_at)
-            say(f"{res.name}: mean val {res.scores.mean['val']['accuracy']:.4f}, mean test "
-                f"{res.scores.mean['test']['accuracy']:.4f} ({res.seconds:.1f}s)")
-        _versus_uniform(tracker, outcome, ctx)
-        _log_parent(tracker, parent, outcome, ctx, run_dir)
-        outcome.seconds = time.time() - t0
-        tracker.log_metrics(parent, {"search_seconds": outcome.seconds, "evaluations": pool.evaluations})
-        tracker.end_all("FINISHED")
+        with tracker.closing_runs():  # FINISHED, or KILLED / FAILED with the error
+            if cfg.eval.backend == "ray":
+                started = init_ray(cfg, lock)
+                n = resolve_num_evaluators(cfg)
+            else:
+                n = 1
+            t = time.time()
+            pool = TaskPool(inputs.spec, cfg.eval.backend, n)
+            say(f"{pool.num_evaluators} multi-task evaluator(s) ready in {time.time() - t:.1f}s")
+            parent = tracker.start_parent(
+                cfg.name, params={"config": cfg.model_dump(mode="json"), "num_tasks": len(cfg.tasks),
+                                  "tasks": [t.name for t in cfg.tasks], "head": list(inputs.split.head),
+                                  "num_body_params": inputs.spec.layout.num_params,
+                                  "num_fine_tunes": int(inputs.spec.W.shape[0]), "num_evaluators": pool.num_evaluators},
+                tags={"soupsearch.kind": "multitask", "soupsearch.config_name": cfg.name})
+            lock.record(parent_run_id=parent, tracking_fp=uri_fingerprint(tracker.uri))
+            write_text_atomic(run_dir / "config.resolved.yaml", preflight.resolved_yaml(cfg))
+            tracker.log_artifact(parent, run_dir / "config.resolved.yaml")
+            outcome = MTOutcome(cfg, task_names=[t.name for t in cfg.tasks], parent_run_id=parent, run_dir=run_dir,
+                                head=inputs.split.head)
+            ctx = MTContext(cfg, pool, inputs)
+            for s in cfg.search.strategies:
+                cls = get_strategy(s.name)
+                opts = cls.validate_options(s.name, s.options)
+                started_at = time.time()
+                res = cls().run(ctx, s.name, s.run_name, opts)
+                res.scores = ctx.scores([res.candidate], None)[0]
+                res.seconds = time.time() - started_at
+                res.strategy = s.name
+                outcome.results.append(res)
+                _log_child(tracker, cfg, res, started_at)
+                say(f"{res.name}: mean val {res.scores.mean['val']['accuracy']:.4f}, mean test "
+                    f"{res.scores.mean['test']['accuracy']:.4f} ({res.seconds:.1f}s)")
+            _versus_uniform(tracker, outcome, ctx)
+            _log_parent(tracker, parent, outcome, ctx, run_dir)
+            outcome.seconds = time.time() - t0
+            tracker.log_metrics(parent, {"search_seconds": outcome.seconds, "evaluations": pool.evaluations})
         return outcome
-    except KeyboardInterrupt:
-        tracker.end_all("KILLED", error="interrupted (KeyboardInterrupt)")
-        raise
-    except BaseException as e:
-        tracker.end_all("FAILED", error=f"{type(e).__name__}: {e}")
-        raise
     finally:
         if pool is not None:
             pool.close()

@@ -195,6 +195,20 @@ class Tracker:
     def end(self, run_id: str, status: str = "FINISHED", end_time: float | None = None) -> None:
         self.client.set_terminated(run_id, status=status, end_time=int(end_time * 1000) if end_time else None)
 
+    @contextlib.contextmanager
+    def closing_runs(self):
+        """End every open run of the search on the way out of the block: FINISHED when it
+        completes, KILLED on an interrupt, FAILED (the error kept as a tag) on an exception."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.end_all("KILLED", error="interrupted (KeyboardInterrupt)")
+            raise
+        except BaseException as e:
+            self.end_all("FAILED", error=f"{type(e).__name__}: {e}")
+            raise
+        self.end_all("FINISHED")
+
     def end_all(self, status: str = "FINISHED", error: str | None = None) -> None:
         """End every run of this search still open (children first)."""
         for rid in list(self.child_ids.values()) + ([self.parent_id] if self.parent_id else []):
