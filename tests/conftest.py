@@ -116,3 +116,13 @@ def stop_process_group(proc, grace: float = 15) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test interrupts with SIGINT: the default disposition,
+    so that its Python raises KeyboardInterrupt. A test run started in the background by a
+    non-interactive shell inherits SIGINT *ignored*, and an ignored SIGINT stays ignored
+    across exec (Python then installs no handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 import yaml
 
-from .conftest import tiny_config
+from .conftest import default_sigint, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,8 @@ def test_sigint_marks_runs_killed_and_resume_is_clean(ray_session, tiny_sweep, t
     run_dir = Path(cfg["run_dir"])
     cmd = [sys.executable, "-m", "soupsearch.cli", "run", str(path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=default_sigint)
     try:
         deadline = time.time() + 180
         # interrupt during the strategies: after the ingredients were scored and logged

@@ -404,7 +404,7 @@ def test_cli_interrupted_learned_search_resumes(ray_session, tiny_sweep, tmp_pat
     cost ~20 s here); its one evaluator holds 1 CPU of it."""
     import yaml
 
-    from .conftest import tiny_config
+    from .conftest import default_sigint, tiny_config
 
     n_trials = 24
     address = ray_session.get_runtime_context().gcs_address
@@ -417,7 +417,8 @@ def test_cli_interrupted_learned_search_resumes(ray_session, tiny_sweep, tmp_pat
     db = run_dir / "optuna.db"
     cmd = [sys.executable, "-m", "soupsearch.cli", "run", str(path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=default_sigint)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and p.poll() is None:

@@ -19,7 +19,7 @@ import yaml
 from soupsearch.raysession import session_pids
 from soupsearch.runlock import STATE_NAME
 
-from .conftest import tiny_config
+from .conftest import default_sigint, tiny_config
 from .proc_net import is_loopback, listeners_of, title
 
 pytestmark = pytest.mark.slow
@@ -164,7 +164,7 @@ def test_sigint_leaves_no_running_optuna_trial(ray_session, tiny_sweep, tmp_path
             return []
 
     p = subprocess.Popen([sys.executable, "-m", "soupsearch.cli", "run", str(path)], env={**os.environ},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and p.poll() is None and len(trials()) < 4:
