@@ -250,11 +250,20 @@ def coerce_strategy_items(v) -> list:
     return out
 
 
-def check_run_names(labels: list[str]) -> None:
-    """Every strategy's run name appears once."""
+def check_strategies(specs: list, known: list[str], validate, what: str = "strategy") -> list:
+    """``search.strategies`` checked against a registry: at least one, every name ``known``,
+    its options valid (``validate(spec)`` raises), every run name used once."""
+    if not specs:
+        raise ValueError("at least one strategy is needed")
+    for s in specs:
+        if s.name not in known:
+            raise ValueError(f"unknown {what} {s.name!r}; valid: {', '.join(known)}")
+        validate(s)
+    labels = [s.run_name for s in specs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise ValueError(f"strategy run name {dup[0]!r} is used twice; give one a 'label'")
+    return specs
 
 
 class SearchConfig(_Strict):
@@ -272,14 +281,7 @@ class SearchConfig(_Strict):
     def _known(cls, v):
         from .strategies import get_strategy_class, list_strategies
 
-        if not v:
-            raise ValueError("at least one strategy is needed")
-        for s in v:
-            if s.name not in list_strategies():
-                raise ValueError(f"unknown strategy {s.name!r}; valid: {', '.join(list_strategies())}")
-            get_strategy_class(s.name).validate_options(s.options)
-        check_run_names([s.run_name for s in v])
-        return v
+        return check_strategies(v, list_strategies(), lambda s: get_strategy_class(s.name).validate_options(s.options))
 
 
 class Config(_Strict):

@@ -233,13 +233,14 @@ def test_compare_rows_server_equals_sqlite(searched, tmp_path):
 # ----------------------------------------------------------------------------- compare without Ray
 
 
-def _fake_search(uri: str, experiment: str, children: dict[str, dict[str, float]], tag_reference=True) -> Tracker:
+def _fake_search(uri: str, experiment: str, children: dict[str, dict[str, float]],
+                 reference: str | None = "best_individual") -> Tracker:
     tr = Tracker(uri, experiment)
     tr.connect()
     tr.start_parent("fake:sweep", params={"x": 1})
     for name, metrics in children.items():
         # tagged as the driver tags the best individual: the reference of the *_vs_best columns
-        tags = {"soupsearch.reference": "true"} if name == "best_individual" and tag_reference else None
+        tags = {"soupsearch.reference": "true"} if name == reference else None
         rid = tr.start_child(name, params={"strategy": name}, tags=tags)
         tr.log_metrics(rid, metrics)
         tr.end(rid)
@@ -299,12 +300,14 @@ def test_compare_reference_of_searches_logged_before_the_tag(tmp_path):
     (found by that strategy's registered name) is still the reference of *_vs_best."""
     uri = f"sqlite:///{tmp_path}/m.db"
     _fake_search(uri, "untagged", {"best_individual": _metrics(0.8, 0.7, {}), "uniform": _metrics(0.85, 0.6, {})},
-                 tag_reference=False)
+                 reference=None)
     rows = {r["name"]: r for r in compare_rows(uri, experiment="untagged")}
     assert rows["uniform"]["val_vs_best"] == pytest.approx(0.05) and rows["uniform"]["test_vs_best"] == pytest.approx(-0.1)
-    # a tagged reference wins over the name
-    _fake_search(uri, "tagged", {"best_individual": _metrics(0.8, 0.7, {}), "uniform": _metrics(0.85, 0.6, {})})
-    assert {r["name"]: r for r in compare_rows(uri, experiment="tagged")}["best_individual"]["val_vs_best"] == 0.0
+    # the tagged run is the reference, whatever its name
+    _fake_search(uri, "tagged", {"best_individual": _metrics(0.8, 0.7, {}), "uniform": _metrics(0.85, 0.6, {})},
+                 reference="uniform")
+    rows = {r["name"]: r for r in compare_rows(uri, experiment="tagged")}
+    assert rows["uniform"]["val_vs_best"] == 0.0 and rows["best_individual"]["val_vs_best"] == pytest.approx(-0.05)
 
 
 def test_compare_errors(tmp_path):

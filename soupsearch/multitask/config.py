@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..config import (DataConfig, EvalConfig, FisherConfig, ModelConfig, RayConfig, TrackingConfig, _format_validation_error,
-                      _resolve_paths, _Strict, check_run_names, coerce_strategy_items, parse_overrides, set_dotted)
+                      _resolve_paths, _Strict, check_strategies, coerce_strategy_items, parse_overrides, set_dotted)
 from ..errors import ConfigError
 
 
@@ -85,14 +85,8 @@ class MTSearchConfig(_Strict):
     def _known(cls, v):
         from .strategies import get_strategy, list_strategies
 
-        if not v:
-            raise ValueError("at least one strategy is needed")
-        for s in v:
-            if s.name not in list_strategies():
-                raise ValueError(f"unknown multi-task strategy {s.name!r}; valid: {', '.join(list_strategies())}")
-            get_strategy(s.name).validate_options(s.name, s.options)
-        check_run_names([s.run_name for s in v])
-        return v
+        return check_strategies(v, list_strategies(), lambda s: get_strategy(s.name).validate_options(s.name, s.options),
+                                "multi-task strategy")
 
 
 class MultiTaskConfig(_Strict):
