@@ -76,7 +76,7 @@ def load_average() -> str:
 
 
 def make_model():
-    from soupsearch.models import create_model
+    from soupsearch.models.factory import create_model
 
     return create_model(MODEL_FACTORY, **MODEL_KWARGS)
 
@@ -241,10 +241,10 @@ def ray_init(num_cpus: int = 2):
 
 def build_ray_pool(stack, splits: dict, num_evaluators: int, shard_size: int = 128, batch_size: int = 256,
                    max_in_flight: int = 2, refs: dict | None = None, per_actor: int | None = None):
-    """A RayEvalPool exactly as ``soupsearch.launch.make_pool`` builds one (stack and splits
+    """A RayEvalPool exactly as ``soupsearch.execution.launch.make_pool`` builds one (stack and splits
     put once into the object store; evaluators get refs; by default all evaluators are
     threads of one actor, as ``eval.evaluators_per_actor: auto`` does on one node)."""
-    from soupsearch.ray_pool import RayEvalPool
+    from soupsearch.execution.ray_pool import RayEvalPool
 
     return RayEvalPool.from_stack(stack, splits, MODEL_FACTORY, MODEL_KWARGS, num_evaluators, shard_size=shard_size,
                                   batch_size=batch_size, max_in_flight=max_in_flight, refs=refs,
@@ -275,13 +275,13 @@ def pss_parts_kib(pid: int) -> dict[str, int]:
 
 def import_floor_kib(num_params: int) -> dict[str, int]:
     """PSS parts of a fresh process that only imports what an evaluator imports (torch,
-    torchvision, ray, soupsearch.evaluator), builds the model and writes a ``theta`` of
+    torchvision, ray, soupsearch.evaluation.evaluator), builds the model and writes a ``theta`` of
     ``num_params`` floats: what any evaluator process costs before it holds any stack."""
     import json as _json
     import subprocess
 
     code = (
-        "import json, sys, torch, torchvision, ray, soupsearch.evaluator\n"
+        "import json, sys, torch, torchvision, ray, soupsearch.evaluation.evaluator\n"
         "sys.path.insert(0, %r)\n"
         "import common as C\n"
         "m = C.make_model().eval(); theta = torch.ones(%d)\n"

@@ -175,13 +175,13 @@ def tensorize(dirs: dict[str, Path]):
 
 def soupsearch_greedy(st_paths: list[Path], dirs: dict[str, Path], num_evaluators, shard_size: int,
                       batch_size: int, T: C.Timer, precision: str = "float32") -> dict:
-    from soupsearch.config import config_from_dict
-    from soupsearch.context import Context
-    from soupsearch.launch import make_pool
-    from soupsearch.shards import read_headers
-    from soupsearch.strategies import create_strategy
-
     from concurrent.futures import ThreadPoolExecutor
+
+    from soupsearch.config import config_from_dict
+    from soupsearch.execution.launch import make_pool
+    from soupsearch.ingredients.columns import read_headers
+    from soupsearch.search.context import Context
+    from soupsearch.strategies import create_strategy
 
     t_start = time.time()
 

@@ -48,8 +48,8 @@ def build(n: int, val: int, seed: int):
 def score(stack, x, y, recipes, device: str, precision: str, batch_size: int, shard_size: int,
           image_size: int) -> tuple[float, list[float]]:
     """Seconds to score ``recipes`` on val (after one warm-up candidate) and their accuracies."""
-    from soupsearch.evaluator import Evaluator
-    from soupsearch.pool import LocalEvalPool
+    from soupsearch.evaluation.evaluator import Evaluator
+    from soupsearch.execution.local_pool import LocalEvalPool
 
     kwargs = dict(C.MODEL_KWARGS)
     ev = Evaluator(C.MODEL_FACTORY, kwargs, stack.W, stack.layout, stack.fixed, {"val": (x, y)}, batch_size,

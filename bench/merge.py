@@ -47,8 +47,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import soupsearch  # noqa: E402
-from soupsearch.ingredients import ParamLayout  # noqa: E402
-from soupsearch.mixing import Recipe, StatsCache, mix  # noqa: E402
+from soupsearch.ingredients.layout import ParamLayout  # noqa: F401
+from soupsearch.merging.mixing import Recipe, StatsCache, mix  # noqa: F401
 
 GOAL_MIX_VS_READ = 0.85
 GOAL_MIX_VS_LOOP = 2.0
@@ -285,8 +285,8 @@ import json, resource, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(int(sys.argv[4]))
-from soupsearch.ingredients import IngredientStack
-from soupsearch.merge import merge_files
+from soupsearch.ingredients.discovery import IngredientStack
+from soupsearch.merging.api import merge_files
 
 def status(key):
     with open("/proc/self/status") as f:

@@ -31,10 +31,10 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soupsearch.models import create_model  # noqa: E402
-from soupsearch.multitask_sweep import (  # noqa: E402
+from soupsearch.data.multitask import load_npz  # noqa: F401
+from soupsearch.models.factory import create_model  # noqa: F401
+from soupsearch.sweeps.multitask import (  # noqa: F401
     HEAD_PREFIX,
-    load_npz,
     make_multitask_sweep,
     multitask_sweep_is_complete,
 )

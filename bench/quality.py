@@ -92,8 +92,8 @@ def run(args) -> dict:
     import optuna
 
     from soupsearch.config import config_from_dict
-    from soupsearch.demo import make_sweep, sweep_is_complete
-    from soupsearch.search import run_search
+    from soupsearch.search.driver import run_search
+    from soupsearch.sweeps.demo import make_sweep, sweep_is_complete
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("soupsearch").setLevel(logging.WARNING)
@@ -141,7 +141,7 @@ def run(args) -> dict:
 
 
 def _better(a: float, b: float, metric: str) -> bool:
-    from soupsearch.selection import better
+    from soupsearch.evaluation.selection import better
 
     return better(a, b, metric)
 

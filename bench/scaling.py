@@ -45,7 +45,8 @@ QUICK = dict(n=6, val=128, candidates=6, rounds=2)
 
 def build_stack(n: int, seed: int):
     """The benchmark sweep's stack, built row by row (no list of state dicts in memory)."""
-    from soupsearch.ingredients import IngredientStack, ParamLayout
+    from soupsearch.ingredients.discovery import IngredientStack
+    from soupsearch.ingredients.layout import ParamLayout
 
     base = C.make_base(seed)
     base_sd = base.state_dict()
@@ -58,7 +59,7 @@ def build_stack(n: int, seed: int):
 
 
 def random_recipes(k: int, n: int, rng) -> list:
-    from soupsearch.mixing import Recipe
+    from soupsearch.merging.mixing import Recipe
 
     return [Recipe(tuple(float(c) for c in rng.dirichlet(np.ones(n)))) for _ in range(k)]
 
@@ -92,8 +93,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from soupsearch.ingredients import format_bytes
-    from soupsearch.ray_pool import RayEvalPool
+    from soupsearch.util.units import format_bytes
 
     print(f"# scaling: {d['n']} x resnet18 stack, val={d['val']}, {d['candidates']} random recipes per batch, "
           f"best of {d['rounds']} rounds; {os.cpu_count()} CPUs, load average {C.load_average()}", flush=True)
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     print(f"evaluator actor PSS: 1 slot {ev1 / 2**10:.0f} MiB; 2 slots {ev2.get('Pss', 0) / 2**10:.0f} MiB = private "
           f"(anon) {ev2.get('Pss_Anon', 0) / 2**10:.0f} + its share of the object store (shmem) "
           f"{ev2.get('Pss_Shmem', 0) / 2**10:.0f} + of libraries (file) {ev2.get('Pss_File', 0) / 2**10:.0f} MiB")
-    print(f"a fresh process importing torch, torchvision, ray, soupsearch.evaluator with the model and a theta "
+    print(f"a fresh process importing torch, torchvision, ray, soupsearch.evaluation.evaluator with the model and a theta "
           f"({format_bytes(stack.num_params * 4)}): private {floor.get('Pss_Anon', 0) / 2**10:.0f} MiB, "
           f"PSS {floor.get('Pss', 0) / 2**10:.0f} MiB: what every extra evaluator PROCESS costs, "
           f"{100 * floor.get('Pss_Anon', 0) * 1024 / stack_bytes:.0f}% of this stack")

@@ -40,7 +40,7 @@ GOAL_DRIVER = 1.2  # driver peak with n=16 over n=4
 def make_sweep(d: Path, n: int, factory: str, kwargs: dict, seed: int = 0) -> list[str]:
     from safetensors.torch import save_file
 
-    from soupsearch.models import create_model
+    from soupsearch.models.factory import create_model
 
     torch.manual_seed(seed)
     base = create_model(factory, **kwargs).state_dict()
@@ -94,9 +94,9 @@ def floor_rss(factory: str, kwargs: dict) -> int:
     @ray.remote(num_cpus=0)
     class Floor:
         def __init__(self):
-            import soupsearch.evaluator  # noqa: F401
-            import soupsearch.group  # noqa: F401
-            from soupsearch.models import create_model
+            import soupsearch.evaluation.evaluator  # noqa: F401
+            import soupsearch.execution.replica_group  # noqa: F401
+            from soupsearch.models.factory import create_model
 
             self.m = create_model(factory, **kwargs)
 
@@ -115,10 +115,10 @@ def bench_pools(tmp: Path, n: int, factory: str, kwargs: dict, candidates: int, 
     import ray
 
     from soupsearch.data import build_suite
-    from soupsearch.mixing import Recipe
-    from soupsearch.models import create_model
-    from soupsearch.launch import make_pool
-    from soupsearch.shards import read_headers
+    from soupsearch.execution.launch import make_pool
+    from soupsearch.ingredients.columns import read_headers
+    from soupsearch.merging.mixing import Recipe
+    from soupsearch.models.factory import create_model
 
     sweep = tmp / f"sweep{n}"
     paths = make_sweep(sweep, n, factory, kwargs)
@@ -174,7 +174,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 sys.argv_cfg = json.loads(sys.argv[2])
 from soupsearch.config import config_from_dict
-from soupsearch.search import run_search
+from soupsearch.search.driver import run_search
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -184,7 +184,7 @@ def status(key):
 
 cfg = config_from_dict(sys.argv_cfg)
 import torch, ray, mlflow, optuna  # noqa: F401  (imports before the baseline)
-from soupsearch.models import create_model
+from soupsearch.models.factory import create_model
 create_model(cfg.model.factory, **cfg.model.kwargs)  # the skeleton the driver builds anyway
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")

@@ -1,6 +1,6 @@
 """soupsearch: search for the best weight-space average (soup) of fine-tuned checkpoints."""
 
-from .errors import (
+from soupsearch.errors import (
     CheckpointError,
     ConfigError,
     DataError,
@@ -10,15 +10,17 @@ from .errors import (
     SoupSearchError,
     TrackingError,
 )
-from .merge import dare, fisher_soup, greedy_soup, merge, uniform_soup, weighted_soup
-from .ingredients import IngredientStack, ParamLayout, discover, load_state_dict
-from .methods import MergeMethod, get_method, list_methods, register_method
-from .mixing import Recipe, mix
-from .models import create_model, register_model
-from .barriers import barrier, path_metrics
-from .bnreset import reset_bn_stats
-from .rebasin import AlignError, align, permutation_spec
-from .significance import mcnemar, paired_bootstrap, stratified_paired_bootstrap
+from soupsearch.evaluation.barriers import barrier, path_metrics
+from soupsearch.evaluation.bnreset import reset_bn_stats
+from soupsearch.evaluation.significance import mcnemar, paired_bootstrap, stratified_paired_bootstrap
+from soupsearch.ingredients.discovery import IngredientStack, discover, load_state_dict
+from soupsearch.ingredients.layout import ParamLayout
+from soupsearch.ingredients.rebasin import AlignError, align, permutation_spec
+from soupsearch.merging.api import dare, fisher_soup, greedy_soup, merge, uniform_soup, weighted_soup
+from soupsearch.merging.methods import get_method, list_methods, register_method
+from soupsearch.merging.methods._base import MergeMethod
+from soupsearch.merging.mixing import Recipe, mix
+from soupsearch.models.factory import create_model, register_model
 
 __all__ = [
     "SoupSearchError", "ConfigError", "CheckpointError", "DataError", "ModelFactoryError", "RecipeError",

@@ -12,30 +12,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import SoupSearchError, reporting_errors
-from .progress import quiet_logs
+from soupsearch.errors import SoupSearchError, reporting_errors
+from soupsearch.util.progress import quiet_logs
 
 DEMO_SWEEP = Path("runs/demo-sweep")
 DEMO_CONFIG = "configs/demo.yaml"
 
 
 def _cmd_run(args) -> int:
-    from .config import load_config
-    from .multitask.config import load_multitask_config
+    from soupsearch.config import load_config
+    from soupsearch.multitask.config import load_multitask_config
 
     mt = load_multitask_config(args.config, args.set)  # a config with a top-level tasks: key
     if mt is not None:
-        from .multitask.report import run_and_print as run_multitask_and_print
+        from soupsearch.multitask.driver import run_and_print as run_multitask_and_print
 
         return run_multitask_and_print(mt)
-    from .report import run_and_print
+    from soupsearch.search.driver import run_and_print
 
     return run_and_print(load_config(args.config, args.set))
 
 
 def _cmd_sweep(args) -> int:
     if args.kind == "multitask":
-        from .multitask_sweep import make_multitask_sweep
+        from soupsearch.sweeps.multitask import make_multitask_sweep
 
         if args.fine_tunes_per_task < 1:
             raise SoupSearchError(f"--fine-tunes-per-task must be >= 1, got {args.fine_tunes_per_task}")
@@ -47,18 +47,18 @@ def _cmd_sweep(args) -> int:
     if n < 1:
         raise SoupSearchError(f"sweep {args.kind}: --n {n}, expected a number of models >= 1")
     if args.kind == "scratch":
-        from .scratch import make_scratch_sweep
+        from soupsearch.sweeps.scratch import make_scratch_sweep
 
         make_scratch_sweep(args.out, n=n, seed=args.seed)
     else:
-        from .demo import make_sweep
+        from soupsearch.sweeps.demo import make_sweep
 
         make_sweep(args.out, n=n, seed=args.seed)
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from .demo import make_sweep, sweep_is_complete
+    from soupsearch.sweeps.demo import make_sweep, sweep_is_complete
 
     sweep = Path(args.sweep)
     if not sweep_is_complete(sweep):
@@ -71,7 +71,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from .jobs import submit
+    from soupsearch.execution.submit import submit
 
     job_id, status = submit(args.config, args.address, args.working_dir, args.set, wait=not args.no_wait)
     print(f"job {job_id}: {status}")
@@ -79,7 +79,7 @@ def _cmd_submit(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .planning import plan_command
+    from soupsearch.execution.planning import plan_command
 
     lines, s = plan_command(
         args.config, args.set, gpus=args.gpus, gpu_memory=args.gpu_memory, nodes=args.nodes,
@@ -92,7 +92,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_cluster(args) -> int:
-    from . import cluster
+    from soupsearch.execution import cluster
 
     if args.action == "up":
         info = cluster.start(args.temp_dir, args.port, args.dashboard_port, args.workers, args.cpus_per_node)
@@ -107,20 +107,20 @@ def _cmd_cluster(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import print_compare
+    from soupsearch.reporting.compare import print_compare
 
     return print_compare(args.tracking_uri, args.experiment, args.run_id, args.metric, args.fmt, args.columns,
                          args.wide)
 
 
 def _recipe_error(msg: str) -> Exception:
-    from .errors import RecipeError
+    from soupsearch.errors import RecipeError
 
     return RecipeError(msg)
 
 
 def _add_merge(subparsers) -> None:
-    from .methods import get_method, list_methods
+    from soupsearch.merging.methods import get_method, list_methods
 
     methods = list_methods()
     p = subparsers.add_parser(
@@ -191,8 +191,8 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 def _cmd_merge(args) -> int:
     """``soupsearch merge``: errors propagate as SoupSearchError."""
-    from .ingredients import format_bytes
-    from .merge import merge_files
+    from soupsearch.merging.api import merge_files
+    from soupsearch.util.units import format_bytes
 
     params = parse_params(args.param)
     for flag, key in ((args.drop_rate, "p"), (args.seed, "seed"), (args.fisher_floor, "floor")):
@@ -218,7 +218,7 @@ def _cmd_merge(args) -> int:
 
 
 def _add_compare(subparsers) -> None:
-    from .compare import COMPACT, FORMATS
+    from soupsearch.reporting.compare import COMPACT, FORMATS
 
     p = subparsers.add_parser(
         "compare", help="compare the soups of a logged search (read from MLflow)",
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("SOUPSEARCH_DEBUG") == "1"
     quiet_logs(args.verbose, search=args.command in ("run", "demo"))
     if args.no_progress:
-        from .progress import set_progress
+        from soupsearch.util.progress import set_progress
 
         set_progress(False)
     return reporting_errors(lambda: args.func(args), debug)

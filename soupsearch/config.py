@@ -13,8 +13,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from . import timeouts as T
+from soupsearch.errors import ConfigError
+from soupsearch.util import timeouts as T
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -89,7 +89,7 @@ class CorruptionsConfig(_Strict):
     @field_validator("names")
     @classmethod
     def _names(cls, v):
-        from .data.corruptions import list_corruptions
+        from soupsearch.data.corruptions import list_corruptions
 
         bad = [n for n in v if n not in list_corruptions()]
         if bad:
@@ -136,14 +136,14 @@ class EvalConfig(_Strict):
     max_in_flight_per_evaluator: int = Field(default=2, gt=0)
     max_attempts: int = Field(default=3, gt=0)  # per shard, across evaluators
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # the val number every strategy compares (soupsearch.selection): accuracy, nll, macro_f1, or
+    # the val number every strategy compares (soupsearch.evaluation.selection): accuracy, nll, macro_f1, or
     # accuracy_nll (accuracy, ties broken by NLL)
     selection_metric: Literal["accuracy", "nll", "macro_f1", "accuracy_nll"] = "accuracy_nll"
     # forward passes in float32, or under autocast in bfloat16 / float16 (CPU and GPU); the
     # soup is always mixed in float32. Results are cached per precision.
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     # recompute every candidate's BatchNorm statistics on the fisher split (else val) right
-    # after it is mixed, before it is scored (REPAIR-style reset; soupsearch.bnreset). For
+    # after it is mixed, before it is scored (REPAIR-style reset; soupsearch.evaluation.bnreset). For
     # soups of models that do not share a basin. Results are cached apart.
     reset_bn: bool = False
     backend: Literal["ray", "local"] = "ray"  # local: in-process, no Ray (debugging)
@@ -164,7 +164,7 @@ class EvalConfig(_Strict):
     @classmethod
     def _mem(cls, v):
         if v != "auto":
-            from .shards import parse_bytes
+            from soupsearch.util.units import parse_bytes
 
             try:
                 parse_bytes(v)
@@ -211,7 +211,7 @@ class StrategySpec(_Strict):
     @field_validator("label")
     @classmethod
     def _label(cls, v):
-        from .safety import file_name_problem
+        from soupsearch.util.safety import file_name_problem
 
         problem = None if v is None else file_name_problem(v)
         if problem:  # the label names the soup's directory under run_dir/soups
@@ -222,14 +222,14 @@ class StrategySpec(_Strict):
     def run_name(self) -> str:
         if self.label:
             return self.label
-        from .strategies import get_strategy_class
+        from soupsearch.strategies import get_strategy_class
 
         cls = get_strategy_class(self.name)
         return cls.default_label(cls.validate_options(self.options))
 
 
 def _default_strategies() -> list[str]:
-    from .strategies import default_strategies
+    from soupsearch.strategies import default_strategies
 
     return default_strategies()
 
@@ -279,7 +279,7 @@ class SearchConfig(_Strict):
     @field_validator("strategies")
     @classmethod
     def _known(cls, v):
-        from .strategies import get_strategy_class, list_strategies
+        from soupsearch.strategies import get_strategy_class, list_strategies
 
         return check_strategies(v, list_strategies(), lambda s: get_strategy_class(s.name).validate_options(s.options))
 
@@ -300,7 +300,7 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross(self):
-        from .strategies import get_strategy_class
+        from soupsearch.strategies import get_strategy_class
 
         for s in self.search.strategies:
             cls = get_strategy_class(s.name)

@@ -65,7 +65,7 @@ def reporting_errors(run, debug: bool = False) -> int:
     except SoupSearchError as e:
         if debug:
             traceback.print_exc()
-        from .safety import redact
+        from soupsearch.util.redact import redact
 
         msg = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
         print(f"soupsearch: error: {redact(msg)}", file=sys.stderr)

@@ -12,28 +12,20 @@ as ``soupsearch run`` does.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shlex
 import sys
-import time
-from pathlib import Path
 
-from .errors import ConfigError, SoupSearchError, first_line, reporting_errors
-from . import timeouts as T
-
-DEFAULT_EXCLUDES = [".venv", ".git", "runs", "mlruns", "mlartifacts", "*.db", "__pycache__", ".pytest_cache",
-                    "bench/results", ".whl", ".gl"]
+from soupsearch.errors import ConfigError, reporting_errors
 
 
 def main(argv: list[str] | None = None) -> int:
     """The job's entry point (``python -m soupsearch.jobs CONFIG [--set KEY=VALUE ...]``): run
     the search on the job's cluster and print the table; errors as in ``soupsearch run``."""
-    from .config import load_config
-    from .multitask.config import load_multitask_config
-    from .multitask.report import run_and_print as run_multitask_and_print
-    from .progress import quiet_logs
-    from .report import run_and_print
+    from soupsearch.config import load_config
+    from soupsearch.multitask.config import load_multitask_config
+    from soupsearch.multitask.driver import run_and_print as run_multitask_and_print
+    from soupsearch.search.driver import run_and_print
+    from soupsearch.util.progress import quiet_logs
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("SOUPSEARCH_DEBUG") == "1"
@@ -111,52 +103,6 @@ def _import_package() -> None:
             importlib.import_module(m.name)
         except Exception:  # an optional module whose dependency is missing: imported where used
             pass
-
-
-def submit(config: str, address: str, working_dir: str = ".", overrides: list[str] | None = None,
-           wait: bool = True, pip: list[str] | None = None, timeout: float | None = None) -> tuple[str, str]:
-    """Submit a search as a Ray job; returns ``(job_id, final_status)``."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    try:
-        client = JobSubmissionClient(address)
-    except Exception as e:
-        first = first_line(e)
-        raise SoupSearchError(f"Ray address {address!r} is unreachable: {first}") from None
-    entry = ["python", "-m", "soupsearch.jobs", config] + sum((["--set", s] for s in overrides or []), [])
-    runtime_env = {"working_dir": working_dir, "excludes": DEFAULT_EXCLUDES}
-    if pip:
-        runtime_env["pip"] = pip
-    deadline = time.time() + T.JOB_AGENT_WAIT_S
-    while True:  # right after `ray start`, the head's job agent may not be up yet
-        try:
-            job_id = client.submit_job(entrypoint=" ".join(shlex.quote(x) for x in entry), runtime_env=runtime_env,
-                                       metadata={"soupsearch.config": Path(config).name})
-            break
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.time() > deadline:
-                raise SoupSearchError(f"Ray job submission to {address} failed: {first_line(e)}") from None
-            time.sleep(T.JOB_SUBMIT_RETRY_S)
-    print(f"[soupsearch] submitted job {job_id} to {address}", file=sys.stderr, flush=True)
-    if not wait:
-        return job_id, "PENDING"
-
-    async def follow():
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
-
-    try:
-        asyncio.run(asyncio.wait_for(follow(), timeout))
-    except Exception:  # log streaming is best effort; fall back to polling
-        pass
-    deadline = None if timeout is None else time.time() + timeout
-    while True:
-        status = client.get_job_status(job_id)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return job_id, str(status.value if hasattr(status, "value") else status)
-        if deadline and time.time() > deadline:
-            return job_id, "TIMEOUT"
-        time.sleep(T.JOB_STATUS_POLL_S)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from soupsearch.cli import build_parser, main
-from tests.conftest import tiny_config
+
+from tests.helpers import tiny_config
 
 
 def _cfg(tiny_sweep, tmp_path, **over):
@@ -54,7 +55,7 @@ def test_mlflow_view(searched):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from soupsearch.models import DigitsCNN
+    from soupsearch.models.factory import DigitsCNN
 
     cfg, err = searched
     uri = cfg["tracking"]["tracking_uri"]
@@ -124,7 +125,7 @@ def test_job_leaves_its_working_dir(tmp_path, monkeypatch):
         return 0
 
     monkeypatch.setattr("soupsearch.config.load_config", fake_load)
-    monkeypatch.setattr("soupsearch.report.run_and_print", fake_run)
+    monkeypatch.setattr("soupsearch.search.driver.run_and_print", fake_run)
     assert jobs.main(["c.yaml", "--set", f"root={root}"]) == 0
     assert seen["cwd"] == root and seen["path"] == str(wd / "c.yaml") and seen["cfg"] == "cfg"
     # without root: relative paths resolve against the working dir, and the job runs in a
@@ -135,11 +136,11 @@ def test_job_leaves_its_working_dir(tmp_path, monkeypatch):
     # its arguments: one config and --set items; anything else is a one-line error, exit 2
     assert jobs.main(["c.yaml", "--bogus"]) == 2
     assert jobs.main([]) == 2
-    assert "soupsearch.plots" in sys.modules  # imported while the package's files are there
+    assert "soupsearch.reporting.plots" in sys.modules  # imported while the package's files are there
 
 
 def test_near_chance_warning():
-    from soupsearch.sanity import chance_level, near_chance_warning
+    from soupsearch.evaluation.chance import chance_level, near_chance_warning
 
     y = np.array([0] * 30 + [1] * 35 + [2] * 35)
     assert chance_level(y) == pytest.approx(0.35)
@@ -162,7 +163,7 @@ def test_every_cli_option_has_help_and_debug_anywhere(capsys):
 
 
 def test_progress_counts_and_quiet_when_off(capsys):
-    from soupsearch import progress
+    from soupsearch.util import progress
 
     progress.set_progress(False)
     try:
@@ -190,7 +191,7 @@ def test_importance_plot_names_ingredients():
     import optuna
     from optuna.visualization import matplotlib as ovm
 
-    from soupsearch.strategies.learned import _ingredient_labels
+    from soupsearch.strategies._study_plots import ingredient_labels as _ingredient_labels
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

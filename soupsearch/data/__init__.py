@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from .corruptions import corrupt, list_corruptions
+from soupsearch.data.corruptions import corrupt, list_corruptions
+from soupsearch.errors import DataError
 
 __all__ = ["TensorSplit", "EvalSuite", "build_suite", "load_dataset", "list_corruptions"]
 
@@ -85,12 +85,12 @@ def _like(x_float: np.ndarray, template: np.ndarray) -> np.ndarray:
 def load_dataset(cfg) -> tuple[np.ndarray, np.ndarray, str]:
     """Arrays of one configured dataset (:class:`soupsearch.config.DatasetConfig`)."""
     if cfg.type == "digits":
-        from .digits import digits_split
+        from soupsearch.data.digits import digits_split
 
         x, y = digits_split(cfg.split, cfg.split_file)
         src = f"digits:{cfg.split}@{cfg.split_file}"
     elif cfg.type in ("torchvision", "imagefolder", "parquet"):
-        from .sources import load_source
+        from soupsearch.data.sources import load_source
 
         x, y, src = load_source(cfg.type, root=cfg.root, path=cfg.path, name=cfg.dataset, split=cfg.split,
                                 image_size=cfg.image_size, image_column=cfg.image_column,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from soupsearch.errors import ConfigError
 
 SEVERITIES = (1, 2, 3, 4, 5)
 _CORRUPTIONS: dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = {}

@@ -2,7 +2,7 @@
 
 ``sklearn.datasets.load_digits`` ships inside the scikit-learn package, so the demo
 needs no download. The 1797 images are scaled to [0, 1] and bilinearly upsampled to
-16x16 to match :class:`soupsearch.models.DigitsCNN`.
+16x16 to match :class:`soupsearch.models.factory.DigitsCNN`.
 
 The examples are cut into fixed, disjoint splits (sizes in :data:`SPLIT_SIZES`):
 
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
-from ..fileio import write_text_atomic
+from soupsearch.errors import DataError
+from soupsearch.util.fileio import write_text_atomic
 
 DATASET_NAME = "sklearn_digits_16x16"
 NUM_EXAMPLES = 1797

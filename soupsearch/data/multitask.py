@@ -1,4 +1,4 @@
-"""The task data of the multi-task demo sweep (:mod:`soupsearch.multitask_sweep`), from data
+"""The task data of the multi-task demo sweep (:mod:`soupsearch.sweeps.multitask`), from data
 that ships with installed packages or is drawn procedurally, all 1-channel 16x16 uint8:
 the digits, the digits under a strong style change, and shapes drawn with PIL; plus the
 byte-stable ``.npz`` files they are written to (``x`` ``[N, 1, 16, 16]``, ``y`` int64)."""
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..fileio import atomic_path
-from .digits import load_digits_arrays, make_splits
+from soupsearch.data.digits import load_digits_arrays, make_splits
+from soupsearch.util.fileio import atomic_path
 
 SPLITS: tuple[str, ...] = ("train", "val", "fisher", "test")
 DIGIT_CLASSES = tuple(str(d) for d in range(10))

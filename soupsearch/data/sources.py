@@ -35,8 +35,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import DataError
-from .torchvision_files import TORCHVISION_NAMES, load_torchvision as _load_torchvision, need as _need
+from soupsearch.data.torchvision_files import (
+    TORCHVISION_NAMES,
+)
+from soupsearch.data.torchvision_files import (
+    load_torchvision as _load_torchvision,
+)
+from soupsearch.data.torchvision_files import (
+    need as _need,
+)
+from soupsearch.errors import DataError
 
 __all__ = ["load_source", "KINDS", "TORCHVISION_NAMES"]
 

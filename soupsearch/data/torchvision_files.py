@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from soupsearch.errors import DataError
 
 TORCHVISION_NAMES = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn")
 NEVER = "soupsearch never downloads: put the files there"

@@ -4,13 +4,13 @@ A config with a top-level ``tasks:`` key runs :func:`~.driver.run_multitask` (``
 run``, Ray jobs). See the README's "Multi-task merging" section.
 """
 
-from .config import MultiTaskConfig, load_multitask_config, multitask_config_from_dict
-from .heads import split_head
+from soupsearch.multitask.config import MultiTaskConfig, load_multitask_config, multitask_config_from_dict
+from soupsearch.multitask.heads import split_head
 
 __all__ = ["MultiTaskConfig", "load_multitask_config", "multitask_config_from_dict", "split_head", "run_multitask"]
 
 
 def run_multitask(cfg, tracker=None):
-    from .driver import run_multitask as _run
+    from soupsearch.multitask.driver import run_multitask as _run
 
     return _run(cfg, tracker)

@@ -16,10 +16,22 @@ from typing import Any, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..config import (DataConfig, EvalConfig, FisherConfig, ModelConfig, RayConfig, TrackingConfig, _format_validation_error,
-                      _resolve_paths, _Strict, check_strategies, coerce_strategy_items, parse_overrides, set_dotted)
-from ..errors import ConfigError
-
+from soupsearch.config import (
+    DataConfig,
+    EvalConfig,
+    FisherConfig,
+    ModelConfig,
+    RayConfig,
+    TrackingConfig,
+    _format_validation_error,
+    _resolve_paths,
+    _Strict,
+    check_strategies,
+    coerce_strategy_items,
+    parse_overrides,
+    set_dotted,
+)
+from soupsearch.errors import ConfigError
 
 RESERVED = ("name", "method", "mean", "val_mean", "ood_mean", "vs_uniform", "run_id")  # table columns
 
@@ -39,7 +51,7 @@ class TaskConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v):
-        from ..safety import file_name_problem
+        from soupsearch.util.safety import file_name_problem
 
         problem = file_name_problem(v) or ("it is a column of the results table" if v in RESERVED else None)
         if problem:  # the name is part of metric keys and file names
@@ -83,7 +95,7 @@ class MTSearchConfig(_Strict):
     @field_validator("strategies")
     @classmethod
     def _known(cls, v):
-        from .strategies import get_strategy, list_strategies
+        from soupsearch.multitask.strategies import get_strategy, list_strategies
 
         return check_strategies(v, list_strategies(), lambda s: get_strategy(s.name).validate_options(s.name, s.options),
                                 "multi-task strategy")
@@ -126,7 +138,7 @@ class MultiTaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross(self):
-        from .strategies import get_strategy
+        from soupsearch.multitask.strategies import get_strategy
 
         for s in self.search.strategies:
             needs = get_strategy(s.name).requirements(s.name, s.options)

@@ -18,17 +18,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import build_suite
-from ..errors import CheckpointError, DataError, SoupSearchError
-from ..ingredients import ParamLayout, discover, format_bytes, load_state_dict
-from ..models import create_model
-from ..selection import higher_is_better
-from ..tracking import Tracker
-from .config import MultiTaskConfig
-from .evaluate import EvalSpec, TaskPool, TaskSpec
-from .heads import Split, split_head
-from .scores import Scores, score
-from .strategies import MTResult, get_strategy
+from soupsearch.data import build_suite
+from soupsearch.errors import CheckpointError, DataError, SoupSearchError
+from soupsearch.evaluation.multitask import EvalSpec, TaskSpec
+from soupsearch.evaluation.selection import higher_is_better
+from soupsearch.execution import local_ray
+from soupsearch.execution.task_pool import TaskPool
+from soupsearch.ingredients.discovery import discover, load_state_dict
+from soupsearch.ingredients.layout import ParamLayout
+from soupsearch.models.factory import create_model
+from soupsearch.multitask.config import MultiTaskConfig
+from soupsearch.multitask.heads import Split, split_head
+from soupsearch.multitask.scores import Scores, score
+from soupsearch.multitask.strategies import MTResult, get_strategy
+from soupsearch.tracking import Tracker
+from soupsearch.util.units import format_bytes
 
 log = logging.getLogger("soupsearch.multitask")
 
@@ -242,27 +246,27 @@ class MTContext:
 def resolve_num_evaluators(cfg: MultiTaskConfig) -> int:
     if cfg.eval.num_evaluators != "auto":
         return int(cfg.eval.num_evaluators)
-    import ray
+    from soupsearch.execution.launch import cluster_cpus
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return cluster_cpus()
 
 
 def run_multitask(cfg: MultiTaskConfig, tracker: Tracker | None = None) -> MTOutcome:
-    from ..runlock import RunDirLock
+    from soupsearch.search.runlock import RunDirLock
 
     with RunDirLock(cfg.resolved_run_dir()) as lock:
         return _run(cfg, tracker, lock)
 
 
 def _run(cfg: MultiTaskConfig, tracker: Tracker | None, lock) -> MTOutcome:
-    from .. import preflight
-    from ..fileio import write_text_atomic
-    from ..runlock import mark_stale_parent, uri_fingerprint
-    from ..launch import init_ray
+    from soupsearch.execution.launch import init_ray
+    from soupsearch.search import preflight
+    from soupsearch.search.runlock import mark_stale_parent, uri_fingerprint
+    from soupsearch.util.fileio import write_text_atomic
 
     t0 = time.time()
     run_dir = lock.run_dir
-    preflight.clean_up_after_dead_driver(lock, say)
+    local_ray.clean_up_after_dead_driver(lock, say)
     tracker = tracker or Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)
     tracker.connect()
     mark_stale_parent(tracker, lock.previous, say)
@@ -312,10 +316,7 @@ def _run(cfg: MultiTaskConfig, tracker: Tracker | None, lock) -> MTOutcome:
         if pool is not None:
             pool.close()
         if started:
-            import ray
-
-            ray.shutdown()
-            preflight.stop_local_ray(lock, say)
+            local_ray.shutdown(lock, say)
 
 
 BASELINES = ("task_own", "pretrained", "ensemble")
@@ -345,7 +346,7 @@ def _versus_uniform(tracker: Tracker, outcome: MTOutcome, ctx: MTContext) -> Non
     to the ``uniform`` run on val and test, with a 95% paired bootstrap interval (examples
     resampled in pairs within each task), logged as ``delta_vs_uniform/<split>/accuracy``
     (``_ci_low``, ``_ci_high``) on every other child run."""
-    from .scores import versus
+    from soupsearch.multitask.scores import versus
 
     ref = next((r for r in outcome.results if r.strategy == "uniform"), None)
     if ref is None:
@@ -367,7 +368,7 @@ def _versus_uniform(tracker: Tracker, outcome: MTOutcome, ctx: MTContext) -> Non
 def _save_best(tracker, outcome: MTOutcome, ctx: MTContext, best: MTResult, run_dir: Path) -> None:
     """The best merge's model of every task (the merged body + the task's head) as
     ``run_dir/soups/<best>/<task>.safetensors``, logged on its child run (``models/``)."""
-    from ..fileio import save_safetensors_atomic
+    from soupsearch.util.fileio import save_safetensors_atomic
 
     if best.candidate.kind == "ensemble":
         return
@@ -389,8 +390,8 @@ def _json(d) -> str:
 
 
 def _log_parent(tracker, parent, outcome: MTOutcome, ctx: MTContext, run_dir: Path) -> None:
-    from ..fileio import write_text_atomic
-    from .report import plot_task_accuracy, results_table
+    from soupsearch.multitask.report import plot_task_accuracy, results_table
+    from soupsearch.util.fileio import write_text_atomic
 
     metric = ctx.metric
     merged = [r for r in outcome.results if r.name not in BASELINES and r.candidate.kind == "merge"]
@@ -406,3 +407,18 @@ def _log_parent(tracker, parent, outcome: MTOutcome, ctx: MTContext, run_dir: Pa
     png = plot_task_accuracy(outcome, run_dir / "plots" / "task_accuracy.png")
     if png is not None:
         tracker.log_artifact(parent, png, "plots")
+
+
+def run_and_print(cfg) -> int:
+    """Run a multi-task search (``soupsearch run``, a Ray job's entry point on a config with
+    ``tasks:``) and print its task x method table and where its results are."""
+    from soupsearch.multitask.report import results_table
+    from soupsearch.reporting.tables import open_hint
+
+    outcome = run_multitask(cfg)
+    print(results_table(outcome))
+    print(f"best merge on mean val: {outcome.best}   head (per task): {', '.join(outcome.head)}")
+    print(f"run dir: {outcome.run_dir}   MLflow parent run: {outcome.parent_run_id}")
+    for line in open_hint(cfg.tracking.resolved_uri(), cfg.tracking.experiment):
+        print(line)
+    return 0

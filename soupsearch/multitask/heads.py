@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from ..errors import CheckpointError, ConfigError
+from soupsearch.errors import CheckpointError, ConfigError
 
 
 @dataclass(frozen=True)

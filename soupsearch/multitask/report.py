@@ -4,22 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import format_table
-
-
-def run_and_print(cfg) -> int:
-    """Run a multi-task search (``soupsearch run``, a Ray job's entry point on a config with
-    ``tasks:``) and print its task x method table and where its results are."""
-    from ..report import open_hint
-    from .driver import run_multitask
-
-    outcome = run_multitask(cfg)
-    print(results_table(outcome))
-    print(f"best merge on mean val: {outcome.best}   head (per task): {', '.join(outcome.head)}")
-    print(f"run dir: {outcome.run_dir}   MLflow parent run: {outcome.parent_run_id}")
-    for line in open_hint(cfg.tracking.resolved_uri(), cfg.tracking.experiment):
-        print(line)
-    return 0
+from soupsearch.reporting.tables import format_table
 
 
 def table_rows(outcome, split: str = "test", metric: str = "accuracy") -> list[dict]:
@@ -54,7 +39,7 @@ def results_table(outcome, fmt: str = "table", metric: str = "accuracy") -> str:
 
 def plot_task_accuracy(outcome, path: Path, metric: str = "accuracy") -> Path | None:
     """Grouped bars: test ``metric`` of every task (and the mean) for every method."""
-    from ..plots import figure, save_figure
+    from soupsearch.reporting.plots import figure, save_figure
 
     rows = table_rows(outcome, "test", metric)
     if not rows:

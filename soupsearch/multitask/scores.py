@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..metrics import Counts, compute_metrics
-from ..tracking import metric_prefix
+from soupsearch.evaluation.metrics import Counts, compute_metrics
+from soupsearch.tracking import metric_prefix
 
 MEAN_SPLITS = ("val", "test", "ood_mean")
 
@@ -43,7 +43,7 @@ class Scores:
 def versus(a: Scores, b: Scores, weights: dict[str, float], split: str = "test", seed: int = 0) -> dict[str, float]:
     """The task-weighted mean accuracy difference ``a - b`` on ``split`` with its 95% paired
     bootstrap interval (examples resampled in pairs within each task)."""
-    from ..significance import stratified_paired_bootstrap
+    from soupsearch.evaluation.significance import stratified_paired_bootstrap
 
     strata = [(a.correct[t][split], b.correct[t][split], weights[t]) for t in a.correct
               if split in a.correct[t] and split in b.correct.get(t, {})]

@@ -26,10 +26,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import RecipeError
-from ..methods import get_method, list_methods
-from ..mixing import Recipe
-from .evaluate import Candidate
+from soupsearch.errors import RecipeError
+from soupsearch.evaluation.multitask import Candidate
+from soupsearch.merging.methods import get_method, list_methods
+from soupsearch.merging.mixing import Recipe
 
 
 @dataclass

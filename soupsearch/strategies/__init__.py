@@ -1,16 +1,18 @@
 """Strategy registry: one module per strategy, registered by name.
 
-The registry is lazy: importing this package loads only :mod:`.base`; the strategy modules
-are imported on the first :func:`list_strategies` / :func:`get_strategy_class` (every module
-of the package, in name order, so adding a strategy is adding its module). What a strategy
-needs from a search (the base model, per-ingredient statistics, the ingredients'
-predictions, other strategies' results) is class metadata on it (see :class:`.base.Strategy`);
-:func:`default_strategies` are the ones a config without ``search.strategies`` runs.
+The registry is lazy: importing this package loads only the machinery it re-exports
+(:mod:`._base`); the strategy modules are imported on the first :func:`list_strategies` /
+:func:`get_strategy_class` (every module of the package, in name order, so adding a strategy
+is adding its module). What a strategy needs from a search (the base model, per-ingredient
+statistics, the ingredients' predictions, other strategies' results) is class metadata on it
+(see :class:`._base.Strategy`); :func:`default_strategies` are the ones a config without
+``search.strategies`` runs.
 
-Modules that are not strategies: :mod:`.base` (the contract: ``SearchContext``, ``Strategy``,
-``SoupResult``), :mod:`.asktell` (the one asynchronous ask/tell loop), and the Optuna
-strategies' parts: :mod:`.study` (storage, naming, resume), :mod:`.space` (search spaces),
-:mod:`.trials` (the trial loop), :mod:`.study_plots`, :mod:`.neighbourhood` (centred regions)."""
+Modules that are not strategies start with ``_`` and the registry skips them: :mod:`._base`
+(the contract: ``SearchContext``, ``Strategy``, ``SoupResult``), :mod:`._asktell` (the one
+asynchronous ask/tell loop), and the Optuna strategies' parts: :mod:`._study` (storage,
+naming, resume), :mod:`._space` (search spaces), :mod:`._trials` (the trial loop),
+:mod:`._study_plots`, :mod:`._neighbourhood` (centred regions)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import inspect
 import pkgutil
 import threading
 
-from .base import Needs, SearchContext, SoupResult, Strategy
+from soupsearch.strategies._base import Needs, SearchContext, SoupResult, Strategy
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 _loaded = False
@@ -41,7 +43,8 @@ def _load() -> None:
     with _lock:
         if not _loaded:
             for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-                importlib.import_module(f"{__name__}.{m.name}")
+                if not m.name.startswith("_"):  # machinery (the contract, the loops), not strategies
+                    importlib.import_module(f"{__name__}.{m.name}")
             _loaded = True
 
 
@@ -66,7 +69,7 @@ def list_strategies() -> list[str]:
 
 
 def get_strategy_class(name: str) -> type[Strategy]:
-    from ..errors import ConfigError
+    from soupsearch.errors import ConfigError
 
     _load()
     if name not in _REGISTRY:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..mixing import Recipe
-from . import register_strategy
-from .base import SoupResult, Strategy, rank_by_score  # noqa: F401  (re-exported)
+from soupsearch.merging.mixing import Recipe
+from soupsearch.strategies import register_strategy
+from soupsearch.strategies._base import SoupResult, Strategy, rank_by_score  # noqa: F401
 
 
 @register_strategy

@@ -1,15 +1,15 @@
 """DARE (drop and rescale, Yu et al., 2024) before mixing: each ingredient's delta from the
 base model has a fraction ``p`` of its entries dropped (seeded) and the rest rescaled by
 ``1/(1-p)``; then the uniform soup and the greedy set are mixed from those. The method
-itself is :mod:`soupsearch.methods.dare`."""
+itself is :mod:`soupsearch.merging.methods.dare`."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import register_strategy
-from .base import SetName
-from .merge import MethodPreset
+from soupsearch.strategies import register_strategy
+from soupsearch.strategies._base import SetName
+from soupsearch.strategies.merge import MethodPreset
 
 
 @register_strategy

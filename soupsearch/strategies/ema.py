@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ConfigError
-from ..mixing import Recipe
-from . import register_strategy
-from .base import SoupResult, Strategy
+from soupsearch.errors import ConfigError
+from soupsearch.merging.mixing import Recipe
+from soupsearch.strategies import register_strategy
+from soupsearch.strategies._base import SoupResult, Strategy
 
 
 def ema_coefficients(order: list[int], decay: float, n: int) -> tuple[float, ...]:

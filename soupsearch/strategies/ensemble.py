@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ..metrics import compute_metrics, counts_from_logits
-from . import register_strategy
-from .base import Needs, SoupResult, Strategy, member_sets, results_of_sets
+from soupsearch.evaluation.metrics import compute_metrics, counts_from_logits
+from soupsearch.strategies import register_strategy
+from soupsearch.strategies._base import Needs, SoupResult, Strategy, member_sets, results_of_sets
 
 
 def ensemble_logprobs(member_logprobs: list[np.ndarray], combine: str = "prob_mean") -> np.ndarray:

@@ -2,15 +2,15 @@
 ``theta = sum_i l_i F_i theta_i / sum_i l_i F_i`` with a floor on ``F``, over all
 ingredients and over the greedy set. The Fisher stack is estimated once per search on
 the evaluators (``fisher:`` section of the config); ``l`` is uniform here and tuned by
-``fisher_learned``. The method itself is :mod:`soupsearch.methods.fisher`."""
+``fisher_learned``. The method itself is :mod:`soupsearch.merging.methods.fisher`."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import register_strategy
-from .base import SetName
-from .merge import MethodPreset
+from soupsearch.strategies import register_strategy
+from soupsearch.strategies._base import SetName
+from soupsearch.strategies.merge import MethodPreset
 
 
 @register_strategy

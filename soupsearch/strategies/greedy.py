@@ -15,11 +15,11 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from ..mixing import Recipe
-from ..selection import improves
-from . import register_strategy
-from .asktell import AskTellLoop, Proposal
-from .base import SoupResult, Strategy, rank_by_score
+from soupsearch.evaluation.selection import improves
+from soupsearch.merging.mixing import Recipe
+from soupsearch.strategies import register_strategy
+from soupsearch.strategies._asktell import AskTellLoop, Proposal
+from soupsearch.strategies._base import SoupResult, Strategy, rank_by_score
 
 
 @register_strategy

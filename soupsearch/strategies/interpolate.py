@@ -9,7 +9,7 @@ is returned as this strategy's soup.
 
 With ``ingredients.align``, the ingredients were permuted onto a reference before the
 search; the alignment step measured the path from the reference to every other
-ingredient as trained, too (:mod:`soupsearch.barriers`). For a pair with the reference,
+ingredient as trained, too (:mod:`soupsearch.evaluation.barriers`). For a pair with the reference,
 the barriers before alignment are reported next to this strategy's (``..._unaligned``)
 and both val curves are drawn in the plot.
 """
@@ -19,13 +19,12 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import selection
-from ..barriers import barrier, read_report, unaligned_curve
-from ..errors import ConfigError
-from ..mixing import Recipe
-from . import register_strategy
-from .base import Needs, SoupResult, Strategy, rank_by_score
-
+from soupsearch.errors import ConfigError
+from soupsearch.evaluation import selection
+from soupsearch.evaluation.barriers import barrier, read_report, unaligned_curve
+from soupsearch.merging.mixing import Recipe
+from soupsearch.strategies import register_strategy
+from soupsearch.strategies._base import Needs, SoupResult, Strategy, rank_by_score
 
 BASE = "base"  # the endpoint name of the pre-trained model in ``pairs``
 

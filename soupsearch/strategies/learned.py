@@ -64,20 +64,31 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .. import selection
-from ..errors import ConfigError, EvaluationError
-from ..fileio import write_json_atomic
-from ..methods import get_method
-from ..metrics import METRICS
-from ..mixing import Recipe
-from ..safety import redact
-from . import neighbourhood, register_strategy, study as studies, study_plots
-from .base import Needs, SoupResult, Strategy
-from .merge import check_method, method_needs
-from .space import LOGIT_RANGE, CoefficientSpace, effective_method  # noqa: F401  (re-exported)
-from .study import INTERRUPTED, NOT_IN_NAME
-from .study_plots import ingredient_labels as _ingredient_labels  # noqa: F401  (re-exported)
-from .trials import optimize
+from soupsearch.errors import ConfigError, EvaluationError
+from soupsearch.evaluation import selection
+from soupsearch.evaluation.metrics import METRICS
+from soupsearch.merging.methods import get_method
+from soupsearch.merging.mixing import Recipe
+from soupsearch.strategies import (
+    _neighbourhood as neighbourhood,
+)
+from soupsearch.strategies import (
+    _study as studies,
+)
+from soupsearch.strategies import (
+    _study_plots as study_plots,
+)
+from soupsearch.strategies import (
+    register_strategy,
+)
+from soupsearch.strategies._base import Needs, SoupResult, Strategy
+from soupsearch.strategies._space import LOGIT_RANGE, CoefficientSpace, effective_method  # noqa: F401
+from soupsearch.strategies._study import INTERRUPTED, NOT_IN_NAME
+from soupsearch.strategies._study_plots import ingredient_labels as _ingredient_labels  # noqa: F401
+from soupsearch.strategies._trials import optimize
+from soupsearch.strategies.merge import check_method, method_needs
+from soupsearch.util.fileio import write_json_atomic
+from soupsearch.util.redact import redact
 
 __all__ = ["Learned", "FisherLearned", "OBJECTIVES", "INTERRUPTED", "LOGIT_RANGE", "CoefficientSpace", "_Space",
            "_ingredient_labels", "effective_method"]

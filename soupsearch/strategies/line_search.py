@@ -18,10 +18,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .. import selection
-from ..mixing import Recipe
-from . import register_strategy
-from .base import Needs, SoupResult, Strategy, rank_by_score
+from soupsearch.evaluation import selection
+from soupsearch.merging.mixing import Recipe
+from soupsearch.strategies import register_strategy
+from soupsearch.strategies._base import Needs, SoupResult, Strategy, rank_by_score
 
 
 @register_strategy

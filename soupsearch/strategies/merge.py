@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import RecipeError
-from ..methods import get_method, list_methods
-from ..mixing import Recipe
-from . import register_strategy
-from .base import Needs, SetName, SoupResult, Strategy, member_sets, results_of_sets
+from soupsearch.errors import RecipeError
+from soupsearch.merging.methods import get_method, list_methods
+from soupsearch.merging.mixing import Recipe
+from soupsearch.strategies import register_strategy
+from soupsearch.strategies._base import Needs, SetName, SoupResult, Strategy, member_sets, results_of_sets
 
 
 def method_needs(method: str, sets=()) -> Needs:

@@ -14,15 +14,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import ConfigError, RecipeError
-from ..methods import get_method
-from . import register_strategy
-from .base import Needs, SetName, member_sets
-from .learned import OBJECTIVES, Learned, _OptionError
-from .merge import check_method, method_needs
-from .space import MethodParamSpace
-from .study import tried_params
-
+from soupsearch.errors import ConfigError, RecipeError
+from soupsearch.merging.methods import get_method
+from soupsearch.strategies import register_strategy
+from soupsearch.strategies._base import Needs, SetName, member_sets
+from soupsearch.strategies._space import MethodParamSpace
+from soupsearch.strategies._study import tried_params
+from soupsearch.strategies.learned import OBJECTIVES, Learned, _OptionError
+from soupsearch.strategies.merge import check_method, method_needs
 
 _ParamSpace = MethodParamSpace  # the older name
 

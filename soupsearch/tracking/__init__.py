@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import TrackingError, first_line
-from ..safety import redact, redact_obj
-from .. import timeouts as T
+from soupsearch.errors import TrackingError, first_line
+from soupsearch.util import timeouts as T
+from soupsearch.util.redact import redact, redact_obj
 
 _BAD = re.compile(r"[^/\w.\- :]")
 

@@ -13,20 +13,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import selection, significance
-from ..fileio import save_safetensors_atomic, write_json_atomic, write_text_atomic
-from ..models import create_model
-from ..progress import say
-from ..safety import inside
-from . import metric_prefix
+from soupsearch.evaluation import selection, significance
+from soupsearch.models.factory import create_model
+from soupsearch.tracking import metric_prefix
+from soupsearch.util.fileio import save_safetensors_atomic, write_json_atomic, write_text_atomic
+from soupsearch.util.progress import say
+from soupsearch.util.safety import inside
 
 if TYPE_CHECKING:
-    from ..context import Context
-    from ..data import EvalSuite
-    from ..outcome import CandidateRow, SearchOutcome
-    from ..pool import EvalPool
-    from ..shards import StackInfo
-    from ..strategies.base import SoupResult
+    from soupsearch.data import EvalSuite
+    from soupsearch.execution.pool import EvalPool
+    from soupsearch.ingredients.columns import StackInfo
+    from soupsearch.search.context import Context
+    from soupsearch.search.results import CandidateRow, SearchOutcome
+    from soupsearch.strategies._base import SoupResult
 
 
 def mlflow_metrics(row: CandidateRow, suite: EvalSuite) -> dict[str, float]:
@@ -145,7 +145,7 @@ def log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: C
     rid = tracker.child_ids[best.name]
     tracker.log_artifact(rid, card_path)
     pkg_dir = str(Path(__file__).resolve().parent)
-    from . import use_tracking_uri
+    from soupsearch.tracking import use_tracking_uri
 
     ended = tracker.client.get_run(rid).info.end_time  # the strategy's end: reopening must not move it
     try:
@@ -166,7 +166,7 @@ def log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: C
 def register(cfg, tracker, model_uri: str, best: "CandidateRow", rid: str) -> None:
     """``tracking.register_as``: the best soup as a new version of a registered model."""
     if cfg.tracking.register_as:
-        from . import register_best
+        from soupsearch.tracking import register_best
 
         version = register_best(tracker, model_uri, cfg.tracking.register_as, {
             "soupsearch.search": tracker.client.get_run(tracker.parent_id).info.run_name,
@@ -181,7 +181,7 @@ def register(cfg, tracker, model_uri: str, best: "CandidateRow", rid: str) -> No
 def layer_spread(outcome: SearchOutcome, pool: EvalPool) -> None:
     """Distances of the ingredients to the best plain soup per tensor, computed where the
     stack is (for the layer-spread figure); never fails the search."""
-    from ..plots import best_weight_soup
+    from soupsearch.reporting.plots import best_weight_soup
 
     try:
         picked = best_weight_soup(outcome)
@@ -194,7 +194,7 @@ def layer_spread(outcome: SearchOutcome, pool: EvalPool) -> None:
 def log_plots(tracker, parent, outcome, run_dir) -> None:
     """The comparison figures (soups vs ingredients, greedy trajectory, per-split bars, layer
     spread) into ``<run_dir>/plots`` and the parent run's ``plots/``; never fails the search."""
-    from ..plots import make_plots
+    from soupsearch.reporting.plots import make_plots
 
     for name, path in make_plots(outcome, run_dir / "plots").items():
         try:

@@ -1,0 +1,577 @@
+"""Helpers shared by the tests (fixtures live in conftest.py): small sweeps and configs, a
+real MLflow server, the table-driven fake SearchContext and a scored one, /proc readers."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import ipaddress
+import math
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from soupsearch.errors import ConfigError, EvaluationError
+from soupsearch.evaluation import selection
+from soupsearch.merging.mixing import Recipe
+from soupsearch.models.factory import create_model
+from soupsearch.strategies import create_strategy
+
+# ----------------------------------------------------------------------------- sweeps, configs and processes
+
+
+# the tiny sweep's CNN: a narrower head than the demo's, so that its tensors split about evenly
+# between two holders of a sharded stack (the demo CNN's first head layer is 69% of it)
+TINY_MODEL = {"num_classes": 10, "hidden": 24}
+
+
+def perturbed_state_dicts(n: int, seed: int = 0, width: int = 4, scale: float = 0.05):
+    """``n`` state dicts of a small DigitsCNN: one random base plus noise (fast, no training)."""
+    torch.manual_seed(seed)
+    base = create_model("builtin:digits_cnn", width=width).state_dict()
+    g = torch.Generator().manual_seed(seed + 1)
+    out = []
+    for i in range(n):
+        sd = {}
+        for k, v in base.items():
+            if v.is_floating_point():
+                noise = torch.randn(v.shape, generator=g) * scale
+                sd[k] = (v + noise).abs() if "running_var" in k else v + noise
+            else:
+                sd[k] = v.clone() + i  # integer buffers differ: the first ingredient's must win
+        out.append(sd)
+    return out
+
+
+def random_split(n: int = 100, seed: int = 0, classes: int = 10):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 1, 16, 16), dtype=np.float32), rng.integers(0, classes, n).astype(np.int64)
+
+
+def tiny_config(sweep: Path, tmp_path: Path, **overrides) -> dict:
+    """A config dict over ``sweep`` writing into ``tmp_path``."""
+    split_file = str(sweep / "splits.json")
+    cfg = {
+        "name": "tiny",
+        "run_dir": str(tmp_path / "run"),
+        "model": {"factory": "builtin:digits_cnn", "kwargs": dict(TINY_MODEL)},
+        "ingredients": {"path": str(sweep / "manifest.json")},
+        "data": {
+            "val": {"type": "digits", "split": "val", "split_file": split_file},
+            "test": {"type": "digits", "split": "test", "split_file": split_file},
+            "corruptions": {"names": ["gaussian_noise", "rotation"], "severities": [3]},
+        },
+        "eval": {"num_evaluators": 2, "shard_size": 64},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny"},
+    }
+    for k, v in overrides.items():
+        cur = cfg
+        keys = k.split(".")
+        for kk in keys[:-1]:
+            cur = cur.setdefault(kk, {})
+        cur[keys[-1]] = v
+    return cfg
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for servers the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(proc, grace: float = 15) -> None:
+    """Stop a server started with ``start_new_session=True``: SIGTERM its group, then SIGKILL."""
+    import contextlib
+    import signal
+    import subprocess
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test interrupts with SIGINT: the default disposition,
+    so that its Python raises KeyboardInterrupt. A test run started in the background by a
+    non-interactive shell inherits SIGINT *ignored*, and an ignored SIGINT stays ignored
+    across exec (Python then installs no handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# ----------------------------------------------------------------------------- a real MLflow server, a real search, PNG files
+
+
+STRATEGIES = ["best_individual", "uniform", "greedy", "ensemble"]
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, log_path: Path, timeout: float = 90.0):
+    """``mlflow server`` on 127.0.0.1 (a free port) over ``backend_uri``; yields its URL and
+    stops it (its whole process group) on the way out, whatever happened."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    cmd = [str(exe) if exe.exists() else "mlflow", "server", "--backend-store-uri", backend_uri,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # the job executor (GenAI scorers) delays the first API answer by ~20 s on 2 cores; not needed here
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}: "
+                                   f"{Path(log_path).read_text(errors='replace')[-2000:]}")
+            try:  # ready = answers an API call (not only /health)
+                with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > end:
+                raise RuntimeError(f"mlflow server not ready after {timeout:.0f}s: "
+                                   f"{Path(log_path).read_text(errors='replace')[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+def run_tiny_search(tiny_sweep: Path, tmp: Path, strategies=STRATEGIES):
+    """A real search (Ray) logging to ``tmp/mlflow.db``; MLflow's artifacts go under ``tmp``
+    (the default artifact root is relative to the working directory)."""
+    from soupsearch.config import config_from_dict
+    from soupsearch.search.driver import run_search
+
+    cfg = config_from_dict(tiny_config(tiny_sweep, tmp, **{"search.strategies": list(strategies)}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        out = run_search(cfg)
+    return cfg, out
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG, f"{path}: not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+# ----------------------------------------------------------------------------- the table-driven fake SearchContext
+#
+# One table-driven :class:`~soupsearch.strategies._base.SearchContext` for the strategy tests.
+#
+# Scores come from a table of per-ingredient values per split (``values``) and a deterministic
+# mixing rule for soups (:func:`mixing_rule`): a fixed function of the recipe's coefficients,
+# its base coefficient and its method's parameters. ``table`` (support set -> selection
+# metric on val) overrides the rule for the sets it holds, and ``score`` (recipe, split ->
+# metrics) replaces it altogether (e.g. a quadratic with a known optimum).
+#
+# The fake has only what it is given: without ``base`` a recipe that uses the base model
+# fails, without ``stats`` one whose method needs per-ingredient statistics fails, without
+# ``predictions`` :meth:`logprobs` fails -- each with a :class:`ConfigError` naming what is
+# missing, as a search without it would. It records what strategies asked of it
+# (``submitted``, ``evaluated``, ``result_reads``, ``learn_calls``, ``logs``) and checks the
+# protocol's rules (split names, cancelled tickets, more in flight than ``max_in_flight``).
+#
+# ``wait`` completes submissions in the order set by ``completion``: ``"fifo"``,
+# ``"random"`` (one random pending submission; seeded) or ``"batches"`` (a random number of
+# random ones, like a pool with several evaluators). With ``early_stop`` a submission whose
+# ``must_reach`` it cannot reach may come back early with an upper bound (seeded), like the
+# driver's context.
+
+
+SPLIT_SIZE = 200  # examples per split (for accuracy_nll and the predictions)
+NUM_CLASSES = 4
+
+
+def default_values(n: int, splits: Sequence[str]) -> dict[str, list[float]]:
+    """Per-ingredient accuracy per split: distinct, deterministic, not sorted by index."""
+    val = [0.55 + 0.04 * ((i * 5) % 7) + 0.001 * i for i in range(n)]
+    out = {"val": val}
+    for k, s in enumerate(splits):
+        if s != "val":
+            out[s] = [v - 0.02 - 0.01 * ((i + k) % 3) for i, v in enumerate(val)]
+    return out
+
+
+def _method_term(recipe: Recipe) -> float:
+    """A small deterministic offset per method and parameters (so tuning them matters)."""
+    if recipe.method == "weighted" and not recipe.params:
+        return 0.0
+    doc = f"{recipe.method}:{sorted(recipe.params)}"
+    return (int(hashlib.sha1(doc.encode()).hexdigest()[:6], 16) % 1000) / 1e5
+
+
+def mixing_rule(recipe: Recipe, v: Sequence[float], base_value: float = 0.3) -> float:
+    """Accuracy of a soup from the ingredients' values ``v``: the weighted mean (by the
+    normalized magnitudes of the coefficients, layer rows averaged) plus a bonus for mixing
+    (``0.05 (1 - sum w^2)``), the base's share at ``base_value``, and a method term."""
+    rows = np.array(recipe.layer_coeffs or (recipe.coeffs,), dtype=np.float64)
+    c = np.abs(rows).mean(0)
+    b = abs(recipe.base_coeff)
+    total = c.sum() + b
+    if total <= 0:
+        return 0.0
+    w, wb = c / total, b / total
+    acc = float(w @ np.asarray(v, dtype=np.float64) + wb * base_value + 0.05 * (1.0 - (w ** 2).sum() - wb ** 2))
+    return min(1.0, max(0.0, acc + _method_term(recipe)))
+
+
+def metrics_of(acc: float, recipe: Recipe | None = None) -> dict[str, float]:
+    """Every metric a pool reports, from one accuracy (deterministic)."""
+    conc = 0.0 if recipe is None else float((np.array(recipe.layer_coeffs or (recipe.coeffs,)) ** 2).mean())
+    nll = 2.0 * (1.0 - acc) + 0.1 * conc
+    return {"accuracy": acc, "nll": nll, "macro_f1": acc - 0.01, "ece": 0.05 * (1.0 - acc),
+            "accuracy_nll": selection.tie_broken_accuracy(acc, nll, SPLIT_SIZE)}
+
+
+class FakeContext:
+    """A complete SearchContext over a score table (see the module docstring)."""
+
+    def __init__(self, n: int = 5, *, run_dir: str | Path = ".", metric: str = "accuracy",
+                 values: Mapping[str, Sequence[float]] | None = None,
+                 table: Mapping[frozenset, float] | None = None,
+                 score: Callable[[Recipe, str], dict[str, float]] | None = None,
+                 splits: Sequence[str] = ("val", "test"), shifts: Sequence[str] = (),
+                 num_evaluators: int = 1, seed: int = 0, fingerprint: str = "fakefp",
+                 groups: Sequence[str] = ("g0", "g1", "g2"), group_depth: int = 1,
+                 hparams: Sequence[Mapping[str, Any]] | None = None,
+                 base: bool = False, stats: Sequence[str] = (), predictions: bool = True,
+                 results: Mapping[str, Any] | None = None, learned_coeffs: Sequence[float] | None = None,
+                 completion: str = "fifo", rng_seed: int = 1234, early_stop: bool = False,
+                 max_in_flight: int | None = None, fail_if: Callable[[Recipe], bool] | None = None,
+                 fail_in: str = "wait", attribute_failures: bool = True, interrupt_after: int | None = None):
+        self.n = n
+        self.names = [f"m{i}" for i in range(n)]
+        self.hparams = list(hparams) if hparams is not None else [{"step": (i * 3) % n} for i in range(n)]
+        self.has_base = base
+        self.selection_metric = metric
+        self.higher_is_better = selection.higher_is_better(metric)
+        self.eval_splits = [*splits, *shifts]
+        self.shifts = list(shifts)
+        self.num_evaluators = num_evaluators
+        self.run_dir = Path(run_dir)
+        self.fingerprint = fingerprint
+        self.seed = seed
+        self.layer_groups = list(groups)
+        self.group_depth = group_depth
+        self.values = {k: list(v) for k, v in (values or default_values(n, self.eval_splits)).items()}
+        self.table = dict(table or {})
+        self.score_fn = score
+        self.stats = frozenset(stats)
+        self.predictions = predictions
+        self.results: dict[str, Any] = dict(results or {})
+        self.learned_coeffs = learned_coeffs
+        self.completion = completion
+        self.early_stop = early_stop
+        self.max_in_flight = max_in_flight
+        self.fail_if = fail_if or (lambda r: False)
+        self.fail_in = fail_in
+        self.attribute_failures = attribute_failures
+        self.interrupt_after = interrupt_after
+        self._rng = random.Random(rng_seed)
+        self._ticket = 0
+        self.pending: dict[int, tuple[Recipe, str, tuple[float, bool] | None]] = {}
+        self.cancelled: set[int] = set()
+        # what strategies asked
+        self.submitted: list[Recipe] = []
+        self.evaluated: list[tuple[Recipe, str]] = []
+        self.result_reads: list[str] = []
+        self.learn_calls: list[dict] = []
+        self.logs: list[str] = []
+        self.max_pending = 0
+        self.waits = 0
+
+    # ------------------------------------------------------------------ scores
+    def _check(self, recipe: Recipe, split: str) -> Recipe:
+        if split not in self.eval_splits:
+            raise ConfigError(f"unknown split {split!r}; known: {', '.join(self.eval_splits)}")
+        if recipe.n != self.n:
+            raise ConfigError(f"recipe {recipe.label or recipe.key} has {recipe.n} coefficients, {self.n} ingredients")
+        if recipe.needs_base and not self.has_base:
+            raise ConfigError(f"recipe {recipe.label or recipe.key} ({recipe.method}) needs ingredients.base "
+                              "(the pre-trained model), which this search does not have")
+        missing = [s for s in recipe.stats if s not in self.stats]
+        if missing:
+            raise ConfigError(f"recipe {recipe.label or recipe.key} ({recipe.method}) needs the {missing[0]!r} "
+                              "statistics of the ingredients, which this search does not have")
+        if recipe.stats and recipe.stats_tag != "fake":  # like the driver: the statistics' tag joins the key
+            recipe = dataclasses.replace(recipe, stats_tag="fake")
+        return recipe
+
+    def score(self, recipe: Recipe, split: str = "val") -> dict[str, float]:
+        """The metrics of ``recipe`` on ``split`` (no bookkeeping, no checks)."""
+        if self.score_fn is not None:
+            return dict(self.score_fn(recipe, split))
+        support = frozenset(recipe.support())
+        if split == "val" and support in self.table and recipe == Recipe.uniform_over(sorted(support), self.n):
+            v = self.table[support]  # the table holds the selection metric of uniform soups
+            return {**metrics_of(v if self.higher_is_better else 1.0 - v / 2, recipe), self.selection_metric: v}
+        return metrics_of(mixing_rule(recipe, self.values[split]), recipe)
+
+    def evaluate(self, recipes, split="val"):
+        out = []
+        for r in recipes:
+            r = self._check(r, split)
+            self.evaluated.append((r, split))
+            out.append(self.score(r, split))
+        return out
+
+    def evaluate_all(self, recipes):
+        out = []
+        for r in recipes:
+            m = {s: self.evaluate([r], s)[0] for s in self.eval_splits}
+            if self.shifts:
+                m["ood_mean"] = {k: float(np.mean([m[s][k] for s in self.shifts])) for k in m[self.shifts[0]]}
+            out.append(m)
+        return out
+
+    def individual_scores(self):
+        return [self.score(Recipe.one_hot(i, self.n))[self.selection_metric] for i in range(self.n)]
+
+    # ------------------------------------------------------------------ async
+    def submit(self, recipe, split="val", must_reach=None, reference=None):
+        if self.fail_in == "submit" and self.fail_if(recipe):
+            raise EvaluationError(f"cannot submit {recipe.label}")
+        r = self._check(recipe, split)
+        self._ticket += 1
+        self.pending[self._ticket] = (r, split, must_reach)
+        self.submitted.append(recipe)
+        if self.max_in_flight is not None:
+            assert len(self.pending) <= self.max_in_flight, "more submissions in flight than allowed"
+        self.max_pending = max(self.max_pending, len(self.pending))
+        return self._ticket
+
+    def _pick(self, num_returns: int) -> list[int]:
+        tickets = sorted(self.pending)
+        if self.completion == "fifo":
+            return tickets[:num_returns]
+        if self.completion == "random":
+            return [self._rng.choice(tickets)]
+        k = self._rng.randint(num_returns, len(tickets))
+        return self._rng.sample(tickets, k)
+
+    def wait(self, num_returns=1):
+        assert self.pending, "wait() with nothing in flight"
+        self.waits += 1
+        if self.interrupt_after is not None and self.waits > self.interrupt_after:
+            raise KeyboardInterrupt
+        out = []
+        for t in self._pick(num_returns):
+            r, split, must_reach = self.pending.pop(t)
+            if self.fail_in == "wait" and self.fail_if(r):
+                raise EvaluationError(f"candidate {r.label} failed 3 times: boom",
+                                      tickets=(t,) if self.attribute_failures else ())
+            self.evaluated.append((r, split))
+            m = self.score(r, split)
+            if must_reach is not None and self.early_stop:
+                m = self._maybe_stop(m, must_reach)
+            out.append((t, r, m))
+        return out
+
+    def _maybe_stop(self, m: dict, must_reach: tuple[float, bool]) -> dict:
+        """Like the driver: a candidate that cannot reach the bar may stop with an upper bound."""
+        key = self.selection_metric
+        thr, strict = must_reach
+        below = m[key] <= thr if strict else m[key] < thr
+        if not below or self._rng.random() >= 0.7:
+            return m
+        bound = self._rng.uniform(m[key], thr)
+        if not strict and bound >= thr:  # pragma: no cover - uniform() may return thr
+            bound = m[key]
+        return {key: bound, "accuracy": bound, "stopped_early": True}
+
+    def cancel(self, ticket):
+        assert ticket not in self.cancelled, "cancelled a ticket twice"
+        if ticket in self.pending:
+            del self.pending[ticket]
+            self.cancelled.add(ticket)
+
+    # ------------------------------------------------------------------ the rest
+    def result(self, strategy):
+        self.result_reads.append(strategy)
+        return self.results.get(strategy)
+
+    def labels(self, split):
+        return np.random.default_rng(sum(map(ord, split))).integers(0, NUM_CLASSES, SPLIT_SIZE)
+
+    def logprobs(self, i, split):
+        if not self.predictions:
+            raise ConfigError("per-example predictions of the ingredients are not kept in this search")
+        if split not in self.eval_splits:
+            raise ConfigError(f"unknown split {split!r}")
+        y = self.labels(split)
+        acc = self.values[split][i]
+        rng = np.random.default_rng(1000 * i + sum(map(ord, split)))
+        logits = rng.normal(size=(SPLIT_SIZE, NUM_CLASSES))
+        right = rng.random(SPLIT_SIZE) < acc
+        logits[np.arange(SPLIT_SIZE), y] += np.where(right, 3.0, -3.0)
+        return logits - np.log(np.exp(logits).sum(1, keepdims=True))
+
+    def learn_coefficients(self, split, **options):
+        assert split == "val", "coefficients are learned on the held-out split"
+        self.learn_calls.append(dict(options))
+        G = len(self.layer_groups) if options.get("per_layer") else 1
+        if self.learned_coeffs is not None:
+            row = [float(c) for c in self.learned_coeffs]
+        else:  # deterministic: the softmax of the val values (the better, the more weight)
+            e = [math.exp(10 * v) for v in self.values[split]]
+            row = [x / sum(e) for x in e]
+        return {"coeffs": [list(row) for _ in range(G)], "losses": [1.0, 0.5]}
+
+    def log(self, msg):
+        self.logs.append(msg)
+
+
+# ----------------------------------------------------------------------------- a scored fake context for the learned strategy (the optimum is known)
+
+
+C_STAR = np.array([0.45, 0.35, 0.0, 0.2, 0.0])  # optimum of "accuracy"
+
+
+C_NLL = np.array([0.0, 0.0, 0.5, 0.0, 0.5])  # optimum of "nll" (a conflicting objective)
+
+
+def coeff_matrix(r: Recipe) -> np.ndarray:
+    return np.array(r.layer_coeffs or (r.coeffs,), dtype=np.float64)
+
+
+def score(r: Recipe) -> dict[str, float]:
+    C = coeff_matrix(r)
+    n = C.shape[1]
+    return {"accuracy": float(1.0 - ((C - C_STAR[:n]) ** 2).sum(1).mean()),
+            "nll": float(((C - C_NLL[:n]) ** 2).sum(1).mean())}
+
+
+class ScoredContext(FakeContext):
+    """The table-driven fake (:class:`FakeContext`) scoring with :func:`score`.
+
+    ``wait`` completes a random pending submission (seeded) so completions come out of order;
+    ``fail_if(recipe)`` makes that evaluation raise ``EvaluationError`` (naming the failed
+    ``tickets`` when ``attach_ticket``) or, with ``fail_in="submit"``, the submit. Never more
+    submissions in flight than evaluators."""
+
+    def __init__(self, run_dir, n=5, num_evaluators=3, seed=0, groups=("g0", "g1", "g2"), group_depth=1,
+                 fail_if=None, fail_in="wait", attach_ticket=True, interrupt_after=None, **kw):
+        super().__init__(n, run_dir=run_dir, score=lambda r, split: score(r), num_evaluators=num_evaluators,
+                         seed=seed, groups=groups, group_depth=group_depth, fail_if=fail_if, fail_in=fail_in,
+                         attribute_failures=attach_ticket, interrupt_after=interrupt_after, completion="random",
+                         max_in_flight=num_evaluators, **kw)
+
+
+def run_greedy(ctx):
+    [g] = create_strategy("greedy", lookahead=1).run(ctx)  # sequential
+    assert not ctx.pending  # greedy drained what it submitted
+    ctx.submitted.clear()  # the assertions below count the learned strategy's submissions only
+    ctx.waits = 0
+    ctx.results["greedy"] = g
+    return g
+
+
+def load_study(tmp_path, res):
+    return optuna.load_study(study_name=res.params["study_name"], storage=f"sqlite:///{tmp_path}/optuna.db")
+
+
+# ----------------------------------------------------------------------------- sockets and process titles from /proc
+#
+# The OS's view of processes and sockets, for tests: listening TCP sockets of given PIDs
+# from /proc/net/tcp{,6} and each process's socket inodes (/proc/<pid>/fd).
+
+
+LISTEN = "0A"
+
+
+def _addr(hex_ip: str) -> str:
+    raw = bytes.fromhex(hex_ip)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))  # four little-endian words
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def listening_sockets() -> dict[int, tuple[str, int]]:
+    """``{inode: (address, port)}`` of every listening TCP socket of this network namespace."""
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] != LISTEN:
+                continue
+            ip, port = f[1].split(":")
+            out[int(f[9])] = (_addr(ip), int(port, 16))
+    return out
+
+
+def socket_inodes(pid: int) -> set[int]:
+    out = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(int(link[8:-1]))
+    return out
+
+
+def listeners_of(pids) -> dict[int, list[tuple[str, int]]]:
+    """``{pid: [(address, port), ...]}`` of the listening TCP sockets each PID holds."""
+    table = listening_sockets()
+    return {pid: sorted(table[i] for i in socket_inodes(pid) if i in table) for pid in pids}
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def title(pid: int) -> str:
+    """The process's name (/proc/PID/comm, e.g. 'gcs_server') and its command line, whitespace squeezed.
+
+    The whole command line is kept: cut at a fixed width, a deep checkout path hid the binary's name."""
+    try:
+        comm = open(f"/proc/{pid}/comm").read().strip()
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        return f"{comm}: {' '.join(cmd.split())}"
+    except OSError:
+        return "?"
