@@ -15,7 +15,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from tests.helpers import TINY_MODEL  # noqa: E402 (after the switch above)
 
 
-
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance on loopback shared by all tests (started once)."""
@@ -38,3 +37,29 @@ def tiny_sweep(tmp_path_factory) -> Path:
     return out
 
 
+# the strategies of the one shared search: every strategy that needs no Optuna study, with a
+# base model and a Fisher split (what a test that reads a finished search needs)
+SEARCHED_STRATEGIES = ["best_individual", "uniform", "greedy", "fisher", "ensemble", {"name": "gradient", "epochs": 3},
+                       {"name": "dare", "p": 0.3}, "ema", {"name": "interpolate", "points": 5}]
+
+
+@pytest.fixture(scope="session")
+def searched_tiny(ray_session, tiny_sweep, tmp_path_factory):
+    """One real search on Ray over the tiny sweep, shared by every test that only reads a
+    finished search (its outcome, its MLflow store, its run dir): ``(cfg, outcome, tmp)``.
+    MLflow's artifacts go under ``tmp`` (the default artifact root is the working directory)."""
+    from soupsearch.config import config_from_dict
+    from soupsearch.search.driver import run_search
+
+    from tests.helpers import tiny_config
+
+    tmp = tmp_path_factory.mktemp("searched")
+    raw = tiny_config(tiny_sweep, tmp, **{"search.strategies": SEARCHED_STRATEGIES,
+                                          "ingredients.base": str(tiny_sweep / "base.safetensors"),
+                                          "fisher.num_examples": 40})
+    raw["data"]["fisher"] = {"type": "digits", "split": "fisher", "split_file": str(tiny_sweep / "splits.json")}
+    cfg = config_from_dict(raw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        out = run_search(cfg)
+    return cfg, out, tmp

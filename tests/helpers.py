@@ -21,11 +21,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import optuna
-import pytest
 import torch
 
 from soupsearch.errors import ConfigError, EvaluationError
 from soupsearch.evaluation import selection
+from soupsearch.merging.methods._base import keep_mask
 from soupsearch.merging.mixing import Recipe
 from soupsearch.models.factory import create_model
 from soupsearch.strategies import create_strategy
@@ -121,28 +121,28 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-# ----------------------------------------------------------------------------- a real MLflow server, a real search, PNG files
+# ----------------------------------------------------------------------------- a real MLflow server, PNG files
 
 
-STRATEGIES = ["best_individual", "uniform", "greedy", "ensemble"]
 
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@contextlib.contextmanager
-def mlflow_server(backend_uri: str, log_path: Path, timeout: float = 90.0):
-    """``mlflow server`` on 127.0.0.1 (a free port) over ``backend_uri``; yields its URL and
-    stops it (its whole process group) on the way out, whatever happened."""
-    port = free_port()
+def start_mlflow_server(backend_uri: str, log_path: Path, timeout: float = 90.0, cwd: Path | None = None,
+                        port: int | None = None):
+    """``mlflow server`` on 127.0.0.1 (``port``, default a free one) over ``backend_uri``, its
+    artifacts under ``cwd`` (default: the working directory); returns ``(url, process)`` once it
+    answers an API call. Stop it with :func:`stop_process_group`."""
+    port = port or free_port()
     exe = Path(sys.executable).with_name("mlflow")
     cmd = [str(exe) if exe.exists() else "mlflow", "server", "--backend-store-uri", backend_uri,
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     # the job executor (GenAI scorers) delays the first API answer by ~20 s on 2 cores; not needed here
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     try:
         end = time.time() + timeout
@@ -153,30 +153,27 @@ def mlflow_server(backend_uri: str, log_path: Path, timeout: float = 90.0):
             try:  # ready = answers an API call (not only /health)
                 with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5) as r:
                     if r.status == 200:
-                        break
+                        return url, proc
             except OSError:
                 pass
             if time.time() > end:
                 raise RuntimeError(f"mlflow server not ready after {timeout:.0f}s: "
                                    f"{Path(log_path).read_text(errors='replace')[-2000:]}")
             time.sleep(0.3)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, log_path: Path, timeout: float = 90.0, cwd: Path | None = None):
+    """:func:`start_mlflow_server` as a context: yields its URL and stops it (its whole process
+    group) on the way out, whatever happened."""
+    url, proc = start_mlflow_server(backend_uri, log_path, timeout, cwd)
+    try:
         yield url
     finally:
         stop_process_group(proc)
-        log.close()
-
-
-def run_tiny_search(tiny_sweep: Path, tmp: Path, strategies=STRATEGIES):
-    """A real search (Ray) logging to ``tmp/mlflow.db``; MLflow's artifacts go under ``tmp``
-    (the default artifact root is relative to the working directory)."""
-    from soupsearch.config import config_from_dict
-    from soupsearch.search.driver import run_search
-
-    cfg = config_from_dict(tiny_config(tiny_sweep, tmp, **{"search.strategies": list(strategies)}))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)
-        out = run_search(cfg)
-    return cfg, out
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -575,3 +572,150 @@ def title(pid: int) -> str:
         return f"{comm}: {' '.join(cmd.split())}"
     except OSError:
         return "?"
+
+# ----------------------------------------------------------------------------- reference formulas
+# One plain float64 formula per merge method, key by key (tests/merging/: the API, the
+# streaming merge, the stack kernel and the pool are all checked against these).
+
+N = 4  # ingredients of the reference inputs
+
+def is_buffer(k: str) -> bool:
+    return "running_" in k
+
+
+def wmean(xs, c):
+    return sum(ci * x for ci, x in zip(c, xs)) / sum(c)
+
+
+def _disjoint(taus, c):
+    elected = torch.sign(sum(ci * t for ci, t in zip(c, taus)))
+    num = torch.zeros_like(taus[0])
+    den = torch.zeros_like(taus[0])
+    for ci, t in zip(c, taus):
+        agree = (torch.sign(t) == elected) & (t != 0)
+        num += ci * t * agree
+        den += ci * agree
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _topk(t, density):
+    flat = t.reshape(-1)
+    k = int(density * flat.numel())
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.argsort(flat.abs(), descending=True)[:k]] = True
+    return torch.where(keep, flat, torch.zeros_like(flat)).view(t.shape)
+
+
+# the per-tensor references:
+# Each gets (k, xs: the used ingredients' float64 tensors, idx: their indices, c: their
+# coefficients, b: the base's tensor or None, F: their Fisher tensors or None, p: params)
+# and returns the merged float64 tensor of parameter k (buffers are checked separately).
+
+
+def ref_weighted(k, xs, idx, c, b, F, p):
+    return sum(ci * x for ci, x in zip(c, xs))
+
+
+def ref_fisher(k, xs, idx, c, b, F, p):
+    f = [fi.clamp_min(p["floor"]) for fi in F]
+    return sum(ci * fi * x for ci, fi, x in zip(c, f, xs)) / sum(ci * fi for ci, fi in zip(c, f))
+
+
+def ref_dare(k, xs, idx, c, b, F, p):
+    out = b * sum(c)
+    for ci, i, x in zip(c, idx, xs):
+        m = keep_mask(p["seed"], i, k, x.numel(), p["p"]).view(x.shape)
+        out = out + ci * m * (x - b) / (1 - p["p"])
+    return out
+
+
+def ref_task_arithmetic(k, xs, idx, c, b, F, p):
+    return b + p["scale"] * sum(ci * (x - b) for ci, x in zip(c, xs))
+
+
+def ref_ties(k, xs, idx, c, b, F, p):
+    taus = [_topk(x - b, p["density"]) for x in xs]
+    return b + p["scale"] * _disjoint(taus, c)
+
+
+def ref_dare_ties(k, xs, idx, c, b, F, p):
+    taus = []
+    for i, x in zip(idx, xs):
+        m = keep_mask(p["seed"], i, k, x.numel(), p["p"]).view(x.shape)
+        taus.append(m * (x - b) / (1 - p["p"]))
+    return b + p["scale"] * _disjoint(taus, c)
+
+
+def ref_model_stock(k, xs, idx, c, b, F, p):
+    taus = [(x - b).reshape(-1) for x in xs]
+    cos = []
+    for i in range(len(taus)):
+        for j in range(i + 1, len(taus)):
+            cos.append(float(torch.nn.functional.cosine_similarity(taus[i], taus[j], dim=0)))
+    cs = min(max(float(np.mean(cos)), 0.0), 1.0)
+    t = len(xs) * cs / (1 + (len(xs) - 1) * cs)
+    return t * wmean(xs, c) + (1 - t) * b
+
+
+def ref_slerp(k, xs, idx, c, b, F, p):
+    a, bb, t = xs[0], xs[1], p["t"]
+    cos = float((a * bb).sum() / (a.norm() * bb.norm()))
+    om = math.acos(max(-1.0, min(1.0, cos)))
+    return math.sin((1 - t) * om) / math.sin(om) * a + math.sin(t * om) / math.sin(om) * bb
+
+
+def buffer_weighted(xs, c, p):
+    return sum(ci * x for ci, x in zip(c, xs))
+
+
+def buffer_lerp(xs, c, p):
+    return (1 - p["t"]) * xs[0] + p["t"] * xs[1]
+
+
+# method -> (reference for parameters, reference for float buffers or None = weighted mean,
+#            non-default parameters to test with, number of ingredients)
+REFERENCES = {
+    "weighted": (ref_weighted, buffer_weighted, {}, N),
+    "uniform": (ref_weighted, buffer_weighted, {}, N),
+    "fisher": (ref_fisher, None, {"floor": 1e-3}, N),
+    "dare": (ref_dare, None, {"p": 0.3, "seed": 5}, N),
+    "task_arithmetic": (ref_task_arithmetic, None, {"scale": 0.6}, N),
+    "ties": (ref_ties, None, {"density": 0.3, "scale": 0.8}, N),
+    "dare_ties": (ref_dare_ties, None, {"p": 0.4, "seed": 2, "scale": 0.9}, N),
+    "model_stock": (ref_model_stock, None, {}, N),
+    "slerp": (ref_slerp, buffer_lerp, {"t": 0.3}, 2),
+}
+
+
+def reference_soup(method: str, sds, coeffs, base=None, fishers=None, params=None) -> dict:
+    """The soup of ``sds`` by ``method``'s reference formula (:data:`REFERENCES`), key by key in
+    float64 and cast back: ingredients with a zero coefficient take no part, integer buffers
+    come from the first ingredient, float buffers (BatchNorm statistics) follow the method's
+    buffer rule (the weighted mean unless it has its own)."""
+    ref, buf, _, _ = REFERENCES[method]
+    p = dict(params or {})
+    idx = [i for i, ci in enumerate(coeffs) if ci != 0]
+    c = [coeffs[i] for i in idx]
+    out = {}
+    for k, v in sds[0].items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+            continue
+        xs = [sds[i][k].double() for i in idx]
+        if is_buffer(k):
+            val = (buf or (lambda xs, c, p: wmean(xs, c)))(xs, c, p)
+        else:
+            F = [fishers[i][k].double() for i in idx] if fishers is not None else None
+            val = ref(k, xs, idx, c, None if base is None else base[k].double(), F, p)
+        out[k] = val.to(v.dtype)
+    return out
+
+
+def assert_sd_close(a, b, atol=1e-6, rtol=1e-5):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), k

@@ -6,7 +6,7 @@ the dashboard and runtime-env agents) listen on all interfaces. A local Ray is a
 one-node cluster: started with Ray's own switch for single-node Rays
 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when ``ray`` is first imported) its node
 IP stays ``127.0.0.1`` and every server binds to loopback (tested from the OS's socket
-table in ``tests/test_safety_ray.py``). The switch is set only when this process starts a
+table in ``tests/execution/test_safety_ray.py``). The switch is set only when this process starts a
 local Ray and ``ray`` was not imported yet; a process that connects to a cluster
 (``ray.address``) is left alone.
 

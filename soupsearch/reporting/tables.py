@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from soupsearch.evaluation import selection, significance
+from soupsearch.util.redact import redact
 
 
 def summary_rows(ingredients, soups, metric: str = "accuracy", selection_metric: str | None = None) -> list[dict]:
@@ -96,6 +97,7 @@ def open_hint(uri: str, experiment: str, experiment_id: str | None = None) -> li
     its address) and the experiment's runs page, and `soupsearch compare`. The page's URL
     asks for the "Model training" view: MLflow 3's UI otherwise opens an experiment in the
     view last chosen in that browser (GenAI in a new one), whatever the experiment's kind."""
+    uri = redact(uri)  # printed: a password in the URI stays out of the terminal and the job's logs
     page = (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else "")
     if uri.startswith(("http://", "https://")):
         ui = f"open {uri.rstrip('/')}/{page} in a browser (experiment {experiment!r})"

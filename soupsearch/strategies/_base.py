@@ -163,7 +163,7 @@ class Strategy(ABC):
     ``info["metrics"]`` per split for an output ensemble); it raises (never returns None)
     on failure. What it needs from a search is class metadata (``needs_base``,
     ``needs_stats``, ``needs_predictions``, ``needs_result``), or :meth:`needs` when that
-    depends on the options; ``tests/test_conformance.py`` checks all of it for every
+    depends on the options; ``tests/strategies/test_conformance.py`` checks all of it for every
     registered strategy.
     """
 

@@ -20,6 +20,7 @@ from soupsearch.ingredients.columns import read_headers
 from soupsearch.ingredients.discovery import ingredient_files, load_state_dict
 from soupsearch.merging.mixing import Recipe
 from soupsearch.models.factory import create_model
+
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.slow

@@ -111,11 +111,11 @@ def test_plan_cli_prints_the_plan_from_headers(tiny_sweep, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- searches on Ray
 
-STRATEGIES = ["best_individual", "uniform", "greedy", {"name": "learned", "n_trials": 4}, "fisher",
-              {"name": "fisher_learned", "n_trials": 3}, "ensemble", {"name": "gradient", "epochs": 2},
+STRATEGIES = ["best_individual", "uniform", "greedy", {"name": "learned", "n_trials": 3}, "fisher",
+              {"name": "fisher_learned", "n_trials": 2}, "ensemble", {"name": "gradient", "epochs": 1},
               {"name": "dare", "p": 0.5}, "ema", "interpolate", {"name": "merge", "method": "ties"},
               {"name": "merge", "method": "slerp"},
-              {"name": "tune", "method": "dare_ties", "space": {"p": [0.1, 0.9]}, "n_trials": 3}]
+              {"name": "tune", "method": "dare_ties", "space": {"p": [0.1, 0.9]}, "n_trials": 2}, "line_search"]
 
 
 def _cfg(sweep, tmp, shards, strategies=STRATEGIES, **more):
@@ -138,6 +138,10 @@ def test_every_strategy_gives_the_same_results_on_two_shards(ray_session, tiny_s
     one = run_search(_cfg(tiny_sweep, tmp_path / "one", 1))
     two = run_search(_cfg(tiny_sweep, tmp_path / "two", 2))
     assert _metrics(two) == _metrics(one)  # every metric of every soup and ingredient, exactly
+    from soupsearch.strategies import list_strategies
+
+    used = {s if isinstance(s, str) else s["name"] for s in STRATEGIES}
+    assert used == set(list_strategies()), f"not run sharded: {sorted(set(list_strategies()) - used)}"
     assert {r.name for r in two.soups} >= {"greedy", "learned", "fisher", "gradient", "dare", "ties", "slerp_top2",
                                            "tune_dare_ties", "ensemble", "interpolate"}
     for a, b in zip(one.soups, two.soups):
@@ -164,7 +168,7 @@ def test_killing_a_holder_mid_search_gives_the_same_results(ray_session, tiny_sw
     from soupsearch.execution.group_pool import GroupEvalPool
     from soupsearch.search.driver import run_search
 
-    strategies = ["best_individual", "uniform", "greedy", {"name": "learned", "n_trials": 10}]
+    strategies = ["best_individual", "uniform", "greedy", {"name": "learned", "n_trials": 4}]
     ref = run_search(_cfg(tiny_sweep, tmp_path / "ref", 2, strategies))
     killed = []
     record = GroupEvalPool._record

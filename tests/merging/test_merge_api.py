@@ -14,6 +14,8 @@ from soupsearch.errors import CheckpointError, EvaluationError, RecipeError, Sou
 from soupsearch.merging.api import dare, fisher_soup, greedy_soup, merge_files, uniform_soup, weighted_soup
 from soupsearch.merging.streaming import check_weights
 
+from tests.helpers import assert_sd_close, reference_soup
+
 N = 4
 
 
@@ -44,28 +46,8 @@ def make_sds(n=N, seed=0, dtype=torch.float32):
 
 
 def ref_weighted(sds, w):
-    """Plain reference: key by key, model by model, in float64."""
-    out = {}
-    for k, v in sds[0].items():
-        if v.is_floating_point():
-            acc = torch.zeros(v.shape, dtype=torch.float64)
-            for sd, wi in zip(sds, w):
-                acc += wi * sd[k].double()
-            out[k] = acc.to(v.dtype)
-        else:
-            out[k] = v.clone()
-    return out
-
-
-def assert_sd_close(a, b, atol=1e-6, rtol=1e-5):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        assert a[k].shape == b[k].shape, k
-        if a[k].is_floating_point():
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=k)
-        else:
-            assert torch.equal(a[k], b[k]), k
+    """The weighted soup by the reference formula (tests/helpers.py), key by key in float64."""
+    return reference_soup("weighted", sds, w)
 
 
 def write_files(tmp_path, sds, suffix=".safetensors"):
@@ -143,24 +125,16 @@ def test_weighted_soup_accepts_tensor_weights():
 
 
 def ref_fisher(sds, fishers, w, floor, normalize=False):
-    out = {}
-    scales = []
-    for f in fishers:
+    """The Fisher soup by the reference formula, with the API's conventions made explicit: a
+    tensor without Fisher values weighs 1, ``normalize`` scales each ingredient's Fisher to
+    mean 1 over all its tensors."""
+    full = []
+    for sd, f in zip(sds, fishers):
         tot = sum(float(t.double().sum()) for t in f.values())
-        cnt = sum(t.numel() for t in f.values())
-        scales.append(cnt / tot if normalize else 1.0)
-    for k, v in sds[0].items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-            continue
-        num = torch.zeros(v.shape, dtype=torch.float64)
-        den = torch.zeros(v.shape, dtype=torch.float64)
-        for sd, f, wi, sc in zip(sds, fishers, w, scales):
-            fk = (f[k].double() * sc).clamp_min(floor) if k in f else torch.ones(v.shape, dtype=torch.float64)
-            num += wi * fk * sd[k].double()
-            den += wi * fk
-        out[k] = (num / den).to(v.dtype)
-    return out
+        sc = sum(t.numel() for t in f.values()) / tot if normalize else 1.0
+        full.append({k: f[k].double() * sc if k in f else torch.ones(v.shape, dtype=torch.float64)
+                     for k, v in sd.items() if v.is_floating_point()})
+    return reference_soup("fisher", sds, w, fishers=full, params={"floor": floor})
 
 
 def make_fishers(sds, seed=1, skip_buffers=True):
@@ -254,25 +228,13 @@ def test_dare_p0_is_weighted_soup_and_reference():
 
 @pytest.mark.parametrize("p", [0.3, 0.9])
 def test_dare_matches_key_by_key_reference(p):
-    from soupsearch.merging.methods._base import keep_mask
-
     sds = make_sds()
     base = make_sds(n=1, seed=9)[0]
     w = [0.1, 0.2, 0.3, 0.4]
     soup = dare(sds, base, p=p, seed=3, weights=w)
-    ref = {}
-    for k, v in sds[0].items():
-        if not v.is_floating_point():
-            ref[k] = v.clone()
-        elif "running_" in k:  # BatchNorm statistics: the plain weighted mean, never dropped
-            ref[k] = sum(w[i] * sd[k].double() for i, sd in enumerate(sds)).to(v.dtype)
-        else:  # keep masks seeded per (seed, ingredient, tensor name)
-            acc = base[k].double().clone()
-            for i, sd in enumerate(sds):
-                m = keep_mask(3, i, k, v.numel(), p).view(v.shape)
-                acc += w[i] * m * (sd[k].double() - base[k].double()) / (1 - p)
-            ref[k] = acc.to(v.dtype)
-    assert_sd_close(soup, ref, atol=1e-5)
+    # keep masks seeded per (seed, ingredient, tensor name); BatchNorm statistics: the plain
+    # weighted mean, never dropped
+    assert_sd_close(soup, reference_soup("dare", sds, w, base=base, params={"p": p, "seed": 3}), atol=1e-5)
 
 
 def test_dare_masks_rescale_and_seed():

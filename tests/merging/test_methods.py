@@ -9,9 +9,6 @@ without a reference."""
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,125 +19,16 @@ from soupsearch.errors import ConfigError
 from soupsearch.evaluation.evaluator import Evaluator
 from soupsearch.merging.api import merge_files
 from soupsearch.merging.methods import get_method
-from soupsearch.merging.methods._base import keep_mask
 from soupsearch.models.factory import create_model
 
-from tests.helpers import perturbed_state_dicts, random_split
+from tests.helpers import REFERENCES, is_buffer, perturbed_state_dicts, random_split, reference_soup
+from tests.helpers import assert_sd_close as _assert_sd_close
 
-N = 4
 MODEL = ("builtin:digits_cnn", {"width": 4})
 
 
-def is_buffer(k: str) -> bool:
-    return "running_" in k
-
-
-def wmean(xs, c):
-    return sum(ci * x for ci, x in zip(c, xs)) / sum(c)
-
-
-def _disjoint(taus, c):
-    elected = torch.sign(sum(ci * t for ci, t in zip(c, taus)))
-    num = torch.zeros_like(taus[0])
-    den = torch.zeros_like(taus[0])
-    for ci, t in zip(c, taus):
-        agree = (torch.sign(t) == elected) & (t != 0)
-        num += ci * t * agree
-        den += ci * agree
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
-
-
-def _topk(t, density):
-    flat = t.reshape(-1)
-    k = int(density * flat.numel())
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.argsort(flat.abs(), descending=True)[:k]] = True
-    return torch.where(keep, flat, torch.zeros_like(flat)).view(t.shape)
-
-
-# ----------------------------------------------------------------------------- references
-# Each gets (k, xs: the used ingredients' float64 tensors, idx: their indices, c: their
-# coefficients, b: the base's tensor or None, F: their Fisher tensors or None, p: params)
-# and returns the merged float64 tensor of parameter k (buffers are checked separately).
-
-
-def ref_weighted(k, xs, idx, c, b, F, p):
-    return sum(ci * x for ci, x in zip(c, xs))
-
-
-def ref_fisher(k, xs, idx, c, b, F, p):
-    f = [fi.clamp_min(p["floor"]) for fi in F]
-    return sum(ci * fi * x for ci, fi, x in zip(c, f, xs)) / sum(ci * fi for ci, fi in zip(c, f))
-
-
-def ref_dare(k, xs, idx, c, b, F, p):
-    out = b * sum(c)
-    for ci, i, x in zip(c, idx, xs):
-        m = keep_mask(p["seed"], i, k, x.numel(), p["p"]).view(x.shape)
-        out = out + ci * m * (x - b) / (1 - p["p"])
-    return out
-
-
-def ref_task_arithmetic(k, xs, idx, c, b, F, p):
-    return b + p["scale"] * sum(ci * (x - b) for ci, x in zip(c, xs))
-
-
-def ref_ties(k, xs, idx, c, b, F, p):
-    taus = [_topk(x - b, p["density"]) for x in xs]
-    return b + p["scale"] * _disjoint(taus, c)
-
-
-def ref_dare_ties(k, xs, idx, c, b, F, p):
-    taus = []
-    for i, x in zip(idx, xs):
-        m = keep_mask(p["seed"], i, k, x.numel(), p["p"]).view(x.shape)
-        taus.append(m * (x - b) / (1 - p["p"]))
-    return b + p["scale"] * _disjoint(taus, c)
-
-
-def ref_model_stock(k, xs, idx, c, b, F, p):
-    taus = [(x - b).reshape(-1) for x in xs]
-    cos = []
-    for i in range(len(taus)):
-        for j in range(i + 1, len(taus)):
-            cos.append(float(torch.nn.functional.cosine_similarity(taus[i], taus[j], dim=0)))
-    cs = min(max(float(np.mean(cos)), 0.0), 1.0)
-    t = len(xs) * cs / (1 + (len(xs) - 1) * cs)
-    return t * wmean(xs, c) + (1 - t) * b
-
-
-def ref_slerp(k, xs, idx, c, b, F, p):
-    a, bb, t = xs[0], xs[1], p["t"]
-    cos = float((a * bb).sum() / (a.norm() * bb.norm()))
-    om = math.acos(max(-1.0, min(1.0, cos)))
-    return math.sin((1 - t) * om) / math.sin(om) * a + math.sin(t * om) / math.sin(om) * bb
-
-
-def buffer_weighted(xs, c, p):
-    return sum(ci * x for ci, x in zip(c, xs))
-
-
-def buffer_lerp(xs, c, p):
-    return (1 - p["t"]) * xs[0] + p["t"] * xs[1]
-
-
-# method -> (reference for parameters, reference for float buffers or None = weighted mean,
-#            non-default parameters to test with, number of ingredients)
-REFERENCES = {
-    "weighted": (ref_weighted, buffer_weighted, {}, N),
-    "uniform": (ref_weighted, buffer_weighted, {}, N),
-    "fisher": (ref_fisher, None, {"floor": 1e-3}, N),
-    "dare": (ref_dare, None, {"p": 0.3, "seed": 5}, N),
-    "task_arithmetic": (ref_task_arithmetic, None, {"scale": 0.6}, N),
-    "ties": (ref_ties, None, {"density": 0.3, "scale": 0.8}, N),
-    "dare_ties": (ref_dare_ties, None, {"p": 0.4, "seed": 2, "scale": 0.9}, N),
-    "model_stock": (ref_model_stock, None, {}, N),
-    "slerp": (ref_slerp, buffer_lerp, {"t": 0.3}, 2),
-}
-
-
 # methods whose statistics are not [n, P] rows of the stack, tested elsewhere: regmean's Gram
-# matrices per layer (tests/test_multitask.py: the joint least-squares solution)
+# matrices per layer (tests/multitask/test_multitask.py: the joint least-squares solution)
 PER_LAYER_STATS = {"regmean"}
 
 
@@ -181,38 +69,19 @@ def kwargs_for(method, base, fishers, weights):
 
 def expected(method, sds, base, fishers, weights):
     m = get_method(method)
-    ref, buf, params, n = REFERENCES[method]
-    p = m.params(params).model_dump()
+    params = REFERENCES[method][2]
+    n = REFERENCES[method][3]
     if weights is None:
         c_all = list(m.default_coeffs(range(n), n))
     else:
         s = sum(weights) if m.default_weights == "mean" else 1.0
         c_all = [w / s for w in weights]
-    idx = [i for i, ci in enumerate(c_all) if ci != 0]
-    c = [c_all[i] for i in idx]
-    out = {}
-    for k, v in sds[0].items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-            continue
-        xs = [sds[i][k].double() for i in idx]
-        if is_buffer(k):
-            val = (buf or (lambda xs, c, p: wmean(xs, c)))(xs, c, p)
-        else:
-            F = [fishers[i][k].double() for i in idx] if "fisher" in m.stats else None
-            val = ref(k, xs, idx, c, base[k].double(), F, p)
-        out[k] = val.to(v.dtype)
-    return out
+    return reference_soup(method, sds, c_all, base=base, fishers=fishers if "fisher" in m.stats else None,
+                          params=m.params(params).model_dump())
 
 
-def assert_sd_close(a, b, atol=2e-5, rtol=1e-4):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        if a[k].is_floating_point():
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
-        else:
-            assert torch.equal(a[k], b[k]), k
+def assert_sd_close(a, b, atol=2e-5, rtol=1e-4):  # float32 kernels against float64 references
+    _assert_sd_close(a, b, atol, rtol)
 
 
 # ----------------------------------------------------------------------------- conformance

@@ -44,7 +44,7 @@ def mlp(num_classes: int = 3, **kw) -> nn.Module:
     return MLP(num_classes, **kw)
 
 
-FACTORY = "tests.test_multitask:mlp"
+FACTORY = "tests.multitask.test_multitask:mlp"
 TASKS = {"alpha": 3, "beta": 4, "gamma": 3}  # gamma has alpha's number of classes: its head is still its own
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.helpers import mlflow_server, png_size, run_tiny_search, stop_process_group
+from tests.helpers import mlflow_server, png_size, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -220,9 +220,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def searched(ray_session, tiny_sweep, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("browser")
-    cfg, out = run_tiny_search(tiny_sweep, tmp, ["best_individual", "uniform", "greedy"])
+def searched(searched_tiny):
+    cfg, out, _ = searched_tiny  # the shared search (tests/conftest.py)
     return cfg, out
 
 

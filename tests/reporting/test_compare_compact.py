@@ -23,6 +23,7 @@ def uri(tmp_path):
              "num_ingredients": 1 + 3 * k, "forward_passes": 1}
         for j, s in enumerate(SHIFTS):
             m[f"shift/{s}/accuracy"] = 0.5 + j / 100 + k / 1000
+            m[f"shift/{s}/nll"] = 1.0 + j / 100 + k / 1000  # the last shifted set is the worst (highest)
         m["ood_mean/accuracy"] = 0.57
         rid = tr.start_child(name, params={}, tags={"soupsearch.reference": "true"} if k == 0 else None)
         tr.log_metrics(rid, m)
@@ -67,5 +68,10 @@ def test_bad_metric_or_column_is_one_line_exit_2(uri, capsys, argv, words):
 
 
 def test_metric_nll_worst_is_highest(uri, capsys):
-    code, out, _ = _run(capsys, uri, "--metric", "nll", "--columns", "val,test")
-    assert code == 0 and "0.3000" in out
+    """For a lower-is-better metric the worst shifted set is the one with the highest value."""
+    code, out, _ = _run(capsys, uri, "--metric", "nll")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("greedy"))
+    assert row.split()[5] == "1.1420", out  # 1.0 + 14/100 + 2/1000: the highest, not the lowest (1.0020)
+    rows = compare_rows(uri, metric="nll")
+    assert [r["worst_shift"] for r in rows] == pytest.approx([1.14 + k / 1000 for k in range(5)])

@@ -21,7 +21,7 @@ from soupsearch.search.results import CandidateRow, SearchOutcome
 from soupsearch.strategies._base import SoupResult
 from soupsearch.tracking import Tracker
 
-from tests.helpers import mlflow_server, perturbed_state_dicts, png_size, run_tiny_search
+from tests.helpers import free_port, mlflow_server, perturbed_state_dicts, png_size
 
 # ----------------------------------------------------------------------------- helpers (also used by test_browser)
 
@@ -30,10 +30,8 @@ from tests.helpers import mlflow_server, perturbed_state_dicts, png_size, run_ti
 
 
 @pytest.fixture(scope="module")
-def searched(ray_session, tiny_sweep, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("plots_compare")
-    cfg, out = run_tiny_search(tiny_sweep, tmp)
-    return cfg, out, tmp
+def searched(searched_tiny):
+    return searched_tiny  # the shared search (tests/conftest.py): (cfg, outcome, tmp)
 
 
 @pytest.mark.slow

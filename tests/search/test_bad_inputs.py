@@ -253,6 +253,12 @@ def case_factory_from_stdlib(tmp, ck, cfg):
     return ["'os:system'", "refused", "standard library"]
 
 
+def case_factory_subprocess_run(tmp, ck, cfg):
+    Path("/tmp/soupsearch-factory-marker").unlink(missing_ok=True)
+    cfg["model"] = {"factory": "subprocess:run", "kwargs": {"args": ["touch", "/tmp/soupsearch-factory-marker"]}}
+    return ["'subprocess:run'", "refused", "standard library"]
+
+
 def case_factory_builtin_eval(tmp, ck, cfg):
     cfg["model"] = {"factory": "builtins:eval", "kwargs": {}}
     return ["'builtins:eval'", "refused", "standard library"]
@@ -407,3 +413,21 @@ def test_atomic_write_leaves_no_half_file_and_normal_permissions(tmp_path):
             raise RuntimeError("interrupted mid-write")
     assert target.read_text() == "complete"  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temp file left
+
+
+def test_a_stdlib_callable_re_exported_by_a_user_module_is_refused(setup, capsys, monkeypatch):
+    """``mymod:make`` where ``mymod`` does ``from os import system as make``: refused by where
+    the callable is defined (``os``/``posix``), not by the module named in the config."""
+    tmp, ck, cfg = setup
+    mod = tmp / "mods"
+    mod.mkdir()
+    (mod / "reexporting_factories.py").write_text("from os import system as make  # noqa: F401\n")
+    monkeypatch.syspath_prepend(str(mod))
+    marker = Path("/tmp/soupsearch-factory-marker")
+    marker.unlink(missing_ok=True)
+    cfg["model"] = {"factory": "reexporting_factories:make", "kwargs": {"command": f"touch {marker}"}}
+    code, err = run_cli(tmp, cfg, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err
+    assert "'reexporting_factories:make'" in last and "refused" in last and "standard library" in last, last
+    assert not marker.exists()  # it never ran

@@ -1,5 +1,6 @@
-"""Ctrl-C (SIGINT) during a search: evaluators stop, the results store keeps what finished,
-MLflow runs end KILLED, and a re-run resumes without re-evaluating finished shards."""
+"""Ctrl-C (SIGINT) during a search: evaluators stop, the results store keeps what finished, the
+parent MLflow run ends KILLED (finished strategies' runs FINISHED, no run left RUNNING), Optuna
+trials in flight FAIL, and a re-run resumes without re-evaluating finished shards."""
 
 import os
 import signal
@@ -31,7 +32,7 @@ def test_sigint_marks_runs_killed_and_resume_is_clean(ray_session, tiny_sweep, t
     cfg = tiny_config(tiny_sweep, tmp_path, **{
         "eval.num_evaluators": 1, "eval.shard_size": 16, "ray.address": address,
         "tracking.log_soup_weights": False, "tracking.log_best_model": False,
-        "search.strategies": ["best_individual", "uniform", "greedy", {"name": "learned", "n_trials": 60}]})
+        "search.strategies": ["best_individual", "uniform", "greedy", {"name": "learned", "n_trials": 20}]})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run_dir = Path(cfg["run_dir"])
@@ -61,10 +62,20 @@ def test_sigint_marks_runs_killed_and_resume_is_clean(ray_session, tiny_sweep, t
     parent = [r for r in runs if r.data.tags.get("soupsearch.role") == "search"]
     assert len(parent) == 1 and parent[0].info.status == "KILLED"
     assert "interrupted" in parent[0].data.tags["soupsearch.error"]
-    # every child that was still running is KILLED too; finished ones keep their metrics
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
-    assert all("val/accuracy" in r.data.metrics for r in children if r.info.status == "FINISHED")
+    # a strategy's child run is logged when its soup is scored: the strategies that finished
+    # before the interrupt have theirs, FINISHED with their metrics; the interrupted one
+    # (learned, running its trials) has none, and no run is left RUNNING
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert "greedy" in children and set(children) <= {"best_individual", "uniform", "greedy"}, sorted(children)
+    assert all(r.info.status == "FINISHED" and "val/accuracy" in r.data.metrics for r in children.values())
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    # the interrupt landed in learned: its study has trials, none left RUNNING, the ones in
+    # flight FAIL with the reason
+    with sqlite3.connect(run_dir / "optuna.db") as c:
+        states = [s for (s,) in c.execute("SELECT state FROM trials")]
+        reasons = [v for (v,) in c.execute("SELECT value_json FROM trial_user_attributes WHERE key='fail_reason'")]
+    assert "RUNNING" not in states and "FAIL" in states and "COMPLETE" in states, states
+    assert all("interrupted" in v for v in reasons) and len(reasons) == states.count("FAIL"), (states, reasons)
     assert "ingredients.parquet" in {a.path for a in client.list_artifacts(parent[0].info.run_id)}
 
     before = _rows(run_dir)

@@ -84,8 +84,10 @@ def test_search_logs_strategies_to_mlflow(ray_session, tiny_sweep, tmp_path):
     assert [s.metrics for s in again.soups] == [s.metrics for s in out.soups]
 
 
-def test_cli_run_prints_table(tiny_sweep, tmp_path):
-    cfg = tiny_config(tiny_sweep, tmp_path, **{"eval.num_evaluators": 1, "ray.num_cpus": 1})
+def test_cli_run_prints_table(ray_session, tiny_sweep, tmp_path):
+    # on the test session's Ray (a search's own local Ray is tested in tests/execution/test_safety_ray.py)
+    address = ray_session.get_runtime_context().gcs_address
+    cfg = tiny_config(tiny_sweep, tmp_path, **{"eval.num_evaluators": 1, "ray.address": address})
     import yaml
 
     p = tmp_path / "c.yaml"

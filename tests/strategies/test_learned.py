@@ -43,7 +43,9 @@ def test_seeds_first_budget_parallelism_and_beats_greedy(tmp_path):
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 20 == len(ctx.submitted)
     assert ctx.max_pending == 3  # the evaluators were all kept busy (and never oversubscribed)
     best = score(res.recipe)["accuracy"]
-    assert best >= score(g.recipe)["accuracy"]
+    # greedy (uniform over a subset) is not the optimum C_STAR: 18 TPE trials beyond the seeds
+    # find a strictly better point of the simplex
+    assert best > score(g.recipe)["accuracy"] + 0.01, (best, score(g.recipe)["accuracy"])
     assert best == max(t.value for t in study.trials)
     assert sum(res.recipe.coeffs) == pytest.approx(1.0) and min(res.recipe.coeffs) >= 0
     # step metrics: one per trial in trial-number order, best_value is the running max
@@ -319,7 +321,7 @@ def _complete(db: Path) -> list:
 
 
 @pytest.mark.slow
-def test_learned_on_ray_beats_greedy_and_logs_to_mlflow(ray_session, tiny_sweep, tmp_path):
+def test_learned_on_ray_starts_from_greedy_and_logs_to_mlflow(ray_session, tiny_sweep, tmp_path):
     import mlflow
 
     from soupsearch.config import config_from_dict
@@ -331,10 +333,13 @@ def test_learned_on_ray_beats_greedy_and_logs_to_mlflow(ray_session, tiny_sweep,
     out = run_search(cfg)
     by = {s.name: s for s in out.soups}
     val, greedy_val = by["learned"].metrics["val"]["accuracy"], by["greedy"].metrics["val"]["accuracy"]
-    assert val >= greedy_val
     db = out.run_dir / "optuna.db"
     trials = _complete(db)
     assert len(trials) == 12
+    # the first trial is greedy's soup, scored like greedy's (the search then cannot end below it)
+    sel = cfg.eval.selection_metric
+    assert trials[0].value == pytest.approx(by["greedy"].metrics["val"][sel])
+    assert by["learned"].metrics["val"][sel] >= trials[0].value
     # the soup scored on val is the best trial (trial values are the selection metric)
     assert by["learned"].metrics["val"][cfg.eval.selection_metric] == pytest.approx(max(t.value for t in trials))
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
@@ -365,7 +370,7 @@ def test_cli_interrupted_learned_search_resumes(ray_session, tiny_sweep, tmp_pat
 
     from tests.helpers import default_sigint, tiny_config
 
-    n_trials = 24
+    n_trials = 12
     address = ray_session.get_runtime_context().gcs_address
     cfg = tiny_config(tiny_sweep, tmp_path, **{"eval.num_evaluators": 1, "ray.num_cpus": 1, "ray.address": address,
                                                "tracking.log_soup_weights": False,

@@ -4,26 +4,13 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-from soupsearch.config import config_from_dict
-from soupsearch.search.driver import run_search
 
-from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.slow
 
-STRATEGIES = ["best_individual", "uniform", "greedy", "fisher", "ensemble", {"name": "gradient", "epochs": 3},
-              {"name": "dare", "p": 0.3}, "ema", {"name": "interpolate", "points": 5}]
-
-
 @pytest.fixture(scope="module")
-def searched(ray_session, tiny_sweep, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("strategies")
-    raw = tiny_config(tiny_sweep, tmp, **{"search.strategies": STRATEGIES,
-                                          "ingredients.base": str(tiny_sweep / "base.safetensors"),
-                                          "fisher.num_examples": 40})
-    raw["data"]["fisher"] = {"type": "digits", "split": "fisher", "split_file": str(tiny_sweep / "splits.json")}
-    cfg = config_from_dict(raw)
-    out = run_search(cfg)
+def searched(searched_tiny):
+    cfg, out, _ = searched_tiny  # the shared search: every strategy below ran in it (tests/conftest.py)
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == out.parent_run_id}

@@ -2,6 +2,7 @@
 are inputs, corrupt caches rebuilt, manifest entries matched by path, a dead driver's
 RUNNING parent run marked KILLED, and a Ray session's processes found by session."""
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -22,7 +23,7 @@ from soupsearch.errors import SoupSearchError
 from soupsearch.util.redact import redact, redact_obj
 from soupsearch.util.safety import check_file_name, inside
 
-from tests.helpers import perturbed_state_dicts, random_split
+from tests.helpers import perturbed_state_dicts, random_split, start_mlflow_server, stop_process_group
 
 SECRET = "hunter2-s3cr3t"
 
@@ -121,7 +122,8 @@ def _run(tmp_path, cfg, capsys):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
     code = main(["run", str(p)])
-    return code, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    return code, out + err  # what the terminal shows: the results on stdout, messages on stderr
 
 
 def _parents(cfg):
@@ -144,7 +146,15 @@ def test_secrets_are_written_nowhere(search, capsys):
     for f in [*Path(cfg["run_dir"]).rglob("*"), *(tmp / "mlruns").rglob("*")]:
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
-    assert SECRET not in err
+    assert SECRET not in err and "Results in MLflow" in err  # stdout (the table, the hint) was read
+
+
+def test_the_results_hint_never_prints_a_password():
+    from soupsearch.reporting.tables import open_hint
+
+    for uri in (f"http://admin:{SECRET}@127.0.0.1:5000", f"https://{SECRET}{SECRET}@mlflow.example"):
+        text = "\n".join(open_hint(uri, "e", "1"))
+        assert SECRET not in text and "***@" in text, text
 
 
 def test_corrupt_results_cache_is_rebuilt(search, capsys):
@@ -223,25 +233,58 @@ def test_dead_drivers_running_parent_is_marked_killed(search, capsys):
     assert "marked KILLED" in err
 
 
-def test_mlflow_failure_mid_search_is_one_line(search, capsys, monkeypatch):
-    """A tracking store that fails after the search started (a server that died): one line,
-    exit 2, naming the URI and the call."""
-    from mlflow.tracking import MlflowClient
+def test_mlflow_server_that_dies_mid_search_is_one_line(search, capsys, monkeypatch):
+    """A real MLflow server stopped while a search logs to it: one line naming the URI, exit 2,
+    no traceback; the server back, the same search runs to the end and marks the dead
+    search's parent run KILLED."""
+    import sqlite3
+    import threading
 
     tmp, ck, cfg = search
-    real = MlflowClient.log_artifact
+    backend = tmp / "server.db"
+    url, proc = start_mlflow_server(f"sqlite:///{backend}", tmp / "server.log", cwd=tmp)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail now, not after minutes of backoff
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    cfg["tracking"] = {**cfg["tracking"], "tracking_uri": url, "experiment": "dies"}
+    cfg["search"]["strategies"] = ["best_individual", "uniform", "greedy", {"name": "learned", "n_trials": 40}]
+    stopped = threading.Event()
 
-    def dying(self, *a, **k):
-        raise ConnectionError("Connection refused by 127.0.0.1:5000\nsecond line")
+    def stop_once_the_search_logs():  # the parent run exists: the search is under way
+        try:
+            while proc.poll() is None:
+                with contextlib.suppress(sqlite3.Error):
+                    with sqlite3.connect(f"file:{backend}?mode=ro", uri=True) as c:
+                        if c.execute("SELECT count(*) FROM runs").fetchone()[0]:
+                            break
+                time.sleep(0.05)
+        finally:
+            stop_process_group(proc)
+            stopped.set()
 
-    monkeypatch.setattr(MlflowClient, "log_artifact", dying)
-    code, err = _run(tmp, cfg, capsys)
-    monkeypatch.setattr(MlflowClient, "log_artifact", real)
-    last = err.strip().splitlines()
-    assert code == 2 and "Traceback" not in err
-    assert last[-1].startswith("soupsearch: error: MLflow tracking URI") and "failed in log_artifact" in last[-1]
-    _, [parent] = _parents(cfg)
-    assert parent.info.status == "FAILED"  # marked where the store still answers
+    killer = threading.Thread(target=stop_once_the_search_logs, daemon=True)
+    killer.start()
+    try:
+        code, err = _run(tmp, cfg, capsys)
+    finally:
+        killer.join(60)
+        stop_process_group(proc)
+    assert stopped.is_set()
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("soupsearch: error: MLflow tracking URI") and url in lines[-1], lines[-1]
+    # the server back (same address, same store): the dead search's parent is still RUNNING
+    # (nobody could mark it), and the same command finishes and marks it KILLED
+    _, proc2 = start_mlflow_server(f"sqlite:///{backend}", tmp / "server2.log", cwd=tmp, port=int(url.rsplit(":", 1)[1]))
+    try:
+        client, parents = _parents(cfg)
+        assert [p.info.status for p in parents] == ["RUNNING"]
+        cfg["search"]["strategies"] = ["best_individual", "uniform"]
+        code, err = _run(tmp, cfg, capsys)
+        assert code == 0, err[-3000:]
+        client, parents = _parents(cfg)
+        assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"]
+    finally:
+        stop_process_group(proc2)
 
 
 # ----------------------------------------------------------------------------- processes by session
