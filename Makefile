@@ -32,7 +32,7 @@ demo-multitask: $(STAMP)
 	$(BIN)/soupsearch run configs/multitask.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --timeout=900 tests
+	$(BIN)/python -m pytest -q -ra --timeout=900 -n 2 --dist loadgroup tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/merge.py

@@ -63,3 +63,12 @@ def searched_tiny(ray_session, tiny_sweep, tmp_path_factory):
         mp.chdir(tmp)
         out = run_search(cfg)
     return cfg, out, tmp
+
+
+def pytest_collection_modifyitems(config, items):
+    """With ``pytest -n N --dist loadgroup`` (``make test``): the tests of one module run on one
+    worker (its module-scoped fixtures are built once), and every test that reads the shared
+    search runs on the same worker (it is searched once)."""
+    for item in items:
+        group = "searched" if "searched_tiny" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))

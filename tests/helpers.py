@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import ipaddress
+import json
 import math
 import os
 import random
@@ -84,6 +85,31 @@ def tiny_config(sweep: Path, tmp_path: Path, **overrides) -> dict:
             cur = cur.setdefault(kk, {})
         cur[keys[-1]] = v
     return cfg
+
+
+def local_search_files(tmp_path: Path, name: str, tracking_uri: str) -> tuple[Path, dict]:
+    """Three small checkpoints (``tmp_path/ckpts``) and npz val/test splits of 40 random
+    examples, and a config dict of an in-process (``eval.backend: local``) search over them:
+    the smallest real search, for tests of inputs, outputs and errors. Returns ``(ckpts, cfg)``."""
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "ckpts"
+    ck.mkdir()
+    for i, sd in enumerate(perturbed_state_dicts(3, scale=0.1)):
+        save_file(sd, str(ck / f"m{i}.safetensors"))
+    for split, seed in (("val", 0), ("test", 1)):
+        x, y = random_split(40, seed)
+        np.savez(tmp_path / f"{split}.npz", x=x, y=y)
+    cfg = {
+        "name": name, "run_dir": str(tmp_path / "run"),
+        "model": {"factory": "builtin:digits_cnn", "kwargs": {"width": 4}},
+        "ingredients": {"path": str(ck)},
+        "data": {"val": {"type": "npz", "path": str(tmp_path / "val.npz")},
+                 "test": {"type": "npz", "path": str(tmp_path / "test.npz")}, "corruptions": None},
+        "eval": {"backend": "local"},
+        "tracking": {"tracking_uri": tracking_uri, "experiment": name},
+    }
+    return ck, cfg
 
 
 def free_port() -> int:
@@ -497,6 +523,36 @@ def run_greedy(ctx):
 
 def load_study(tmp_path, res):
     return optuna.load_study(study_name=res.params["study_name"], storage=f"sqlite:///{tmp_path}/optuna.db")
+
+
+def complete_trials(db: Path) -> list:
+    """COMPLETE trials of the (single) study in ``db`` as light records, read with sqlite3 in
+    read-only mode: polling must never create or migrate tables while a search is writing."""
+    import sqlite3
+    from types import SimpleNamespace
+
+    if not db.exists():
+        return []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        try:
+            rows = con.execute("SELECT trial_id, number FROM trials WHERE state='COMPLETE' ORDER BY number").fetchall()
+        except sqlite3.OperationalError:  # tables not created yet
+            return []
+        out = []
+        for tid, number in rows:
+            params = {}
+            for name, value, dist in con.execute(
+                    "SELECT param_name, param_value, distribution_json FROM trial_params WHERE trial_id=?", (tid,)):
+                params[name] = optuna.distributions.json_to_distribution(dist).to_external_repr(value)
+            attrs = {k: json.loads(v) for k, v in con.execute(
+                "SELECT key, value_json FROM trial_user_attributes WHERE trial_id=?", (tid,))}
+            value = con.execute("SELECT value FROM trial_values WHERE trial_id=? AND objective=0", (tid,)).fetchone()
+            out.append(SimpleNamespace(number=number, params=params, user_attrs=attrs,
+                                       value=None if value is None else value[0]))
+        return out
+    finally:
+        con.close()
 
 
 # ----------------------------------------------------------------------------- sockets and process titles from /proc

@@ -16,36 +16,15 @@ naming, resume), :mod:`._space` (search spaces), :mod:`._trials` (the trial loop
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import pkgutil
-import threading
 
 from soupsearch.strategies._base import Needs, SearchContext, SoupResult, Strategy
+from soupsearch.util.plugins import PluginRegistry
 
-_REGISTRY: dict[str, type[Strategy]] = {}
-_loaded = False
-_lock = threading.RLock()  # re-entrant: a strategy module importing another re-enters _load
-
-
-def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"strategy {cls.name!r} is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load() -> None:
-    """Import every module of this package once, in name order (thread-safe)."""
-    global _loaded
-    if _loaded:
-        return
-    with _lock:
-        if not _loaded:
-            for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-                if not m.name.startswith("_"):  # machinery (the contract, the loops), not strategies
-                    importlib.import_module(f"{__name__}.{m.name}")
-            _loaded = True
+_PLUGINS: PluginRegistry[Strategy] = PluginRegistry(__name__, __path__, "strategy")
+_REGISTRY = _PLUGINS.classes
+register_strategy = _PLUGINS.register
+_load = _PLUGINS.load
 
 
 def _ordered() -> list[str]:

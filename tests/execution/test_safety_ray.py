@@ -19,7 +19,7 @@ import yaml
 from soupsearch.execution.local_ray import session_pids
 from soupsearch.search.runlock import STATE_NAME
 
-from tests.helpers import default_sigint, is_loopback, listeners_of, tiny_config, title
+from tests.helpers import is_loopback, listeners_of, tiny_config, title
 
 pytestmark = pytest.mark.slow
 
@@ -58,24 +58,52 @@ def _wait_gone(marker: str, timeout: float = 20) -> list[int]:
     return left
 
 
-def test_listeners_on_loopback_and_nothing_outlives_the_search(tiny_sweep, tmp_path):
-    cfg, path = _config(tiny_sweep, tmp_path, "a")
-    run_a = Path(cfg["run_dir"])
+def test_listeners_on_loopback_and_nothing_outlives_the_search(ray_session, tiny_sweep, tmp_path):
+    """A search's own local Ray, twice: a driver SIGKILLed mid-search leaves its Ray behind and
+    its parent run RUNNING; the same command again stops that Ray, marks the run KILLED, listens
+    on loopback only while it runs, leaves nothing of its own Ray behind, and gives the results
+    of an uninterrupted search."""
+    # ---- SIGKILL of the driver mid-search
+    cfg, path = _config(tiny_sweep, tmp_path, "b")
+    run_b = Path(cfg["run_dir"])
+    p = subprocess.Popen([sys.executable, "-m", "soupsearch.cli", "run", str(path)], env=_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while p.poll() is None and time.time() < deadline and not (run_b / "ingredients.parquet").exists():
+            time.sleep(0.2)
+        assert p.poll() is None, "the search ended before it could be killed"
+        killed_temp = _state(run_b)["ray_temp_dir"]
+        parent_id = _state(run_b)["parent_run_id"]
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert killed_temp.startswith("/tmp/ssr-")
+    client = mlflow.MlflowClient(tracking_uri=cfg["tracking"]["tracking_uri"])
+    assert client.get_run(parent_id).info.status == "RUNNING"  # nobody ended it
+    time.sleep(2)
+    left_after_kill = session_pids(killed_temp)
+    print(f"Ray processes alive 2 s after SIGKILL of the driver: {[title(q) for q in left_after_kill]}")
+
+    # ---- the same command again, its listening sockets watched over the whole search
     p = subprocess.Popen([sys.executable, "-m", "soupsearch.cli", "run", str(path)], env=_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen: dict[int, list] = {}  # pid -> listening sockets, over the whole search
+    seen: dict[int, list] = {}  # pid -> listening sockets
     titles: dict[int, str] = {}
     temp = None
     try:
         deadline = time.time() + 300
         while p.poll() is None and time.time() < deadline:
-            temp = temp or _state(run_a).get("ray_temp_dir")
+            if temp is None and _state(run_b).get("ray_temp_dir") not in (None, killed_temp):
+                temp = _state(run_b)["ray_temp_dir"]
             if temp:
                 pids = set(session_pids(temp)) | {p.pid}
                 for pid, socks in listeners_of(pids).items():
                     if socks:
-                        seen.setdefault(pid, [])
-                        seen[pid] = sorted(set(seen[pid]) | set(socks))
+                        seen[pid] = sorted(set(seen.get(pid, [])) | set(socks))
                         titles.setdefault(pid, title(pid))
             time.sleep(0.3)
         err = p.stderr.read()
@@ -92,48 +120,26 @@ def test_listeners_on_loopback_and_nothing_outlives_the_search(tiny_sweep, tmp_p
     # ... on loopback only
     public = {f"{pid} {titles[pid]}": [s for s in socks if not is_loopback(s[0])] for pid, socks in seen.items()}
     assert not any(public.values()), {k: v for k, v in public.items() if v}
-    # nothing of its Ray outlives it (agents included), and the session is forgotten
+    # nothing of either Ray outlives it (agents included), and the session is forgotten
+    assert _wait_gone(killed_temp, 10) == []  # the dead driver's Ray: stopped by the re-run
     assert _wait_gone(temp, 10) == []
     assert not Path(temp).exists()
-    assert "ray_temp_dir" not in _state(run_a)
-
-    # ---- SIGKILL of the driver mid-search, then the same search again
-    cfg_b, path_b = _config(tiny_sweep, tmp_path, "b")
-    run_b = Path(cfg_b["run_dir"])
-    p = subprocess.Popen([sys.executable, "-m", "soupsearch.cli", "run", str(path_b)], env=_env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while p.poll() is None and time.time() < deadline and not (run_b / "ingredients.parquet").exists():
-            time.sleep(0.2)
-        assert p.poll() is None, "the search ended before it could be killed"
-        killed_temp = _state(run_b)["ray_temp_dir"]
-        parent_id = _state(run_b)["parent_run_id"]
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    client = mlflow.MlflowClient(tracking_uri=cfg_b["tracking"]["tracking_uri"])
-    assert client.get_run(parent_id).info.status == "RUNNING"  # nobody ended it
-    time.sleep(2)
-    left_after_kill = session_pids(killed_temp)
-    print(f"Ray processes alive 2 s after SIGKILL of the driver: {[title(q) for q in left_after_kill]}")
-
-    r = subprocess.run([sys.executable, "-m", "soupsearch.cli", "run", str(path_b)], env=_env(),
-                       capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert _wait_gone(killed_temp, 10) == []  # the dead driver's Ray: stopped by the re-run
-    new_temp = json.loads((run_b / STATE_NAME).read_text()).get("ray_temp_dir")
-    assert new_temp is None  # the re-run's own Ray was stopped and forgotten too
+    assert "ray_temp_dir" not in _state(run_b)
     if left_after_kill:
-        assert "left running by an earlier search of this run dir" in r.stderr
+        assert "left running by an earlier search of this run dir" in err
     old = client.get_run(parent_id)
     assert old.info.status == "KILLED"
     assert "died" in old.data.tags["soupsearch.error"]
     parents = [x for x in client.search_runs([old.info.experiment_id])
                if x.data.tags.get("soupsearch.role") == "search"]
-    assert sorted(x.info.status for x in parents) == ["FINISHED", "FINISHED", "KILLED"]
-    # identical results to the uninterrupted search
-    assert pq.read_table(run_b / "results.parquet").to_pylist() == pq.read_table(run_a / "results.parquet").to_pylist()
+    assert sorted(x.info.status for x in parents) == ["FINISHED", "KILLED"]
+
+    # ---- identical results to an uninterrupted search (in this process, on the tests' Ray)
+    from soupsearch.config import config_from_dict
+    from soupsearch.search.driver import run_search
+
+    (tmp_path / "ref").mkdir()
+    ref_cfg, _ = _config(tiny_sweep, tmp_path / "ref", "a")
+    ref_cfg["ray"] = {"address": ray_session.get_runtime_context().gcs_address}
+    ref = run_search(config_from_dict(ref_cfg))
+    assert pq.read_table(run_b / "results.parquet").to_pylist() == pq.read_table(ref.run_dir / "results.parquet").to_pylist()

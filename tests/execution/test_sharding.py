@@ -121,6 +121,7 @@ STRATEGIES = ["best_individual", "uniform", "greedy", {"name": "learned", "n_tri
 def _cfg(sweep, tmp, shards, strategies=STRATEGIES, **more):
     return config_from_dict(tiny_config(sweep, tmp, **{
         "eval.stack_shards": shards, "eval.num_evaluators": 2, "search.strategies": strategies,
+        "eval.shard_size": 128,
         "tracking.log_best_model": False, "tracking.log_soup_weights": False,
         "ingredients.base": str(sweep / "base.safetensors"),
         "data.fisher": {"type": "digits", "split": "fisher", "split_file": str(sweep / "splits.json")},

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from soupsearch.cli import main
 
-from tests.helpers import free_port, perturbed_state_dicts, random_split
+from tests.helpers import free_port, local_search_files, random_split
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +26,7 @@ def mlflow_db(tmp_path_factory):
 
 @pytest.fixture
 def setup(tmp_path, mlflow_db):
-    ck = tmp_path / "ckpts"
-    ck.mkdir()
-    for i, sd in enumerate(perturbed_state_dicts(3, scale=0.1)):
-        save_file(sd, str(ck / f"m{i}.safetensors"))
-    for name, seed in (("val", 0), ("test", 1)):
-        x, y = random_split(40, seed)
-        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
-    cfg = {
-        "name": "bad", "run_dir": str(tmp_path / "run"),
-        "model": {"factory": "builtin:digits_cnn", "kwargs": {"width": 4}},
-        "ingredients": {"path": str(ck)},
-        "data": {"val": {"type": "npz", "path": str(tmp_path / "val.npz")},
-                 "test": {"type": "npz", "path": str(tmp_path / "test.npz")},
-                 "corruptions": None},
-        "eval": {"backend": "local"},
-        "tracking": {"tracking_uri": mlflow_db, "experiment": "bad"},
-    }
+    ck, cfg = local_search_files(tmp_path, "bad", mlflow_db)
     return tmp_path, ck, cfg
 
 

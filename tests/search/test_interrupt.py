@@ -1,6 +1,7 @@
 """Ctrl-C (SIGINT) during a search: evaluators stop, the results store keeps what finished, the
 parent MLflow run ends KILLED (finished strategies' runs FINISHED, no run left RUNNING), Optuna
-trials in flight FAIL, and a re-run resumes without re-evaluating finished shards."""
+trials in flight FAIL, and a re-run resumes: the study continues where it stopped and no
+finished shard is evaluated again."""
 
 import os
 import signal
@@ -14,9 +15,11 @@ import mlflow
 import pytest
 import yaml
 
-from tests.helpers import default_sigint, tiny_config
+from tests.helpers import complete_trials, default_sigint, tiny_config
 
 pytestmark = pytest.mark.slow
+
+N_TRIALS = 16
 
 
 def _rows(run_dir: Path) -> dict:
@@ -27,12 +30,19 @@ def _rows(run_dir: Path) -> dict:
         return {(k, s, a): t for k, s, a, t in c.execute("SELECT recipe_key, split, start, created FROM shard_results")}
 
 
+def _n_complete(db: Path) -> int:
+    try:
+        return len(complete_trials(db))
+    except sqlite3.OperationalError:  # locked while the search writes
+        return 0
+
+
 def test_sigint_marks_runs_killed_and_resume_is_clean(ray_session, tiny_sweep, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     cfg = tiny_config(tiny_sweep, tmp_path, **{
         "eval.num_evaluators": 1, "eval.shard_size": 16, "ray.address": address,
         "tracking.log_soup_weights": False, "tracking.log_best_model": False,
-        "search.strategies": ["best_individual", "uniform", "greedy", {"name": "learned", "n_trials": 20}]})
+        "search.strategies": ["best_individual", "uniform", "greedy", {"name": "learned", "n_trials": N_TRIALS}]})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run_dir = Path(cfg["run_dir"])
@@ -42,10 +52,9 @@ def test_sigint_marks_runs_killed_and_resume_is_clean(ray_session, tiny_sweep, t
                          preexec_fn=default_sigint)
     try:
         deadline = time.time() + 180
-        # interrupt during the strategies: after the ingredients were scored and logged
-        while time.time() < deadline and p.poll() is None and not (run_dir / "soups" / "greedy").exists():
+        # interrupt during learned, once a few of its trials are complete
+        while time.time() < deadline and p.poll() is None and _n_complete(run_dir / "optuna.db") < 2:
             time.sleep(0.2)
-        time.sleep(1.0)
         assert p.poll() is None, "finished before it could be interrupted:\n" + p.stderr.read()[-2000:]
         p.send_signal(signal.SIGINT)
         code = p.wait(timeout=60)
@@ -74,10 +83,12 @@ def test_sigint_marks_runs_killed_and_resume_is_clean(ray_session, tiny_sweep, t
     with sqlite3.connect(run_dir / "optuna.db") as c:
         states = [s for (s,) in c.execute("SELECT state FROM trials")]
         reasons = [v for (v,) in c.execute("SELECT value_json FROM trial_user_attributes WHERE key='fail_reason'")]
-    assert "RUNNING" not in states and "FAIL" in states and "COMPLETE" in states, states
+    assert "RUNNING" not in states and "COMPLETE" in states, states  # a trial in flight (if any) is FAIL
     assert all("interrupted" in v for v in reasons) and len(reasons) == states.count("FAIL"), (states, reasons)
     assert "ingredients.parquet" in {a.path for a in client.list_artifacts(parent[0].info.run_id)}
 
+    first = {t.number: t.params for t in complete_trials(run_dir / "optuna.db")}
+    assert 2 <= len(first) < N_TRIALS
     before = _rows(run_dir)
     import math
 
@@ -90,3 +101,12 @@ def test_sigint_marks_runs_killed_and_resume_is_clean(ray_session, tiny_sweep, t
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     parents = [x for x in runs if x.data.tags.get("soupsearch.role") == "search"]
     assert sorted(x.info.status for x in parents) == ["FINISHED", "KILLED"]
+    # the study continued: the trial numbers of the first run kept, only new trials proposed,
+    # every one of them scored by the re-run
+    complete = complete_trials(run_dir / "optuna.db")
+    assert len(complete) == N_TRIALS
+    assert {t.number: t.params for t in complete if t.number in first} == first
+    keys_first = {t.user_attrs["recipe_key"] for t in complete if t.number in first}
+    new_keys = {t.user_attrs["recipe_key"] for t in complete if t.number not in first}
+    assert new_keys and not keys_first & new_keys
+    assert new_keys <= {k for k, _, _ in after}

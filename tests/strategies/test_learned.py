@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +18,7 @@ from soupsearch.strategies import create_strategy
 from soupsearch.strategies.learned import _Space
 
 from tests.helpers import ScoredContext as FakeContext
-from tests.helpers import coeff_matrix, run_greedy, score
+from tests.helpers import coeff_matrix, complete_trials, run_greedy, score
 from tests.helpers import load_study as load
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -290,36 +285,6 @@ def _strategies(n_trials: int) -> list:
     return ["best_individual", "uniform", "greedy", {"name": "learned", "n_trials": n_trials}]
 
 
-def _complete(db: Path) -> list:
-    """COMPLETE trials of the (single) study in ``db`` as light records, read with sqlite3 in
-    read-only mode: polling must never create or migrate tables while a search is writing."""
-    import sqlite3
-    from types import SimpleNamespace
-
-    if not db.exists():
-        return []
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        try:
-            rows = con.execute("SELECT trial_id, number FROM trials WHERE state='COMPLETE' ORDER BY number").fetchall()
-        except sqlite3.OperationalError:  # tables not created yet
-            return []
-        out = []
-        for tid, number in rows:
-            params = {}
-            for name, value, dist in con.execute(
-                    "SELECT param_name, param_value, distribution_json FROM trial_params WHERE trial_id=?", (tid,)):
-                params[name] = optuna.distributions.json_to_distribution(dist).to_external_repr(value)
-            attrs = {k: json.loads(v) for k, v in con.execute(
-                "SELECT key, value_json FROM trial_user_attributes WHERE trial_id=?", (tid,))}
-            value = con.execute("SELECT value FROM trial_values WHERE trial_id=? AND objective=0", (tid,)).fetchone()
-            out.append(SimpleNamespace(number=number, params=params, user_attrs=attrs,
-                                       value=None if value is None else value[0]))
-        return out
-    finally:
-        con.close()
-
-
 @pytest.mark.slow
 def test_learned_on_ray_starts_from_greedy_and_logs_to_mlflow(ray_session, tiny_sweep, tmp_path):
     import mlflow
@@ -334,7 +299,7 @@ def test_learned_on_ray_starts_from_greedy_and_logs_to_mlflow(ray_session, tiny_
     by = {s.name: s for s in out.soups}
     val, greedy_val = by["learned"].metrics["val"]["accuracy"], by["greedy"].metrics["val"]["accuracy"]
     db = out.run_dir / "optuna.db"
-    trials = _complete(db)
+    trials = complete_trials(db)
     assert len(trials) == 12
     # the first trial is greedy's soup, scored like greedy's (the search then cannot end below it)
     sel = cfg.eval.selection_metric
@@ -352,69 +317,3 @@ def test_learned_on_ray_starts_from_greedy_and_logs_to_mlflow(ray_session, tiny_
     assert {"optuna_history.png", "best_params.json", "coefficients.json"} <= arts
     print(f"\n[learned on the tiny sweep] greedy val {greedy_val:.4f} test {by['greedy'].metrics['test']['accuracy']:.4f}"
           f" | learned val {val:.4f} test {by['learned'].metrics['test']['accuracy']:.4f}")
-
-
-def _val_rows(run_dir: Path) -> dict:
-    with sqlite3.connect(run_dir / "results.sqlite") as c:
-        return {(k, a, b): t for k, a, b, t in
-                c.execute("SELECT recipe_key, start, stop, created FROM shard_results WHERE split='val'")}
-
-
-@pytest.mark.slow
-def test_cli_interrupted_learned_search_resumes(ray_session, tiny_sweep, tmp_path):
-    """SIGINT a `soupsearch run` while learned runs, run it again: the study continues.
-
-    The CLI connects to the test session's Ray cluster (starting a local Ray twice would
-    cost ~20 s here); its one evaluator holds 1 CPU of it."""
-    import yaml
-
-    from tests.helpers import default_sigint, tiny_config
-
-    n_trials = 12
-    address = ray_session.get_runtime_context().gcs_address
-    cfg = tiny_config(tiny_sweep, tmp_path, **{"eval.num_evaluators": 1, "ray.num_cpus": 1, "ray.address": address,
-                                               "tracking.log_soup_weights": False,
-                                               "search.strategies": _strategies(n_trials)})
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    run_dir = Path(cfg["run_dir"])
-    db = run_dir / "optuna.db"
-    cmd = [sys.executable, "-m", "soupsearch.cli", "run", str(path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                         preexec_fn=default_sigint)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and p.poll() is None:
-            try:
-                if len(_complete(db)) >= 3:
-                    break
-            except sqlite3.OperationalError:  # locked while the search writes
-                pass
-            time.sleep(0.2)
-        assert p.poll() is None, "the first run ended before it could be interrupted:\n" + p.stderr.read()[-2000:]
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    first = {t.number: t.params for t in _complete(db)}
-    assert 3 <= len(first) < n_trials
-    rows_before = _val_rows(run_dir)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    complete = _complete(db)
-    assert len(complete) == n_trials
-    assert {t.number: t.params for t in complete if t.number in first} == first  # numbering continued
-    rows_after = _val_rows(run_dir)
-    # nothing scored in the first run was scored again (the store would have re-written the row)
-    assert all(rows_after[k] == v for k, v in rows_before.items())
-    keys_first = {t.user_attrs["recipe_key"] for t in complete if t.number in first}
-    new_keys = {t.user_attrs["recipe_key"] for t in complete if t.number not in first}
-    assert not keys_first & new_keys  # the resumed run proposed new trials only
-    assert new_keys <= {k for k, _, _ in rows_after}

@@ -4,8 +4,6 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-
-
 pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")

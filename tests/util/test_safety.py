@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 import yaml
 from safetensors.torch import save_file
@@ -23,7 +22,12 @@ from soupsearch.errors import SoupSearchError
 from soupsearch.util.redact import redact, redact_obj
 from soupsearch.util.safety import check_file_name, inside
 
-from tests.helpers import perturbed_state_dicts, random_split, start_mlflow_server, stop_process_group
+from tests.helpers import (
+    local_search_files,
+    perturbed_state_dicts,
+    start_mlflow_server,
+    stop_process_group,
+)
 
 SECRET = "hunter2-s3cr3t"
 
@@ -97,24 +101,10 @@ def test_merge_never_overwrites_an_input(tmp_path, kind, capsys, monkeypatch):
 
 @pytest.fixture
 def search(tmp_path):
-    ck = tmp_path / "ckpts"
-    ck.mkdir()
-    for i, sd in enumerate(perturbed_state_dicts(3, scale=0.1)):
-        save_file(sd, str(ck / f"m{i}.safetensors"))
-    for name, seed in (("val", 0), ("test", 1)):
-        x, y = random_split(40, seed)
-        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
-    cfg = {
-        "name": "safe", "run_dir": str(tmp_path / "run"),
-        "model": {"factory": "builtin:digits_cnn", "kwargs": {"width": 4}},
-        "ingredients": {"path": str(ck)},
-        "data": {"val": {"type": "npz", "path": str(tmp_path / "val.npz")},
-                 "test": {"type": "npz", "path": str(tmp_path / "test.npz")}, "corruptions": None},
-        "eval": {"backend": "local", "shard_size": 16},
-        "search": {"strategies": ["best_individual", "uniform", "greedy"]},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "safe",
-                     "log_best_model": False, "log_soup_weights": False},
-    }
+    ck, cfg = local_search_files(tmp_path, "safe", f"sqlite:///{tmp_path}/mlflow.db")
+    cfg["eval"]["shard_size"] = 16
+    cfg["search"] = {"strategies": ["best_individual", "uniform", "greedy"]}
+    cfg["tracking"].update(log_best_model=False, log_soup_weights=False)
     return tmp_path, ck, cfg
 
 

@@ -1,39 +1,18 @@
 """Merge methods: one module per method, registered by name (see :mod:`._base` for the
-contract). Every module of this package is imported on first use, so adding a method is
-adding its module."""
+contract). Every module of this package except the ``_``-prefixed machinery is imported on
+first use (:class:`~soupsearch.util.plugins.PluginRegistry`), so adding a method is adding
+its module."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-import threading
-
 from soupsearch.errors import RecipeError
 from soupsearch.merging.methods._base import MergeMethod, TensorArgs, keep_mask, linear_mix, tensor_seed
+from soupsearch.util.plugins import PluginRegistry
 
-_REGISTRY: dict[str, type[MergeMethod]] = {}
-_loaded = False
-_lock = threading.RLock()  # re-entrant: a method module importing another re-enters _load
-
-
-def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"merge method {cls.name!r} is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load() -> None:
-    """Import every method module once (thread-safe: evaluator slots are threads)."""
-    global _loaded
-    if _loaded:
-        return
-    with _lock:
-        if not _loaded:
-            for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-                if not m.name.startswith("_"):  # machinery (the contract), not methods
-                    importlib.import_module(f"{__name__}.{m.name}")
-            _loaded = True
+_PLUGINS: PluginRegistry[MergeMethod] = PluginRegistry(__name__, __path__, "merge method")
+_REGISTRY = _PLUGINS.classes
+register_method = _PLUGINS.register
+_load = _PLUGINS.load
 
 
 def list_methods() -> list[str]:
