@@ -203,6 +203,16 @@ class FisherConfig(_Strict):
     batch_size: int = Field(default=32, gt=0)
 
 
+def check_label(v: str | None) -> str | None:
+    """A strategy label names its soup's directory under ``run_dir/soups``: a plain file name."""
+    from soupsearch.util.safety import file_name_problem
+
+    problem = None if v is None else file_name_problem(v)
+    if problem:
+        raise ValueError(f"label {v!r} cannot be used as a file name: {problem}")
+    return v
+
+
 class StrategySpec(_Strict):
     name: str  # registered strategy name
     label: str | None = None  # run name when one strategy is used twice (default: name)
@@ -211,12 +221,7 @@ class StrategySpec(_Strict):
     @field_validator("label")
     @classmethod
     def _label(cls, v):
-        from soupsearch.util.safety import file_name_problem
-
-        problem = None if v is None else file_name_problem(v)
-        if problem:  # the label names the soup's directory under run_dir/soups
-            raise ValueError(f"label {v!r} cannot be used as a file name: {problem}")
-        return v
+        return check_label(v)
 
     @property
     def run_name(self) -> str:

@@ -26,6 +26,7 @@ from soupsearch.config import (
     _format_validation_error,
     _resolve_paths,
     _Strict,
+    check_label,
     check_strategies,
     coerce_strategy_items,
     parse_overrides,
@@ -33,6 +34,12 @@ from soupsearch.config import (
 )
 from soupsearch.errors import ConfigError
 
+# per shared section, the keys a multi-task search reads (the others are refused)
+READ_KEYS = {
+    "eval": {"num_evaluators", "batch_size", "selection_metric", "backend", "device"},
+    "tracking": {"tracking_uri", "experiment", "log_soup_weights"},
+    "fisher": {"num_examples", "mode", "batch_size", "normalize"},  # the split: each task's data.fisher
+}
 RESERVED = ("name", "method", "mean", "val_mean", "ood_mean", "vs_uniform", "run_id")  # table columns
 
 
@@ -77,6 +84,11 @@ class MTStrategySpec(_Strict):
     name: str
     label: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v):
+        return check_label(v)
 
     @property
     def run_name(self) -> str:
@@ -135,6 +147,19 @@ class MultiTaskConfig(_Strict):
         if v is not None and (not v or any(not isinstance(p, str) or not p for p in v)):
             raise ValueError(f"head {v!r}: expected a non-empty list of tensor-name prefixes (or null to detect)")
         return v
+
+    @model_validator(mode="after")
+    def _unread(self):
+        """A key the multi-task search would not read is refused, not silently ignored."""
+        for section, read in READ_KEYS.items():
+            sub = getattr(self, section)
+            for key in sorted(sub.model_fields_set - read):
+                raise ValueError(f"{section}.{key}: a multi-task search does not read this key (it reads "
+                                 f"{', '.join(f'{section}.{k}' for k in sorted(read))}); remove it")
+        if self.eval.device == "cuda":
+            raise ValueError("eval.device: cuda: a multi-task search evaluates on CPU; set eval.device to cpu "
+                             "or auto")
+        return self
 
     @model_validator(mode="after")
     def _cross(self):

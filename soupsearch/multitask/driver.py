@@ -319,9 +319,6 @@ def _run(cfg: MultiTaskConfig, tracker: Tracker | None, lock) -> MTOutcome:
             local_ray.shutdown(lock, say)
 
 
-BASELINES = ("task_own", "pretrained", "ensemble")
-
-
 def _log_child(tracker: Tracker, cfg: MultiTaskConfig, res: MTResult, started_at: float) -> None:
     rid = tracker.start_child(res.name, params={"strategy": res.name, "candidate": res.candidate.describe(),
                                                 **res.params}, start_time=started_at,
@@ -348,7 +345,7 @@ def _versus_uniform(tracker: Tracker, outcome: MTOutcome, ctx: MTContext) -> Non
     (``_ci_low``, ``_ci_high``) on every other child run."""
     from soupsearch.multitask.scores import versus
 
-    ref = next((r for r in outcome.results if r.strategy == "uniform"), None)
+    ref = next((r for r in outcome.results if get_strategy(r.strategy).is_reference(r.strategy)), None)
     if ref is None:
         return
     for r in outcome.results:
@@ -373,7 +370,9 @@ def _save_best(tracker, outcome: MTOutcome, ctx: MTContext, best: MTResult, run_
     if best.candidate.kind == "ensemble":
         return
     states = ctx.pool.map("model_state", [(best.candidate, t) for t in range(ctx.T)])
-    d = run_dir / "soups" / best.name
+    from soupsearch.util.safety import inside
+
+    d = inside(run_dir, "soups", best.name)  # labels are checked as file names; this keeps it so
     d.mkdir(parents=True, exist_ok=True)
     for task, sd in zip(ctx.task_names, states):
         path = d / f"{task}.safetensors"
@@ -394,7 +393,7 @@ def _log_parent(tracker, parent, outcome: MTOutcome, ctx: MTContext, run_dir: Pa
     from soupsearch.util.fileio import write_text_atomic
 
     metric = ctx.metric
-    merged = [r for r in outcome.results if r.name not in BASELINES and r.candidate.kind == "merge"]
+    merged = [r for r in outcome.results if not get_strategy(r.strategy).baseline and r.candidate.kind == "merge"]
     pool = merged or outcome.results
     best = pool[ctx.best_index([r.scores.objective(metric) for r in pool])]
     outcome.best = best.name

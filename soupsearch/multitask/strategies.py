@@ -53,6 +53,13 @@ class MTStrategy:
     """Subclass, set ``Options`` and implement :meth:`run`; ``needs``: ``base`` / ``fisher``."""
 
     Options: ClassVar[type[BaseModel]] = _Opts
+    # what the driver does with the result: a baseline is never the best merge; the reference
+    # is what every other run's accuracy is compared with (delta_vs_uniform/...)
+    baseline: ClassVar[bool] = False
+
+    @classmethod
+    def is_reference(cls, name: str) -> bool:
+        return False
 
     @classmethod
     def validate_options(cls, name: str, options: dict) -> BaseModel:
@@ -73,6 +80,8 @@ class MTStrategy:
 
 
 class TaskOwn(MTStrategy):
+    baseline = True
+
     def run(self, ctx, name, label, opts):
         members, info = [], {}
         for t, task in enumerate(ctx.task_names):
@@ -92,6 +101,8 @@ class TaskOwn(MTStrategy):
 
 
 class Pretrained(MTStrategy):
+    baseline = True
+
     @classmethod
     def requirements(cls, name, options):
         return {"base"}
@@ -101,6 +112,8 @@ class Pretrained(MTStrategy):
 
 
 class Ensemble(MTStrategy):
+    baseline = True
+
     def run(self, ctx, name, label, opts):
         return MTResult(label, Candidate("ensemble", label=label), params={"forward_passes": ctx.T})
 
@@ -114,6 +127,10 @@ class MethodMerge(MTStrategy):
     """A registered merge method over the task models; parameters selected on mean val."""
 
     Options = MethodOptions
+
+    @classmethod
+    def is_reference(cls, name: str) -> bool:
+        return name == "uniform"  # simple averaging of the task models: what a method must beat
 
     @classmethod
     def validate_options(cls, name, options):

@@ -340,6 +340,15 @@ def _cli(args, cwd=ROOT, timeout=600):
     (lambda r: r.update(base=None, search={"strategies": ["task_arithmetic"]}), "needs base"),
     (lambda r: r["tasks"][0].update(name="mean"), "column of the results table"),
     (lambda r: r["tasks"][1]["data"].update(num_classes=7), "tasks.1: data.num_classes is 7 but num_classes is 4"),
+    # keys a multi-task search does not read are refused, not silently ignored
+    (lambda r: r.update(eval={"stack_shards": 2}), "eval.stack_shards: a multi-task search does not read this key"),
+    (lambda r: r.update(eval={"precision": "bfloat16"}), "eval.precision: a multi-task search does not read"),
+    (lambda r: r.update(fisher={"split": "val"}), "fisher.split: a multi-task search does not read"),
+    (lambda r: r.update(tracking={"register_as": "m"}), "tracking.register_as: a multi-task search does not read"),
+    (lambda r: r.update(eval={"device": "cuda"}), "eval.device: cuda: a multi-task search evaluates on CPU"),
+    # a label names the soup's directory under run_dir/soups
+    (lambda r: r.update(search={"strategies": [{"name": "uniform", "label": "../x"}]}),
+     "label '../x' cannot be used as a file name"),
 ])
 def test_config_errors_are_one_line(sweep, mutate, expect):
     import copy
