@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from soupsearch.errors import ConfigError
 from soupsearch.util import timeouts as T
+from soupsearch.util.overrides import parse_overrides, set_dotted  # noqa: F401 (multitask/config)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -37,6 +38,9 @@ class IngredientsConfig(_Strict):
     group_depth: int = 1  # module depth of layer groups for per-layer recipes
     # storage dtype of the stack on the holders; mixing accumulates in float32
     stack_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Trainer runs (folders of checkpoint-<step>/): each run's last checkpoint, its best
+    # (trainer_state.json's best_model_checkpoint) or all of them
+    checkpoints: Literal["last", "best", "all"] = "last"
     # re-basin before the search, for ingredients trained from different initializations:
     # permute each one's hidden units onto the best individual on val (soupsearch.align)
     align: Literal["none", "weight", "activation"] = "none"
@@ -112,6 +116,14 @@ class DataConfig(_Strict):
     shifts: list[DatasetConfig] = Field(default_factory=list)  # user-provided shifted sets
     num_classes: int | None = None
     normalize: dict[str, list[float]] | None = None  # {mean: [...], std: [...]} applied to [0,1] inputs
+    # model: the checkpoint's own preprocessing (an hf: folder's image processor), applied at
+    # decode and evaluation; none: images as decoded (image_size, normalize). Default: model for hf:
+    preprocess: Literal["model", "none"] | None = None
+
+    def datasets(self) -> list[tuple[str, "DatasetConfig"]]:
+        """Every configured dataset with its key path (``val``, ``test``, ``fisher``, ``shifts[i]``)."""
+        out = [("val", self.val), ("test", self.test)] + ([("fisher", self.fisher)] if self.fisher else [])
+        return out + [(f"shifts[{i}]", d) for i, d in enumerate(self.shifts)]
 
     @model_validator(mode="after")
     def _names(self):
@@ -304,6 +316,20 @@ class Config(_Strict):
     fisher: FisherConfig = Field(default_factory=FisherConfig)
 
     @model_validator(mode="after")
+    def _hf(self):
+        """``hf:`` alone: the base's folder, else the first ingredient's (set once, here: the
+        model is frozen); the model's own preprocessing excludes a second normalize/resize."""
+        from soupsearch.ingredients.discovery import resolve_hf_folder
+        from soupsearch.ingredients.trainer import hf_config_problem
+
+        if self.model.factory == "hf:":
+            object.__setattr__(self.model, "factory", "hf:" + resolve_hf_folder(self.ingredients))
+        problem = hf_config_problem(self.model.factory, self.data)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _cross(self):
         from soupsearch.strategies import get_strategy_class
 
@@ -340,32 +366,6 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
     return f"config {source}: {loc}: {msg}{more}"
 
 
-def set_dotted(d: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    cur = d
-    for k in keys[:-1]:
-        nxt = cur.get(k)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            cur[k] = nxt
-        cur = nxt
-    cur[keys[-1]] = value
-
-
-def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
-    out = []
-    for item in items or []:
-        key, eq, raw = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. eval.num_evaluators=2")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        out.append((key.strip(), value))
-    return out
-
-
 _PATH_KEYS = (("ingredients", "path"), ("ingredients", "base"), ("run_dir",))
 _DATASET_PATH_KEYS = ("split_file", "path", "root")
 
@@ -396,6 +396,10 @@ def _resolve_paths(raw: dict) -> None:
                 for k in _DATASET_PATH_KEYS:
                     if k in d:
                         d[k] = fix(d[k])
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("factory"), str) and model["factory"].startswith("hf:") \
+            and len(model["factory"]) > 3:
+        model["factory"] = "hf:" + fix(model["factory"][3:])
     tr = raw.setdefault("tracking", {}) if isinstance(raw.get("tracking", {}), dict) else None
     if tr is not None:
         uri = tr.get("tracking_uri") or (None if os.environ.get("MLFLOW_TRACKING_URI") else DEFAULT_TRACKING_URI)

@@ -48,6 +48,7 @@ class TensorSplit:
 class EvalSuite:
     splits: dict[str, TensorSplit] = field(default_factory=dict)
     num_classes: int = 0
+    normalize: dict | None = None  # mean/std on [0, 1] inputs the evaluators apply (config's or the model's)
 
     @property
     def eval_names(self) -> list[str]:
@@ -82,8 +83,9 @@ def _like(x_float: np.ndarray, template: np.ndarray) -> np.ndarray:
     return x_float
 
 
-def load_dataset(cfg) -> tuple[np.ndarray, np.ndarray, str]:
-    """Arrays of one configured dataset (:class:`soupsearch.config.DatasetConfig`)."""
+def load_dataset(cfg, transform=None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Arrays of one configured dataset (:class:`soupsearch.config.DatasetConfig`); ``transform``:
+    the model's per-image preprocessing (PIL in, uint8 ``HxWx3`` out), applied once here."""
     if cfg.type == "digits":
         from soupsearch.data.digits import digits_split
 
@@ -92,9 +94,16 @@ def load_dataset(cfg) -> tuple[np.ndarray, np.ndarray, str]:
     elif cfg.type in ("torchvision", "imagefolder", "parquet"):
         from soupsearch.data.sources import load_source
 
+        cmap = cfg.class_map
+        label2id = getattr(transform, "label2id", None)
+        if cmap is None and label2id and cfg.type == "imagefolder" and cfg.root and Path(cfg.root).is_dir():
+            folders = [e.name for e in Path(cfg.root).iterdir() if e.is_dir()]
+            if folders and all(f in label2id for f in folders):  # class folders named as the model's labels
+                cmap = dict(label2id)
         x, y, src = load_source(cfg.type, root=cfg.root, path=cfg.path, name=cfg.dataset, split=cfg.split,
                                 image_size=cfg.image_size, image_column=cfg.image_column,
-                                label_column=cfg.label_column, class_map=cfg.class_map, limit=cfg.limit)
+                                label_column=cfg.label_column, class_map=cmap, limit=cfg.limit,
+                                transform=transform)
     elif cfg.type == "npz":
         p = Path(cfg.path)
         if not p.exists():
@@ -116,6 +125,11 @@ def load_dataset(cfg) -> tuple[np.ndarray, np.ndarray, str]:
         raise DataError(f"unknown dataset type {cfg.type!r}")
     if cfg.limit:
         x, y = x[: cfg.limit], y[: cfg.limit]
+    if transform is not None and cfg.type in ("digits", "npz"):
+        from soupsearch.data.sources import transform_stack
+
+        u8 = x if x.dtype == np.uint8 else np.clip(np.round(x.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+        x = transform_stack(u8, transform)
     if cfg.class_subset is not None:
         pos = {c: i for i, c in enumerate(cfg.class_subset)}
         bad = sorted({int(v) for v in np.unique(y)} - set(pos))
@@ -125,14 +139,17 @@ def load_dataset(cfg) -> tuple[np.ndarray, np.ndarray, str]:
     return x, y, src
 
 
-def build_suite(data_cfg) -> EvalSuite:
-    """Build the eval suite from a :class:`soupsearch.config.DataConfig`."""
+def build_suite(data_cfg, preprocess=None) -> EvalSuite:
+    """Build the eval suite from a :class:`soupsearch.config.DataConfig`; ``preprocess``: the
+    model's own image preprocessing (a per-image callable with a ``normalize`` attribute, e.g.
+    :class:`soupsearch.models.hf.ImagePreprocess`), else the config's ``image_size``/``normalize``."""
     suite = EvalSuite()
+    suite.normalize = preprocess.normalize if preprocess is not None else data_cfg.normalize
     for kind, dcfg in ((VAL, data_cfg.val), (TEST, data_cfg.test)):
-        x, y, src = load_dataset(dcfg)
+        x, y, src = load_dataset(dcfg, preprocess)
         suite.splits[kind] = TensorSplit(kind, x, y, kind, src, dcfg.class_subset)
     if data_cfg.fisher is not None:
-        x, y, src = load_dataset(data_cfg.fisher)
+        x, y, src = load_dataset(data_cfg.fisher, preprocess)
         suite.splits["fisher"] = TensorSplit("fisher", x, y, "fisher", src, data_cfg.fisher.class_subset)
     if data_cfg.corruptions is not None:
         c = data_cfg.corruptions
@@ -145,7 +162,7 @@ def build_suite(data_cfg) -> EvalSuite:
                     f"{c.base}+{sname}", base.class_subset,
                 )
     for s in data_cfg.shifts:
-        x, y, src = load_dataset(s)
+        x, y, src = load_dataset(s, preprocess)
         if s.name in suite.splits:
             raise DataError(f"shifted set {s.name!r}: name already used by another split")
         suite.splits[s.name] = TensorSplit(s.name, x, y, "shift", src, s.class_subset)

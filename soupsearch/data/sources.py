@@ -63,6 +63,7 @@ def load_source(
     label_column: str = "label",
     class_map: Mapping[Any, int] | None = None,
     limit: int | None = None,
+    transform=None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Read one dataset from local disk.
 
@@ -78,6 +79,8 @@ def load_source(
             torchvision / parquet: label value (as ``str`` or ``int``) -> class index
             (every label must be in it).
         limit: keep the first ``limit`` examples (in the order of the source).
+        transform: instead of ``image_size``, the model's own per-image preprocessing: a
+            callable from a PIL image to a uint8 ``HxWx3`` array (resize and crop).
 
     Returns:
         ``(x, y, source)``: ``x`` uint8 ``[N, C, H, W]`` C-contiguous, ``y`` int64 ``[N]``,
@@ -96,12 +99,14 @@ def load_source(
             x, y = x[:lim], y[:lim]
         if class_map is not None:
             y = _map_labels(y.tolist(), _norm_class_map(class_map, f"dataset {src}"), f"dataset {src}")
-        if size is not None:
+        if transform is not None:
+            x = transform_stack(x, transform)
+        elif size is not None:
             x = _resize_stack(x, size)
     elif kind == "imagefolder":
-        x, y, src = _load_imagefolder(root, size, class_map, lim)
+        x, y, src = _load_imagefolder(root, size, class_map, lim, transform)
     elif kind == "parquet":
-        x, y, src = _load_parquet(path, size, image_column, label_column, class_map, lim)
+        x, y, src = _load_parquet(path, size, image_column, label_column, class_map, lim, transform)
     else:
         raise DataError(f"unknown dataset kind {kind!r}; valid: {', '.join(KINDS)}")
     if lim is not None:
@@ -191,14 +196,34 @@ def _resize_stack(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def transform_stack(x: np.ndarray, transform) -> np.ndarray:
+    """A uint8 ``[N, C, H, W]`` stack through a per-image ``transform`` (PIL in, uint8 ``HxWx3``
+    out), in the decoding thread pool."""
+    from PIL import Image
+
+    out: list = [None] * len(x)
+
+    def work(lo, hi):
+        for i in range(lo, hi):
+            img = x[i, 0] if x.shape[1] == 1 else x[i].transpose(1, 2, 0)
+            out[i] = transform(Image.fromarray(np.ascontiguousarray(img)))
+
+    step = 256
+    with ThreadPoolExecutor(_workers()) as pool:
+        for f in [pool.submit(work, lo, min(lo + step, len(x))) for lo in range(0, len(x), step)]:
+            f.result()
+    return np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2)) if out else x
+
+
 # --------------------------------------------------------------------------- image decoding
 
 _GREY = frozenset({"1", "L", "LA"})
 _CHUNK = 64
 
 
-def _decode(src, name: str, size, where: str):
-    """Decode one image: (array HxW for greyscale or HxWx3, is_grey, (h, w) before resizing)."""
+def _decode(src, name: str, size, where: str, transform=None):
+    """Decode one image: (array HxW for greyscale or HxWx3, is_grey, (h, w) before resizing);
+    with ``transform`` (the model's preprocessing), its HxWx3 output."""
     from PIL import Image
 
     try:
@@ -212,6 +237,9 @@ def _decode(src, name: str, size, where: str):
             grey = mode in _GREY
             img = im.convert("L" if grey else "RGB")
         hw = (img.height, img.width)
+        if transform is not None:
+            out = transform(img)
+            return out, False, tuple(out.shape[:2])
         if size is not None and hw != size:
             img = img.resize((size[1], size[0]), Image.BILINEAR)
         return np.asarray(img), grey, hw
@@ -224,8 +252,8 @@ def _decode(src, name: str, size, where: str):
 class _ImageStack:
     """Decodes images (in order, in a thread pool) into one preallocated uint8 array."""
 
-    def __init__(self, n: int, size, where: str):
-        self.n, self.size, self.where = n, size, where
+    def __init__(self, n: int, size, where: str, transform=None):
+        self.n, self.size, self.where, self.transform = n, size, where, transform
         self.x: np.ndarray | None = None
         self.ref: tuple[str, tuple[int, int]] | None = None
         self.colour = False
@@ -244,8 +272,8 @@ class _ImageStack:
     def add(self, start: int, srcs: list, names: list[str]):
         first = 0
         if self.x is None and srcs:
-            arr, grey, hw = _decode(srcs[0], names[0], self.size, self.where)
-            h, w = self.size or hw
+            arr, grey, hw = _decode(srcs[0], names[0], self.size, self.where, self.transform)
+            h, w = arr.shape[:2] if self.transform is not None else (self.size or hw)
             self.ref = (names[0], hw)
             self.x = np.empty((self.n, 3, h, w), dtype=np.uint8)
             self._put(start, arr, grey)
@@ -261,8 +289,8 @@ class _ImageStack:
     def _work(self, start: int, srcs: list, names: list[str]) -> bool:
         colour = False
         for k, (src, nm) in enumerate(zip(srcs, names)):
-            arr, grey, hw = _decode(src, nm, self.size, self.where)
-            if self.size is None and hw != self.ref[1]:
+            arr, grey, hw = _decode(src, nm, self.size, self.where, self.transform)
+            if self.size is None and hw != self.ref[1]:  # (a transform's output size is fixed: checked too)
                 (rn, (rh, rw)) = self.ref
                 raise DataError(
                     f"{self.where}: image {nm} is {hw[0]}x{hw[1]} (HxW) but {rn} is {rh}x{rw}; "
@@ -283,7 +311,7 @@ class _ImageStack:
 # --------------------------------------------------------------------------- imagefolder
 
 
-def _load_imagefolder(root, size, class_map, limit):
+def _load_imagefolder(root, size, class_map, limit, transform=None):
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -319,7 +347,7 @@ def _load_imagefolder(root, size, class_map, limit):
     y = np.fromiter((t for _, t in samples), dtype=np.int64, count=len(samples))
     paths = [p for p, _ in samples]
     names = [os.path.relpath(p, root) for p in paths]
-    with _ImageStack(len(samples), size, where) as stack:
+    with _ImageStack(len(samples), size, where, transform) as stack:
         stack.add(0, paths, names)
         x = stack.finish()
     return x, y, src
@@ -346,7 +374,7 @@ def _parquet_files(path: str) -> list[str]:
     raise DataError(f"{where}: path {p} does not exist (expected a .parquet file, a directory of shards or a glob)")
 
 
-def _load_parquet(path, size, image_column, label_column, class_map, limit):
+def _load_parquet(path, size, image_column, label_column, class_map, limit, transform=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -383,7 +411,7 @@ def _load_parquet(path, size, image_column, label_column, class_map, limit):
         raise DataError(f"{where}: has 0 examples, expected at least 1")
     ys: list[np.ndarray] = []
     done = 0
-    with _ImageStack(n, size, where) as stack:
+    with _ImageStack(n, size, where, transform) as stack:
         for f, pf in zip(files, shards):
             row = 0
             for batch in pf.iter_batches(batch_size=512, columns=[image_column, label_column]):

@@ -172,7 +172,7 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
         ev = Evaluator(cfg.model.factory, cfg.model.kwargs, spec, stack.layout, stack.fixed, suite.arrays(),
                        cfg.eval.batch_size,
                        device="cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and torch.cuda.is_available()) else "cpu",
-                       normalize=cfg.data.normalize, subsets=suite.subsets(), precision=cfg.eval.precision,
+                       normalize=suite.normalize, subsets=suite.subsets(), precision=cfg.eval.precision,
                        **bnreset.evaluator_kwargs(cfg))
         return LocalEvalPool(ev, sizes, **common)
     n, use_gpu, actor_plan = resolve_evaluators(cfg)
@@ -191,7 +191,7 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
     shared = SharedObjects()  # the splits reach the actors by the holder's name, not as a plasma argument
     args = dict(model_factory=cfg.model.factory, model_kwargs=cfg.model.kwargs, W=spec, layout=stack.layout,
                 fixed=stack.fixed, splits=shared.share(suite.arrays()), batch_size=cfg.eval.batch_size,
-                normalize=cfg.data.normalize, subsets=suite.subsets(), precision=cfg.eval.precision,
+                normalize=suite.normalize, subsets=suite.subsets(), precision=cfg.eval.precision,
                 **bnreset.evaluator_kwargs(cfg))
     if plan.s == 1:
         say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'} in {len(actor_plan)} actor process(es) "

@@ -73,9 +73,9 @@ def read_headers(files: Sequence[str | os.PathLike], skeleton, group_depth: int 
             check_compatible(meta_tensors(r.meta()), skeleton, label, "model skeleton", allow_cast=allow_cast)
             if i == 0:
                 fixed = {name: r.get(name).clone() for name, _, _ in layout.fixed}
-    from pathlib import Path
+    from soupsearch.ingredients.trainer import default_names
 
-    return StackInfo(layout, [Path(f).stem for f in files], [str(f) for f in files], fixed, dtype)
+    return StackInfo(layout, default_names(files), [str(f) for f in files], fixed, dtype)
 
 
 # ----------------------------------------------------------------------------- column shards

@@ -33,13 +33,15 @@ CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
 def discover(
-    path: str | os.PathLike | Sequence[str], pattern: str | None = None
+    path: str | os.PathLike | Sequence[str], pattern: str | None = None, checkpoints: str = "last"
 ) -> list[Path]:
     """Checkpoint files from a directory, a glob, a list of paths, or a manifest JSON.
 
     A manifest is a JSON object with an ``ingredients`` list whose items have a ``file``
     (relative to the manifest). Files are returned sorted by path (manifest order for
-    manifests), so ingredient indices are stable.
+    manifests), so ingredient indices are stable. A directory may also be, or hold, Hugging
+    Face model folders and ``Trainer`` runs (:mod:`soupsearch.ingredients.trainer`; ``checkpoints``:
+    ``last``, ``best`` or ``all`` of each run).
     """
     if isinstance(path, (list, tuple)):
         files = [Path(p) for p in path]
@@ -53,6 +55,13 @@ def discover(
     if p.is_file() and (p.suffix in (".json", ".csv")) and not p.name.endswith(".index.json"):
         return [Path(e["file"]) if Path(e["file"]).is_absolute() else p.parent / e["file"]
                 for e in read_manifest(p)["ingredients"]]
+    if p.is_dir() and not pattern:
+        from soupsearch.ingredients.trainer import hf_entries
+
+        entries = hf_entries(p, checkpoints)
+        if entries is not None:  # model folders and Trainer runs (and checkpoint files beside them)
+            return [f for f, hf in entries if hf or (f.is_dir() and _sharded_index(f) is not None)
+                    or (f.is_file() and f.suffix in CHECKPOINT_SUFFIXES and ".index." not in f.name)]
     if p.is_dir() and _sharded_index(p) is not None:
         return [p]  # one sharded checkpoint
     if p.is_dir():
@@ -381,7 +390,7 @@ def ingredient_files(ing) -> list[Path]:
     from soupsearch.ingredients.checkpoints import exclude_base
     from soupsearch.util.progress import say
 
-    files, excluded = exclude_base(discover(ing.path, ing.glob), ing.base)
+    files, excluded = exclude_base(discover(ing.path, ing.glob, getattr(ing, "checkpoints", "last")), ing.base)
     if excluded:
         say(f"ingredients.base {excluded[0]} is in the sweep: used as the base, not as an ingredient")
     if not files:
@@ -398,3 +407,21 @@ def manifest_for(path: str | os.PathLike) -> tuple[dict | None, Path | None]:
     if cand is not None and cand.is_file():
         return read_manifest(cand), cand
     return None, None
+
+
+def resolve_hf_folder(ing) -> str:
+    """The model folder a bare ``hf:`` factory means (``ing``: the config's ingredients): the
+    base's, else the first ingredient's."""
+    from soupsearch.ingredients.trainer import is_model_folder
+
+    if ing.base and is_model_folder(Path(ing.base)):
+        return str(ing.base)
+    try:
+        files = discover(ing.path, ing.glob, ing.checkpoints)
+    except Exception as e:  # noqa: BLE001 - the discovery error is the message
+        raise ValueError(f"model.factory hf: resolves to the first ingredient's folder: {e}") from None
+    for f in files:
+        if is_model_folder(f):
+            return str(f)
+    raise ValueError(f"model.factory hf: needs a Hugging Face model folder (config.json + weights) as "
+                     f"ingredients.base or among ingredients.path {ing.path}; found none (or give hf:<dir>)")

@@ -242,6 +242,44 @@ class PickleReader(TensorReader):
         self._sd = {}
 
 
+class _Renamed(TensorReader):
+    """A reader that shows the tensors ``names`` (``{shown name: stored name}``) and only those."""
+
+    def __init__(self, inner: TensorReader, names: Mapping[str, str]):
+        self.inner, self.label = inner, inner.label
+        meta = inner.meta()
+        self._stored = {k: v for k, v in names.items() if v in meta}
+        self._meta = {k: meta[v] for k, v in self._stored.items()}
+
+    def meta(self):
+        return self._meta
+
+    def get(self, name):
+        return self.inner.get(self._stored[name])
+
+    def read_into(self, name, out):
+        self.inner.read_into(self._stored[name], out)
+
+    def close(self):
+        self.inner.close()
+
+
+def _hf_folder_reader(p: Path) -> TensorReader:
+    """A Hugging Face model folder (``config.json`` + weights), its tensors named as the model
+    built from that config names them (as ``from_pretrained`` maps the saved names)."""
+    from soupsearch.models.hf import WEIGHT_FILES, checkpoint_names_of_folder, weights_file
+
+    w = weights_file(p)
+    if w is None:
+        raise CheckpointError(f"checkpoint {p}: a Hugging Face model folder without weights (expected one of "
+                              f"{', '.join(WEIGHT_FILES)})")
+    names = checkpoint_names_of_folder(p)
+    inner = ShardedReader(w) if w.name.endswith(".index.json") else SafetensorsReader(w) \
+        if w.suffix == ".safetensors" else PickleReader(w)
+    inner.label = str(p)
+    return _Renamed(inner, names)
+
+
 class _Prefixed(TensorReader):
     """A reader whose names lose a common prefix: ``module.`` (DataParallel checkpoints) or the
     one that matches the model's keys (``model.`` in a Lightning checkpoint); tensors outside
@@ -309,6 +347,8 @@ def _open_reader(x: Any, label: str | None = None) -> TensorReader:
     p = Path(x)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p}: file does not exist")
+    if p.is_dir() and (p / "config.json").is_file():
+        return _hf_folder_reader(p)
     if p.is_dir() or p.name.endswith(".safetensors.index.json"):
         r: TensorReader = ShardedReader(p)
     elif p.suffix == ".safetensors":

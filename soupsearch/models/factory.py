@@ -7,6 +7,8 @@ A spec is one of
 * ``timm:<name>`` -- ``timm.create_model(name, pretrained=False, **kwargs)``,
 * ``open_clip:<name>`` -- an open_clip image tower with a linear head (:class:`OpenCLIPClassifier`,
   ``num_classes`` required),
+* ``hf:<dir>`` -- the Hugging Face classifier of ``<dir>/config.json`` (:mod:`soupsearch.models.hf`;
+  ``model.kwargs`` override config fields),
 * ``package.module:function`` -- any importable callable returning an ``nn.Module``.
 
 The factory is the only code soupsearch imports because of a config; nothing in a
@@ -211,7 +213,7 @@ def create_model(spec: str, **kwargs) -> nn.Module:
     if not isinstance(spec, str) or ":" not in spec:
         raise ModelFactoryError(
             f"model factory {spec!r}: expected 'builtin:<name>', 'torchvision:<name>', 'timm:<name>', "
-            "'open_clip:<name>' or 'package.module:function'"
+            "'open_clip:<name>', 'hf:<dir>' or 'package.module:function'"
         )
     prefix, _, name = spec.partition(":")
     if prefix == "builtin":
@@ -241,6 +243,14 @@ def create_model(spec: str, **kwargs) -> nn.Module:
         fn = _timm_factory(spec, name)
     elif prefix == "open_clip":
         fn = _open_clip_factory(spec, name)
+    elif prefix == "hf":
+        if not name:
+            raise ModelFactoryError(f"model factory {spec!r}: give the model folder (hf:<dir>); a config resolves "
+                                    "a bare 'hf:' to the base's or the first ingredient's folder")
+        from soupsearch.models.hf import hf_model
+
+        def fn(**kw):
+            return hf_model(name, **kw)
     else:
         module_name, func_name = prefix, name
         if _stdlib_module(module_name):  # refused before importing it

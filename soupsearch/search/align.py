@@ -57,9 +57,9 @@ def align_sweep(cfg, stack, suite, run_dir: Path, say: Callable[[str], None]) ->
         with open_reader(p, expected=keys) as r:
             sds.append({k: r.get(k).clone() for k in keys})
     val = suite.splits["val"]
-    x, y = _inputs(val.x, cfg.data.normalize), torch.from_numpy(val.y)
+    x, y = _inputs(val.x, suite.normalize), torch.from_numpy(val.y)
     rs = reset_split(cfg)
-    reset = _inputs(suite.splits[rs].x[:MAX_EXAMPLES], cfg.data.normalize) if rs else None
+    reset = _inputs(suite.splits[rs].x[:MAX_EXAMPLES], suite.normalize) if rs else None
     bs = cfg.eval.batch_size
     ends = [barriers.path_metrics(model, sd, sd, x, y, [0.0], bs, reset) for sd in sds]
     accs = [e["accuracy"][0] for e in ends]

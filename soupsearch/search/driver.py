@@ -71,7 +71,9 @@ def read_inputs(cfg: Config, tracker: Tracker, lock) -> Inputs:
     # before any checkpoint is read
     model = create_model(cfg.model.factory, **cfg.model.kwargs)
     skeleton = model.state_dict()
-    suite = build_suite(cfg.data)
+    from soupsearch.models.hf import preprocess_for
+
+    suite = build_suite(cfg.data, preprocess_for(cfg.model.factory, cfg.data.preprocess))
     preflight.check_data_against_model(model, suite, cfg)
     del model
     say("eval splits: " + ", ".join(f"{n}={len(s)}" for n, s in suite.splits.items()))
@@ -95,6 +97,10 @@ def read_inputs(cfg: Config, tracker: Tracker, lock) -> Inputs:
     manifest, manifest_path = manifest_for(cfg.ingredients.path)
     # manifest entries matched to checkpoints by resolved path; names unique and usable as file names
     hparams = preflight.name_ingredients(stack, manifest, manifest_path)
+    from soupsearch.ingredients.trainer import trainer_hparams
+
+    for name, hp in trainer_hparams(stack.paths, stack.names).items():  # Trainer runs: training_args.bin
+        hparams.setdefault(name, hp)
     if cfg.ingredients.align != "none":
         from soupsearch.search.align import align_sweep
 

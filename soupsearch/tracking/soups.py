@@ -135,15 +135,21 @@ def log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: C
     model.eval()
     x = suite.splits["val"].x[:2]
     example = (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
-    if cfg.data.normalize:
-        mean = np.asarray(cfg.data.normalize["mean"], np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(cfg.data.normalize["std"], np.float32).reshape(1, -1, 1, 1)
+    if suite.normalize:
+        mean = np.asarray(suite.normalize["mean"], np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(suite.normalize["std"], np.float32).reshape(1, -1, 1, 1)
         example = (example - mean) / std
     card = model_card(best.name, best, res, stack, metric)
     card_path = run_dir / "soups" / best.name / "model_card.md"
     write_text_atomic(card_path, card)
     rid = tracker.child_ids[best.name]
     tracker.log_artifact(rid, card_path)
+    if cfg.model.factory.startswith("hf:"):  # as its owners load it: AutoModel...from_pretrained(folder)
+        from soupsearch.models.hf import save_model_folder
+
+        folder = save_model_folder(model, cfg.model.factory[3:], run_dir / "soups" / best.name / "hf_model")
+        tracker.client.log_artifacts(rid, str(folder), "hf_model")
+        say(f"best soup {best.name} as a Hugging Face model folder: {folder}")
     pkg_dir = str(Path(__file__).resolve().parent)
     from soupsearch.tracking import use_tracking_uri
 

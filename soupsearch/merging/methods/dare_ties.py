@@ -3,7 +3,6 @@ sign election and disjoint mean."""
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from soupsearch.merging.methods import register_method
