@@ -55,10 +55,12 @@ class DatasetConfig(_Strict):
       ``root``, ``split`` train/test; never downloaded.
     * ``imagefolder``: an ImageFolder tree at ``root`` (class = sorted folder, or ``class_map``).
     * ``parquet``: a Parquet file / directory of shards at ``path`` with encoded image bytes
-      (``image_column``) and integer labels (``label_column``).
+      (``image_column``) and integer labels (``label_column``); with ``text_column``, a text split.
+    * ``jsonl`` / ``csv`` / ``arrow`` (a ``datasets`` ``save_to_disk`` folder): text splits
+      (``text_column``, optional ``text_pair_column``, ``label_column``).
     """
 
-    type: Literal["digits", "npz", "torchvision", "imagefolder", "parquet"]
+    type: Literal["digits", "npz", "torchvision", "imagefolder", "parquet", "jsonl", "csv", "arrow"]
     name: str | None = None  # required for user-provided shifted sets
     split: str | None = None
     split_file: str | None = None
@@ -71,11 +73,15 @@ class DatasetConfig(_Strict):
     class_map: dict[str, int] | None = None  # folder name / label value -> model class index
     class_subset: list[int] | None = None  # evaluate on these logits only (ImageNet-R/A style)
     limit: int | None = Field(default=None, gt=0)
+    text_column: str | None = None  # a text split (parquet, jsonl, csv, arrow): tokenized by the model's tokenizer
+    text_pair_column: str | None = None  # the second sentence of pairs (RTE, MRPC, ...)
+    label_map: dict[str, int] | None = None  # text labels (strings) -> class index; default: the model's label2id
 
     @model_validator(mode="after")
     def _check(self):
         need = {"digits": ("split", "split_file"), "npz": ("path",), "torchvision": ("root", "dataset", "split"),
-                "imagefolder": ("root",), "parquet": ("path",)}[self.type]
+                "imagefolder": ("root",), "parquet": ("path",), "jsonl": ("path", "text_column"),
+                "csv": ("path", "text_column"), "arrow": ("path", "text_column")}[self.type]
         missing = [k for k in need if not getattr(self, k)]
         if missing:
             raise ValueError(f"type {self.type!r} needs {', '.join(repr(k) for k in need)} (missing {missing[0]!r})")

@@ -23,7 +23,7 @@ VAL, TEST = "val", "test"
 @dataclass
 class TensorSplit:
     name: str
-    x: np.ndarray  # float32 in [0, 1], or uint8 in [0, 255] (converted per batch by the evaluator)
+    x: np.ndarray  # float32 in [0, 1], uint8 in [0, 255] (converted per batch by the evaluator), or int64 tokens
     y: np.ndarray
     kind: str  # "val" | "test" | "shift" | "fisher"
     source: str = ""
@@ -34,7 +34,9 @@ class TensorSplit:
             raise DataError(f"split {self.name}: {len(self.x)} inputs but {len(self.y)} labels")
         if len(self.y) == 0:
             raise DataError(f"split {self.name} ({self.source}): has 0 examples, expected at least 1")
-        if self.x.dtype != np.uint8:
+        if self.x.dtype == np.int64:  # token ids [N, k, L] of a text split
+            self.x = np.ascontiguousarray(self.x)
+        elif self.x.dtype != np.uint8:
             self.x = np.ascontiguousarray(self.x, dtype=np.float32)
         else:
             self.x = np.ascontiguousarray(self.x)
@@ -86,7 +88,11 @@ def _like(x_float: np.ndarray, template: np.ndarray) -> np.ndarray:
 def load_dataset(cfg, transform=None) -> tuple[np.ndarray, np.ndarray, str]:
     """Arrays of one configured dataset (:class:`soupsearch.config.DatasetConfig`); ``transform``:
     the model's per-image preprocessing (PIL in, uint8 ``HxWx3`` out), applied once here."""
-    if cfg.type == "digits":
+    if cfg.text_column or cfg.type in ("jsonl", "csv", "arrow"):
+        from soupsearch.data.text import load_text
+
+        x, y, src = load_text(cfg, transform)
+    elif cfg.type == "digits":
         from soupsearch.data.digits import digits_split
 
         x, y = digits_split(cfg.split, cfg.split_file)
@@ -103,7 +109,7 @@ def load_dataset(cfg, transform=None) -> tuple[np.ndarray, np.ndarray, str]:
         x, y, src = load_source(cfg.type, root=cfg.root, path=cfg.path, name=cfg.dataset, split=cfg.split,
                                 image_size=cfg.image_size, image_column=cfg.image_column,
                                 label_column=cfg.label_column, class_map=cmap, limit=cfg.limit,
-                                transform=transform)
+                                transform=transform if callable(transform) else None)
     elif cfg.type == "npz":
         p = Path(cfg.path)
         if not p.exists():
@@ -125,7 +131,7 @@ def load_dataset(cfg, transform=None) -> tuple[np.ndarray, np.ndarray, str]:
         raise DataError(f"unknown dataset type {cfg.type!r}")
     if cfg.limit:
         x, y = x[: cfg.limit], y[: cfg.limit]
-    if transform is not None and cfg.type in ("digits", "npz"):
+    if transform is not None and cfg.type in ("digits", "npz") and callable(transform):
         from soupsearch.data.sources import transform_stack
 
         u8 = x if x.dtype == np.uint8 else np.clip(np.round(x.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
@@ -151,7 +157,11 @@ def build_suite(data_cfg, preprocess=None) -> EvalSuite:
     if data_cfg.fisher is not None:
         x, y, src = load_dataset(data_cfg.fisher, preprocess)
         suite.splits["fisher"] = TensorSplit("fisher", x, y, "fisher", src, data_cfg.fisher.class_subset)
-    if data_cfg.corruptions is not None:
+    text = suite.splits[VAL].x.dtype == np.int64 and suite.splits[VAL].x.ndim == 3
+    if text and data_cfg.corruptions is not None and "corruptions" in data_cfg.model_fields_set:
+        raise DataError("data.corruptions: the corruptions are image transforms and the splits are text; remove it "
+                        "(or give shifted text sets under data.shifts)")
+    if data_cfg.corruptions is not None and not text:
         c = data_cfg.corruptions
         base = suite.splits[c.base]
         for name in c.names:
@@ -166,6 +176,14 @@ def build_suite(data_cfg, preprocess=None) -> EvalSuite:
         if s.name in suite.splits:
             raise DataError(f"shifted set {s.name!r}: name already used by another split")
         suite.splits[s.name] = TensorSplit(s.name, x, y, "shift", src, s.class_subset)
+    if text:  # one token length for every split: padded as the tokenizer pads
+        kinds = {n: sp.x.dtype == np.int64 and sp.x.ndim == 3 for n, sp in suite.splits.items()}
+        if not all(kinds.values()):
+            odd = next(n for n, k in kinds.items() if not k)
+            raise DataError(f"split {odd} holds images but val holds text; every split of a search is one kind")
+        length = max(sp.x.shape[2] for sp in suite.splits.values())
+        for sp in suite.splits.values():
+            sp.x = preprocess.pad_to(sp.x, length)
     shapes = {n: sp.x.shape[1:] for n, sp in suite.splits.items()}
     if len(set(shapes.values())) > 1:
         a, b = list(shapes.items())[0], next((k, v) for k, v in shapes.items() if v != list(shapes.values())[0])

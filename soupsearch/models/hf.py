@@ -228,6 +228,55 @@ class ImagePreprocess:
         return np.ascontiguousarray(out.transpose(1, 2, 0))  # HxWx3
 
 
+class TextPreprocess:
+    """The folder's own tokenizer (``AutoTokenizer``), as saved: truncation at its
+    ``model_max_length`` (capped by the model's ``max_position_embeddings``), its padding
+    token and side. :meth:`tokenize` gives ``int64 [N, 2|3, L]``: token ids, attention mask
+    and (when the tokenizer makes them) token type ids, padded to the longest example."""
+
+    def __init__(self, folder: str | os.PathLike):
+        transformers = _transformers()
+        self.folder = str(folder)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder, trust_remote_code=False,
+                                                                        local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - a missing vocabulary is an OSError/ValueError/TypeError here
+            raise ModelFactoryError(f"{Path(folder)}: no tokenizer transformers can read (tokenizer.json, "
+                                    f"vocab.txt, ... with tokenizer_config.json; {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200]})") from None
+        cfg = config_json(folder)
+        limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
+        mpe = cfg.get("max_position_embeddings")
+        if isinstance(mpe, int) and mpe > 0 and (limit <= 0 or limit > mpe):
+            limit = mpe
+        self.max_length = limit if 0 < limit < 10**6 else 512
+        l2i = cfg.get("label2id") or {}
+        self.label2id = {str(k): int(v) for k, v in l2i.items()} if isinstance(l2i, dict) else {}
+        self.normalize = None
+        self.name = f"{type(self.tokenizer).__name__} of {self.folder}"
+
+    def tokenize(self, texts: list[str], pairs: list[str] | None = None):
+        """Token arrays ``[N, k, L]``, padded to the longest example here (:meth:`pad_to` for more)."""
+        import numpy as np
+
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding="longest",
+                             return_tensors="np")
+        keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in enc else [])
+        return np.ascontiguousarray(np.stack([np.asarray(enc[k], dtype=np.int64) for k in keys], 1))
+
+    def pad_to(self, x, length: int):
+        """``[N, k, L]`` padded to ``length`` as the tokenizer pads (its pad id and side)."""
+        import numpy as np
+
+        extra = length - x.shape[2]
+        if extra <= 0:
+            return x
+        pad = np.zeros((x.shape[0], x.shape[1], extra), dtype=x.dtype)
+        pad[:, 0] = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        return np.ascontiguousarray(np.concatenate([pad, x] if left else [x, pad], axis=2))
+
+
 def preprocess_for(factory: str, mode: str | None):
     """The model's own preprocessing for ``data.preprocess`` (``None``: ``model`` for ``hf:``
     factories, else none)."""
@@ -237,13 +286,12 @@ def preprocess_for(factory: str, mode: str | None):
         raise ModelFactoryError(f"data.preprocess: model: model factory {factory!r} has no preprocessing of its own "
                                 "here (only hf:<dir> factories); set data.preprocess: none")
     folder = factory[3:]
-    if architecture(folder)[1] != "image":
-        return None
-    return ImagePreprocess(folder)
+    return ImagePreprocess(folder) if architecture(folder)[1] == "image" else TextPreprocess(folder)
 
 
 __all__ = ["hf_model", "config_json", "architecture", "checkpoint_names", "checkpoint_names_of_folder",
-           "weights_file", "is_model_folder", "ImagePreprocess", "preprocess_for", "logits_class"]
+           "weights_file", "is_model_folder", "ImagePreprocess", "TextPreprocess", "preprocess_for", "logits_class",
+           "save_model_folder"]
 
 
 # ----------------------------------------------------------------------------- output

@@ -79,7 +79,10 @@ def model_num_classes(model, example: np.ndarray) -> int:
     import torch
 
     x = torch.as_tensor(example[:1])
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    elif x.is_floating_point():
+        x = x.float()  # integer inputs (token ids) stay integers
     model.eval()
     with torch.no_grad():
         out = model(x)
@@ -100,7 +103,8 @@ def _meta_num_classes(cfg, x: np.ndarray) -> int:
         m = create_model(cfg.model.factory, **cfg.model.kwargs)
     m.eval()
     with torch.no_grad():
-        out = m(torch.empty((1, *x.shape[1:]), dtype=torch.float32, device="meta"))
+        dtype = torch.int64 if np.issubdtype(x.dtype, np.integer) and x.dtype != np.uint8 else torch.float32
+        out = m(torch.zeros((1, *x.shape[1:]), dtype=dtype, device="meta"))
     if isinstance(out, (tuple, list)):
         out = out[0]
     if out.ndim != 2:

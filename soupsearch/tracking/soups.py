@@ -134,7 +134,8 @@ def log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: C
     model.load_state_dict(ctx.soup_state_dict(res.recipe))
     model.eval()
     x = suite.splits["val"].x[:2]
-    example = (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+    example = (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else \
+        x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)  # token ids stay ids
     if suite.normalize:
         mean = np.asarray(suite.normalize["mean"], np.float32).reshape(1, -1, 1, 1)
         std = np.asarray(suite.normalize["std"], np.float32).reshape(1, -1, 1, 1)

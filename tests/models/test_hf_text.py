@@ -1,0 +1,162 @@
+"""Text classification with Hugging Face models: text splits in four table formats,
+tokenized by the checkpoint's own tokenizer, scored as transformers scores them, and a
+search over a Trainer sweep of a tiny BERT (trained here, on the standard library's
+docstrings)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("transformers")
+
+from tests.models.hf_text_sweep import LABELS, make_text_sweep  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return make_text_sweep(tmp_path_factory.mktemp("hf_text"))
+
+
+def _raw(sweep, tmp: Path, fmt: str = "jsonl", **extra) -> dict:
+    r = sweep["root"]
+
+    def split(name):
+        path = {"jsonl": f"{name}.jsonl", "csv": f"{name}.csv", "parquet": f"{name}.parquet",
+                "arrow": f"{name}_arrow"}[fmt]
+        return {"type": fmt, "path": str(r / path), "text_column": "sentence"}
+
+    raw = {"name": "text", "run_dir": str(tmp / "run"), "model": {"factory": "hf:"},
+           "ingredients": {"path": str(sweep["runs"]), "base": str(sweep["base"])},
+           "data": {"val": split("val"), "test": split("test")},
+           "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "text"}}
+    for k, v in extra.items():
+        cur = raw
+        *head, last = k.split(".")
+        for h in head:
+            cur = cur.setdefault(h, {})
+        cur[last] = v
+    return raw
+
+
+def _suite(raw):
+    from soupsearch.config import config_from_dict
+    from soupsearch.data import build_suite
+    from soupsearch.models.hf import preprocess_for
+
+    cfg = config_from_dict(raw)
+    return cfg, build_suite(cfg.data, preprocess_for(cfg.model.factory, cfg.data.preprocess))
+
+
+def test_the_four_table_formats_give_the_same_tokens_and_labels(sweep, tmp_path):
+    suites = {fmt: _suite(_raw(sweep, tmp_path, fmt))[1] for fmt in ("jsonl", "csv", "parquet", "arrow")}
+    ref = suites["jsonl"]
+    want = [LABELS.index(lab) for _, lab in sweep["items"]["val"]]  # string labels mapped by the model's label2id
+    assert ref.splits["val"].y.tolist() == want
+    assert ref.splits["val"].x.dtype == np.int64 and ref.splits["val"].x.shape[1] == 3  # ids, mask, token types
+    assert ref.splits["val"].x.shape[2] == ref.splits["test"].x.shape[2]  # one token length for every split
+    assert set(ref.splits) == {"val", "test"}  # the image corruptions are not applied to text
+    for fmt, s in suites.items():
+        for name in ("val", "test"):
+            assert np.array_equal(s.splits[name].x, ref.splits[name].x), (fmt, name)
+            assert np.array_equal(s.splits[name].y, ref.splits[name].y), (fmt, name)
+
+
+def test_logits_equal_transformers_own_pipeline(sweep, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from soupsearch.evaluation.evaluator import Evaluator
+    from soupsearch.ingredients.columns import StackSpec, read_headers
+    from soupsearch.ingredients.discovery import ingredient_files
+    from soupsearch.merging.mixing import Recipe
+    from soupsearch.models.factory import create_model
+
+    cfg, suite = _suite(_raw(sweep, tmp_path))
+    files = ingredient_files(cfg.ingredients)
+    stack = read_headers(files, create_model(cfg.model.factory).state_dict())
+    ev = Evaluator(cfg.model.factory, {}, StackSpec(tuple(stack.paths), tuple(stack.layout.names)), stack.layout,
+                   stack.fixed, suite.arrays())
+    texts = [t for t, _ in sweep["items"]["val"]]
+    for i, f in enumerate(files):
+        ours, _ = ev.logits(Recipe.one_hot(i, stack.n), "val", 0, len(texts))
+        tok = AutoTokenizer.from_pretrained(f)
+        model = AutoModelForSequenceClassification.from_pretrained(f).eval()
+        with torch.no_grad():
+            ref = model(**tok(texts, padding=True, truncation=True, return_tensors="pt")).logits
+        assert float((ours - ref).abs().max()) < 1e-5, f
+
+
+@pytest.mark.slow
+def test_a_search_on_text_scores_the_uniform_soup_as_transformers_does(ray_session, sweep, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from soupsearch.config import config_from_dict
+    from soupsearch.search.driver import run_search
+
+    cfg = config_from_dict(_raw(sweep, tmp_path, **{"search.strategies": ["uniform", "greedy"],
+                                                    "eval.selection_metric": "accuracy"}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        out = run_search(cfg)
+    files = [Path(p) for p in out.stack.paths]
+    models = [AutoModelForSequenceClassification.from_pretrained(f).eval() for f in files]
+    soup = AutoModelForSequenceClassification.from_pretrained(files[0]).eval()
+    sds = [m.state_dict() for m in models]
+    soup.load_state_dict({k: sum(sd[k] for sd in sds) / len(sds) if sds[0][k].is_floating_point() else sds[0][k]
+                          for k in sds[0]})
+    tok = AutoTokenizer.from_pretrained(files[0])
+    for split in ("val", "test"):
+        texts, labels = zip(*sweep["items"][split])
+        with torch.no_grad():
+            pred = soup(**tok(list(texts), padding=True, truncation=True, return_tensors="pt")).logits.argmax(1)
+        acc = float((pred.numpy() == np.array([LABELS.index(v) for v in labels])).mean())
+        row = next(r for r in out.soups if r.name == "uniform")
+        assert row.metrics[split]["accuracy"] == pytest.approx(acc, abs=1e-12), split
+    best = max(out.soups, key=lambda r: r.metrics["val"]["accuracy"])
+    folder = out.run_dir / "soups" / best.name / "hf_model"
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"} <= \
+        {p.name for p in folder.iterdir()}
+    AutoModelForSequenceClassification.from_pretrained(folder)  # loads as its owners load it
+
+
+def _cli(args, cwd):
+    env = {"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"], "HOME": str(Path.home()),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "soupsearch.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["missing_vocabulary", "unknown_label", "text_without_hf"])
+def test_bad_text_inputs_are_one_line_and_exit_2(sweep, tmp_path, case):
+    base = tmp_path / "base"
+    shutil.copytree(sweep["base"], base)
+    raw = _raw(sweep, tmp_path, **{"ingredients.base": str(base), "eval.backend": "local",
+                                   "search.strategies": ["uniform"]})
+    if case == "missing_vocabulary":
+        (base / "tokenizer.json").unlink()
+        expect = f"{base}: no tokenizer transformers can read"
+    elif case == "unknown_label":
+        bad = tmp_path / "val.jsonl"
+        bad.write_text((sweep["root"] / "val.jsonl").read_text().replace('"label": "email"', '"label": "mail"', 1))
+        raw["data"]["val"]["path"] = str(bad)
+        expect = f"dataset jsonl:{bad}: row"
+    else:
+        raw["model"] = {"factory": "builtin:digits_cnn"}
+        expect = "text_column 'sentence' makes it a text split, which needs the model's tokenizer"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    r = _cli(["run", str(tmp_path / "c.yaml")], tmp_path)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert expect in lines[-1], lines[-1]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "results.parquet").exists()
