@@ -12,7 +12,7 @@ RAY_TEMP ?= /tmp/soupsearch-ray
 ARGS ?=
 export RAY_AUTH_MODE ?= token
 
-.PHONY: install demo demo-multitask test bench clean cluster-up cluster-down submit
+.PHONY: install demo demo-multitask demo-text test bench clean cluster-up cluster-down submit
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 demo-multitask: $(STAMP)
 	@test -f runs/mt-sweep/manifest.json || $(BIN)/soupsearch sweep multitask --out runs/mt-sweep
 	$(BIN)/soupsearch run configs/multitask.yaml
+
+demo-text: $(STAMP)
+	@test -f runs/text-sweep/manifest.json || $(BIN)/soupsearch sweep text --out runs/text-sweep
+	$(BIN)/soupsearch run configs/text.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --timeout=900 -n 2 --dist loadgroup tests

@@ -34,6 +34,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
+    if args.kind == "text":
+        from soupsearch.sweeps.text import DEMO_LRS, DEMO_SEEDS, make_text_sweep
+
+        make_text_sweep(args.out, lrs=DEMO_LRS, seeds=DEMO_SEEDS, pretrain_steps=60, steps=12, progress=True)
+        return 0
     if args.kind == "multitask":
         from soupsearch.sweeps.multitask import make_multitask_sweep
 
@@ -42,7 +47,7 @@ def _cmd_sweep(args) -> int:
         make_multitask_sweep(args.out, seed=args.seed, fine_tunes_per_task=args.fine_tunes_per_task)
         return 0
     if args.kind not in ("demo", "scratch"):
-        raise SoupSearchError(f"sweep kind {args.kind!r}: expected 'demo', 'scratch' or 'multitask'")
+        raise SoupSearchError(f"sweep kind {args.kind!r}: expected 'demo', 'scratch', 'multitask' or 'text'")
     n = args.n if args.n is not None else (6 if args.kind == "scratch" else 16)
     if n < 1:
         raise SoupSearchError(f"sweep {args.kind}: --n {n}, expected a number of models >= 1")
@@ -282,13 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="build a checkpoint sweep (offline, real training)",
                        description="Train a sweep (offline): fine-tunes from one pre-trained model (demo), models "
                                    "trained from scratch with different seeds (scratch), or one pre-trained body "
-                                   "fine-tuned on three tasks (multitask), and write their checkpoints and a "
-                                   "manifest.json with their hyperparameters.")
-    s.add_argument("kind", choices=["demo", "scratch", "multitask"],
+                                   "fine-tuned on three tasks (multitask), or a tiny BERT fine-tuned with the "
+                                   "transformers Trainer on the standard library's docstrings (text), and write "
+                                   "their checkpoints and a manifest.json with their hyperparameters.")
+    s.add_argument("kind", choices=["demo", "scratch", "multitask", "text"],
                    help="the sweep to build (demo: fine-tunes of a small CNN on scikit-learn's digits; scratch: "
                         "the same CNN trained from scratch with different seeds, for ingredients.align; multitask: "
                         "one shared pre-trained body fine-tuned on three tasks -- digits, restyled digits, PIL-drawn "
-                        "shapes -- each with its own head)")
+                        "shapes -- each with its own head; text: Trainer runs of a tiny BERT, Hugging Face folders, "
+                        "needs the hf extra)")
     s.add_argument("--out", required=True, help="output directory (checkpoints, data splits, manifest.json)")
     s.add_argument("--n", type=int, default=None, help="demo/scratch: number of models (default: 16 for demo, "
                                                          "6 for scratch)")

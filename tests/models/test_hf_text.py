@@ -18,7 +18,7 @@ import yaml
 
 pytest.importorskip("transformers")
 
-from tests.models.hf_text_sweep import LABELS, make_text_sweep  # noqa: E402
+from soupsearch.sweeps.text import LABELS, make_text_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 

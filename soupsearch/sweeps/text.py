@@ -1,19 +1,24 @@
-"""A Hugging Face text-classification sweep made as users make theirs, on real text that
-ships with Python: the first lines of the standard library's docstrings, labelled by the
-package they document (``email``, ``asyncio``, ``unittest``). A WordPiece tokenizer trained
-with ``tokenizers``, a tiny BERT pre-trained and fine-tuned with the real ``Trainer`` at
-several learning rates; the eval splits are JSON lines (string labels) and the same split
-as CSV, Parquet and a ``datasets``-style ``save_to_disk`` folder."""
+"""The offline text demo sweep (``soupsearch sweep text``): a Hugging Face text-classification
+sweep made as users make theirs, on real text that ships with Python: the first lines of the
+standard library's docstrings, labelled by the package they document (``email``,
+``asyncio``, ``unittest``). A WordPiece tokenizer trained with ``tokenizers``, a tiny BERT
+pre-trained and fine-tuned with the real ``transformers.Trainer`` at several learning rates
+and seeds (``runs/<name>/checkpoint-<step>/``); the eval splits are JSON lines (string labels)
+and the same splits as CSV, Parquet and a ``datasets``-style ``save_to_disk`` folder.
+Needs the ``hf`` extra (transformers, accelerate)."""
 
 from __future__ import annotations
 
 import inspect
 import json
 import random
+import shutil
 from pathlib import Path
 
 LABELS = ("email", "asyncio", "unittest")
-LRS = (1e-4, 2e-3)
+LRS = (1e-4, 2e-3)  # the small sweep of the tests; the demo's: DEMO_LRS x DEMO_SEEDS
+DEMO_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+DEMO_SEEDS = (0, 1)
 
 
 def corpus() -> list[tuple[str, str]]:
@@ -89,7 +94,9 @@ def write_splits(items, out: Path, name: str) -> None:
     (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
 
 
-def make_text_sweep(out: Path) -> dict:
+def make_text_sweep(out: Path, lrs=LRS, seeds=(0,), pretrain_steps: int = 12, steps: int = 6,
+                    progress: bool = False) -> dict:
+    """Write ``out/{base, runs/lr_<lr>[-s<seed>]/checkpoint-<steps>, val.*, test.*, manifest.json}``."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
@@ -108,13 +115,23 @@ def make_text_sweep(out: Path) -> dict:
     ds = _Texts(train, tok)
     common = dict(per_device_train_batch_size=32, report_to=[], use_cpu=True, logging_steps=50, disable_tqdm=True,
                   dataloader_num_workers=0)
-    Trainer(model=base, args=TrainingArguments(output_dir=str(out / "_pretrain"), learning_rate=3e-3, max_steps=12,
-                                               save_strategy="no", seed=0, **common), train_dataset=ds).train()
+    Trainer(model=base, args=TrainingArguments(output_dir=str(out / "_pretrain"), learning_rate=3e-3,
+                                               max_steps=pretrain_steps, save_strategy="no", seed=0, **common),
+            train_dataset=ds).train()
     base.save_pretrained(out / "base")
     tok.save_pretrained(out / "base")
-    for k, lr in enumerate(LRS):
+    runs = []
+    for k, (lr, seed) in enumerate((lr, seed) for lr in lrs for seed in seeds):
+        name = f"lr_{lr:g}" + (f"-s{seed}" if len(seeds) > 1 else "")
         model = BertForSequenceClassification.from_pretrained(out / "base")
-        args = TrainingArguments(output_dir=str(out / "runs" / f"lr_{lr:g}"), learning_rate=lr, max_steps=6,
-                                 save_steps=6, seed=20 + k, **common)
+        args = TrainingArguments(output_dir=str(out / "runs" / name), learning_rate=lr, max_steps=steps,
+                                 save_steps=steps, seed=20 + seed, **common)
         Trainer(model=model, args=args, train_dataset=ds, processing_class=tok).train()
+        runs.append(name)
+        if progress:
+            print(f"[text] {name}: fine-tuned ({k + 1} of {len(lrs) * len(seeds)})", flush=True)
+    shutil.rmtree(out / "_pretrain", ignore_errors=True)
+    (out / "manifest.json").write_text(json.dumps({"name": "text-sweep", "kind": "hf-trainer", "runs": runs,
+                                                   "labels": list(LABELS), "train": len(train), "val": len(val),
+                                                   "test": len(test)}, indent=2))
     return {"root": out, "base": out / "base", "runs": out / "runs", "items": {"val": val, "test": test}}
