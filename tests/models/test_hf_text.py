@@ -160,3 +160,28 @@ def test_bad_text_inputs_are_one_line_and_exit_2(sweep, tmp_path, case):
     assert expect in lines[-1], lines[-1]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "results.parquet").exists()
+
+
+def test_sharded_and_pickled_weights_read_like_safetensors(tmp_path):
+    """A model folder's weights as ``model.safetensors``, sharded (``model.safetensors.index.json``)
+    or ``pytorch_model.bin`` (read weights-only): the same tensors under the model's names."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from soupsearch.ingredients.tensors import open_reader
+
+    torch.manual_seed(0)
+    m = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=32, num_labels=2))
+    m.save_pretrained(tmp_path / "single")
+    m.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    torch.save(m.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "single" / "config.json", tmp_path / "bin" / "config.json")
+    shutil.move(tmp_path / "pytorch_model.bin", tmp_path / "bin" / "pytorch_model.bin")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    want = m.state_dict()
+    for kind in ("single", "sharded", "bin"):
+        with open_reader(tmp_path / kind) as r:
+            assert set(r.meta()) == set(want), kind
+            for k, v in want.items():
+                assert torch.equal(r.get(k), v), (kind, k)
