@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from soupsearch.errors import ConfigError
+from soupsearch.models.preprocess import PreprocessSpec, coerce_preprocess
 from soupsearch.util import timeouts as T
 from soupsearch.util.overrides import parse_overrides, set_dotted  # noqa: F401 (multitask/config)
 
@@ -122,9 +123,14 @@ class DataConfig(_Strict):
     shifts: list[DatasetConfig] = Field(default_factory=list)  # user-provided shifted sets
     num_classes: int | None = None
     normalize: dict[str, list[float]] | None = None  # {mean: [...], std: [...]} applied to [0,1] inputs
-    # model: the checkpoint's own preprocessing (an hf: folder's image processor), applied at
-    # decode and evaluation; none: images as decoded (image_size, normalize). Default: model for hf:
-    preprocess: Literal["model", "none"] | None = None
+    # model (the model's own eval transform), none (image_size/normalize) or {resize, crop, ...};
+    # default: model for hf:, else none (soupsearch.models.preprocess)
+    preprocess: Union[Literal["model", "none"], PreprocessSpec, None] = None
+
+    @field_validator("preprocess", mode="before")
+    @classmethod
+    def _preprocess(cls, v):
+        return coerce_preprocess(v)
 
     def datasets(self) -> list[tuple[str, "DatasetConfig"]]:
         """Every configured dataset with its key path (``val``, ``test``, ``fisher``, ``shifts[i]``)."""
@@ -323,15 +329,13 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _hf(self):
-        """``hf:`` alone: the base's folder, else the first ingredient's (set once, here: the
-        model is frozen); the model's own preprocessing excludes a second normalize/resize."""
+        """Bare ``hf:``: the base's folder, else the first ingredient's (set once: frozen model)."""
         from soupsearch.ingredients.discovery import resolve_hf_folder
-        from soupsearch.ingredients.trainer import hf_config_problem
+        from soupsearch.models.factory import preprocess_problem
 
         if self.model.factory == "hf:":
             object.__setattr__(self.model, "factory", "hf:" + resolve_hf_folder(self.ingredients))
-        problem = hf_config_problem(self.model.factory, self.data)
-        if problem:
+        if problem := preprocess_problem(self.model.factory, self.data):
             raise ValueError(problem)
         return self
 

@@ -150,7 +150,8 @@ def build_suite(data_cfg, preprocess=None) -> EvalSuite:
     model's own image preprocessing (a per-image callable with a ``normalize`` attribute, e.g.
     :class:`soupsearch.models.hf.ImagePreprocess`), else the config's ``image_size``/``normalize``."""
     suite = EvalSuite()
-    suite.normalize = preprocess.normalize if preprocess is not None else data_cfg.normalize
+    own = getattr(preprocess, "normalize", None)
+    suite.normalize = own if own is not None else data_cfg.normalize
     for kind, dcfg in ((VAL, data_cfg.val), (TEST, data_cfg.test)):
         x, y, src = load_dataset(dcfg, preprocess)
         suite.splits[kind] = TensorSplit(kind, x, y, kind, src, dcfg.class_subset)

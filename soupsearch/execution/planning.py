@@ -106,9 +106,9 @@ def plan_command(config: str | None, overrides: list[str] | None, *, gpus: int |
         stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
                              cfg.ingredients.base, cfg.ingredients.stack_dtype)
         source = f"{len(files)} checkpoint headers from {cfg.ingredients.path}"
-    from soupsearch.models.hf import preprocess_for
+    from soupsearch.models.preprocess import preprocess_for
 
-    suite = build_suite(cfg.data, preprocess_for(cfg.model.factory, cfg.data.preprocess)) if with_data else None
+    suite = build_suite(cfg.data, preprocess_for(cfg.model.factory, cfg.data.preprocess, cfg.model.kwargs)) if with_data else None
     use_gpu = bool(gpus)
     if use_gpu:
         if gpu_memory is None:

@@ -192,25 +192,3 @@ def trainer_hparams(paths: Sequence[str | Path], names: Sequence[str]) -> dict[s
     varying = [k for k in keys if len({repr(hp.get(k)) for hp in per.values()}) > 1 and k not in ("run_name", "hub_model_id")
                and not k.endswith("_dir")]
     return {n: {k: hp[k] for k in varying if k in hp} for n, hp in per.items()}
-
-
-# ----------------------------------------------------------------------------- config checks
-
-
-def hf_config_problem(factory: str, data) -> str | None:
-    """What is wrong with ``data.preprocess`` / ``normalize`` / ``image_size`` for ``factory``."""
-    if not factory.startswith("hf:"):
-        if data.preprocess == "model":
-            return (f"data.preprocess: model: model factory {factory!r} has no preprocessing of its own here (only "
-                    "hf:<dir> factories); set data.preprocess: none or leave it out")
-        return None
-    if data.preprocess == "none":
-        return None
-    if data.normalize is not None:
-        return ("data.normalize is set, but data.preprocess: model (the default for hf:) takes mean and std from "
-                "the model's processor; remove one of them")
-    sized = [n for n, d in data.datasets() if d.image_size is not None]
-    if sized:
-        return (f"data.{sized[0]}.image_size is set, but data.preprocess: model (the default for hf:) resizes and "
-                "crops as the model's processor does; remove it")
-    return None

@@ -278,3 +278,29 @@ def create_model(spec: str, **kwargs) -> nn.Module:
             f"model factory {spec!r} returned {type(model).__name__}, expected torch.nn.Module"
         )
     return model
+
+
+OWN_PREPROCESSING = ("hf", "timm", "open_clip", "torchvision")  # factories with an eval transform of their own
+
+
+def preprocess_problem(factory: str, data) -> str | None:
+    """What is wrong with ``data.preprocess`` / ``normalize`` / ``image_size`` for ``factory``
+    (``data``: the config's data section), or None."""
+    mode = data.preprocess
+    prefix = factory.partition(":")[0]
+    if mode == "model" and prefix not in OWN_PREPROCESSING:
+        return (f"data.preprocess: model: model factory {factory!r} has no preprocessing of its own (hf:, timm:, "
+                "open_clip: and torchvision: factories have); give {resize, crop, interpolation, mean, std} or none")
+    applied = mode == "model" or (mode is None and prefix == "hf") or (mode is not None and not isinstance(mode, str))
+    if not applied:
+        return None
+    sets_norm = mode == "model" or mode is None or getattr(mode, "mean", None) is not None
+    if sets_norm and data.normalize is not None:
+        return ("data.normalize is set, but data.preprocess (model: the default for hf:) gives mean and std; "
+                "remove one of them")
+    sized = [n for n, d in data.datasets() if d.image_size is not None]
+    if sized:
+        return (f"data.{sized[0]}.image_size is set, but data.preprocess resizes and crops (model: the default for "
+                "hf:); remove it")
+    return None
+

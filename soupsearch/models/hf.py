@@ -277,20 +277,8 @@ class TextPreprocess:
         return np.ascontiguousarray(np.concatenate([pad, x] if left else [x, pad], axis=2))
 
 
-def preprocess_for(factory: str, mode: str | None):
-    """The model's own preprocessing for ``data.preprocess`` (``None``: ``model`` for ``hf:``
-    factories, else none)."""
-    if mode == "none" or (mode is None and not factory.startswith("hf:")):
-        return None
-    if not factory.startswith("hf:"):
-        raise ModelFactoryError(f"data.preprocess: model: model factory {factory!r} has no preprocessing of its own "
-                                "here (only hf:<dir> factories); set data.preprocess: none")
-    folder = factory[3:]
-    return ImagePreprocess(folder) if architecture(folder)[1] == "image" else TextPreprocess(folder)
-
-
 __all__ = ["hf_model", "config_json", "architecture", "checkpoint_names", "checkpoint_names_of_folder",
-           "weights_file", "is_model_folder", "ImagePreprocess", "TextPreprocess", "preprocess_for", "logits_class",
+           "weights_file", "is_model_folder", "ImagePreprocess", "TextPreprocess", "logits_class",
            "save_model_folder"]
 
 

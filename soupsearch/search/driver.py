@@ -71,9 +71,9 @@ def read_inputs(cfg: Config, tracker: Tracker, lock) -> Inputs:
     # before any checkpoint is read
     model = create_model(cfg.model.factory, **cfg.model.kwargs)
     skeleton = model.state_dict()
-    from soupsearch.models.hf import preprocess_for
+    from soupsearch.models.preprocess import preprocess_for
 
-    suite = build_suite(cfg.data, preprocess_for(cfg.model.factory, cfg.data.preprocess))
+    suite = build_suite(cfg.data, preprocess_for(cfg.model.factory, cfg.data.preprocess, cfg.model.kwargs))
     preflight.check_data_against_model(model, suite, cfg)
     del model
     say("eval splits: " + ", ".join(f"{n}={len(s)}" for n, s in suite.splits.items()))

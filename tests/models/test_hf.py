@@ -107,7 +107,7 @@ def test_logits_equal_transformers_own_pipeline_for_every_checkpoint(sweep, tmp_
     from soupsearch.ingredients.discovery import ingredient_files
     from soupsearch.merging.mixing import Recipe
     from soupsearch.models.factory import create_model
-    from soupsearch.models.hf import preprocess_for
+    from soupsearch.models.preprocess import preprocess_for
 
     cfg = config_from_dict(_raw(sweep, tmp_path, **{"ingredients.checkpoints": "all"}))
     files = ingredient_files(cfg.ingredients)
@@ -267,7 +267,7 @@ def test_the_processor_excludes_a_second_normalization(sweep, tmp_path):
     from soupsearch.config import config_from_dict
     from soupsearch.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="data.normalize is set, but data.preprocess: model"):
+    with pytest.raises(ConfigError, match="data.normalize is set, but data.preprocess"):
         config_from_dict(_raw(sweep, tmp_path, **{"data.normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
     with pytest.raises(ConfigError, match="data.val.image_size is set"):
         config_from_dict(_raw(sweep, tmp_path, **{"data.val.image_size": 32}))

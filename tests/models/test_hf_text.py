@@ -52,7 +52,7 @@ def _raw(sweep, tmp: Path, fmt: str = "jsonl", **extra) -> dict:
 def _suite(raw):
     from soupsearch.config import config_from_dict
     from soupsearch.data import build_suite
-    from soupsearch.models.hf import preprocess_for
+    from soupsearch.models.preprocess import preprocess_for
 
     cfg = config_from_dict(raw)
     return cfg, build_suite(cfg.data, preprocess_for(cfg.model.factory, cfg.data.preprocess))
