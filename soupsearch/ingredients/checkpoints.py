@@ -385,6 +385,35 @@ def align_prefix(names: Sequence[str], expected: Iterable[str]) -> str | None:
     return None
 
 
+def align_keys(names: Sequence[str], expected: Iterable[str]) -> dict[str, str] | None:
+    """``{model key: checkpoint name}`` as ``from_pretrained`` matches them, or None when some
+    model key cannot be found: each key by its exact name, else by the one checkpoint name
+    that ends with ``.<key>`` (a wrapper's prefix, which may differ between keys: model
+    soups' ``model.visual.*`` next to ``classification_head.*``, WiSE-FT's
+    ``image_encoder.model.visual.*``). A key with several such names is not found (ambiguous).
+    Checkpoint tensors no key matches (a text tower) are not in the map."""
+    expected = list(expected)
+    have = set(names)
+    by_suffix: dict[str, list[str]] = {}
+    out = {}
+    for e in expected:
+        if e in have:
+            out[e] = e
+            continue
+        if not by_suffix:  # index every dotted suffix of every name once
+            for n in names:
+                parts = n.split(".")
+                for i in range(1, len(parts)):
+                    by_suffix.setdefault(".".join(parts[i:]), []).append(n)
+        hits = by_suffix.get(e, [])
+        if len(hits) != 1:
+            return None
+        out[e] = hits[0]
+    if len(set(out.values())) != len(out):
+        return None
+    return out
+
+
 def exclude_base(files: Sequence[Path], base: str | os.PathLike | None) -> tuple[list[Path], list[Path]]:
     """``(ingredients, excluded)``: the files without the configured base checkpoint (the
     same file, by path or by inode), which may sit in the sweep directory."""
@@ -404,4 +433,4 @@ def exclude_base(files: Sequence[Path], base: str | os.PathLike | None) -> tuple
 
 
 __all__ = ["Unloaded", "RestrictedUnpickler", "load_pickle", "find_state_dict", "load_checkpoint_state_dict",
-           "align_prefix", "exclude_base", "WRAPPER_KEYS", "PICKLE_SUFFIXES"]
+           "align_prefix", "align_keys", "exclude_base", "WRAPPER_KEYS", "PICKLE_SUFFIXES"]

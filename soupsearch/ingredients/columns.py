@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -73,6 +74,13 @@ def read_headers(files: Sequence[str | os.PathLike], skeleton, group_depth: int 
             check_compatible(meta_tensors(r.meta()), skeleton, label, "model skeleton", allow_cast=allow_cast)
             if i == 0:
                 fixed = {name: r.get(name).clone() for name, _, _ in layout.fixed}
+                dropped = getattr(r, "dropped", None)
+                if dropped and not (Path(f) / "config.json").is_file():  # (an HF folder: its own conversion)
+                    from soupsearch.util.progress import say
+
+                    say(f"warning: checkpoint {f}: {len(dropped)} tensor(s) the model has no key for are not read "
+                        f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}); each model key was "
+                        "matched by its unique suffix")
     from soupsearch.ingredients.trainer import default_names
 
     return StackInfo(layout, default_names(files), [str(f) for f in files], fixed, dtype)

@@ -205,9 +205,13 @@ def _load_sharded(p: Path) -> dict[str, torch.Tensor]:
 def aligned_to(sd: dict[str, torch.Tensor], model_keys: Iterable[str]) -> dict[str, torch.Tensor]:
     """``sd`` with the prefix stripped that makes the model's keys match (Lightning's
     ``model.``; see :func:`soupsearch.ingredients.checkpoints.align_prefix`), else unchanged."""
-    from soupsearch.ingredients.checkpoints import align_prefix
+    from soupsearch.ingredients.checkpoints import align_keys, align_prefix
 
-    prefix = align_prefix(list(sd), list(model_keys))
+    keys = list(model_keys)
+    prefix = align_prefix(list(sd), keys)
+    if prefix is None:  # wrappers whose prefixes differ between keys: each key by its unique suffix
+        mapping = align_keys(list(sd), keys)
+        return sd if mapping is None else {k: sd[v] for k, v in mapping.items()}
     if not prefix:
         return sd
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

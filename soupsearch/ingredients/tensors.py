@@ -229,7 +229,7 @@ class PickleReader(TensorReader):
         from soupsearch.ingredients.discovery import load_state_dict
 
         self.label = str(path)
-        self._sd = load_state_dict(path, mmap=True)
+        self._sd = {k: v.detach() for k, v in load_state_dict(path, mmap=True).items()}  # a pickled module's Parameters
         self._meta = {k: (tuple(v.shape), v.dtype) for k, v in self._sd.items()}
 
     def meta(self):
@@ -250,6 +250,8 @@ class _Renamed(TensorReader):
         meta = inner.meta()
         self._stored = {k: v for k, v in names.items() if v in meta}
         self._meta = {k: meta[v] for k, v in self._stored.items()}
+        used = set(self._stored.values())
+        self.dropped = [n for n in meta if n not in used]  # stored tensors the model has no key for
 
     def meta(self):
         return self._meta
@@ -318,14 +320,22 @@ def open_reader(x: Any, label: str | None = None, expected=None) -> TensorReader
 
     ``expected``: the model's state-dict keys; when the checkpoint holds them all under a
     common prefix (Lightning's ``model.``), the reader strips it (see
-    :func:`soupsearch.ingredients.checkpoints.align_prefix`)."""
+    :func:`soupsearch.ingredients.checkpoints.align_prefix`), else each key is matched by a
+    unique suffix (:func:`~soupsearch.ingredients.checkpoints.align_keys`: model soups' and
+    WiSE-FT's wrappers); the reader's ``dropped`` lists the checkpoint tensors no key uses."""
     r = _open_reader(x, label)
     if expected is not None:
-        from soupsearch.ingredients.checkpoints import align_prefix
+        from soupsearch.ingredients.checkpoints import align_keys, align_prefix
 
-        prefix = align_prefix(list(r.meta()), expected)
+        expected = list(expected)
+        names = list(r.meta())
+        prefix = align_prefix(names, expected)
         if prefix:
             return _Prefixed(r, prefix)
+        if prefix is None:
+            mapping = align_keys(names, expected)
+            if mapping is not None:
+                return _Renamed(r, mapping)
     return r
 
 
