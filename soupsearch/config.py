@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from soupsearch.errors import ConfigError
 from soupsearch.models.preprocess import PreprocessSpec, coerce_preprocess
+from soupsearch.models.zeroshot import ZeroShotSpec
 from soupsearch.util import timeouts as T
 from soupsearch.util.overrides import parse_overrides, set_dotted  # noqa: F401 (multitask/config)
 
@@ -37,14 +38,14 @@ class IngredientsConfig(_Strict):
     allow_cast: bool = False  # cast float dtypes that differ from the model skeleton
     nonfinite: Literal["error", "exclude"] = "error"
     group_depth: int = 1  # module depth of layer groups for per-layer recipes
-    # storage dtype of the stack on the holders; mixing accumulates in float32
-    stack_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    stack_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # on the holders; mixing is float32
     # Trainer runs (folders of checkpoint-<step>/): each run's last checkpoint, its best
     # (trainer_state.json's best_model_checkpoint) or all of them
     checkpoints: Literal["last", "best", "all"] = "last"
     # re-basin before the search, for ingredients trained from different initializations:
     # permute each one's hidden units onto the best individual on val (soupsearch.align)
     align: Literal["none", "weight", "activation"] = "none"
+    zeroshot: ZeroShotSpec | None = None  # CLIP: the base becomes its zero-shot model (soupsearch.models.zeroshot)
 
 
 class DatasetConfig(_Strict):
@@ -132,8 +133,7 @@ class DataConfig(_Strict):
     def _preprocess(cls, v):
         return coerce_preprocess(v)
 
-    def datasets(self) -> list[tuple[str, "DatasetConfig"]]:
-        """Every configured dataset with its key path (``val``, ``test``, ``fisher``, ``shifts[i]``)."""
+    def datasets(self) -> list[tuple[str, "DatasetConfig"]]:  # every dataset with its key path
         out = [("val", self.val), ("test", self.test)] + ([("fisher", self.fisher)] if self.fisher else [])
         return out + [(f"shifts[{i}]", d) for i, d in enumerate(self.shifts)]
 

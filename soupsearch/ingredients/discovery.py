@@ -395,6 +395,10 @@ def ingredient_files(ing) -> list[Path]:
     from soupsearch.util.progress import say
 
     files, excluded = exclude_base(discover(ing.path, ing.glob, getattr(ing, "checkpoints", "last")), ing.base)
+    built_from = getattr(getattr(ing, "zeroshot", None), "built_from", None)  # the CLIP the zero-shot base came from
+    if built_from:
+        files, more = exclude_base(files, built_from)
+        excluded += more
     if excluded:
         say(f"ingredients.base {excluded[0]} is in the sweep: used as the base, not as an ingredient")
     if not files:

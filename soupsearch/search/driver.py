@@ -118,6 +118,9 @@ def _run_search(cfg: Config, tracker: Tracker | None, lock) -> SearchOutcome:
     t0 = time.time()
     run_dir = lock.run_dir
     local_ray.clean_up_after_dead_driver(lock, say)
+    from soupsearch.models import zeroshot
+
+    cfg = zeroshot.prepare(cfg, run_dir, say)  # ingredients.zeroshot: the base becomes CLIP's zero-shot model
 
     tracker = tracker or Tracker(cfg.tracking.resolved_uri(), cfg.tracking.experiment)
     inputs, started_ray = start_with_ray(cfg, lambda: read_inputs(cfg, tracker, lock), lock)
