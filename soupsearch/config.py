@@ -1,7 +1,5 @@
-"""Configuration: frozen pydantic models loaded from YAML.
-
-Unknown keys are errors (with their key path), cross-field rules live in validators,
-and the resolved config is logged to MLflow with every search.
+"""Configuration: frozen pydantic models loaded from YAML. Unknown keys are errors (with their
+key path), cross-field rules live in validators; the resolved config is logged with every search.
 """
 
 from __future__ import annotations
@@ -53,8 +51,7 @@ class DatasetConfig(_Strict):
 
     * ``digits``: a split of the bundled scikit-learn digits (``split`` in ``split_file``).
     * ``npz``: a ``.npz`` with ``x`` ``[N, C, H, W]`` (float in [0, 1], or uint8) and ``y`` int labels.
-    * ``torchvision``: ``dataset`` (cifar10, cifar100, mnist, fashion_mnist, svhn) from a local
-      ``root``, ``split`` train/test; never downloaded.
+    * ``torchvision``: ``dataset`` (cifar10/100, mnist, fashion_mnist, svhn) from ``root``; never downloaded.
     * ``imagefolder``: an ImageFolder tree at ``root`` (class = sorted folder, or ``class_map``).
     * ``parquet``: a Parquet file / directory of shards at ``path`` with encoded image bytes
       (``image_column``) and integer labels (``label_column``); with ``text_column``, a text split.
@@ -72,7 +69,9 @@ class DatasetConfig(_Strict):
     image_size: Union[int, tuple[int, int], None] = None
     image_column: str = "image"
     label_column: str = "label"
-    class_map: dict[str, int] | None = None  # folder name / label value -> model class index
+    # folder name / label value -> model class index, or several with reduce: max (ObjectNet's max over logits)
+    class_map: dict[str, Union[int, list[int]]] | None = None
+    reduce: Literal["max"] | None = None
     class_subset: list[int] | None = None  # evaluate on these logits only (ImageNet-R/A style)
     limit: int | None = Field(default=None, gt=0)
     text_column: str | None = None  # a text split (parquet, jsonl, csv, arrow): tokenized by the model's tokenizer

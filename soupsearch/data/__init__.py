@@ -27,7 +27,9 @@ class TensorSplit:
     y: np.ndarray
     kind: str  # "val" | "test" | "shift" | "fisher"
     source: str = ""
-    class_subset: list[int] | None = None  # model logits this split is scored on (labels index into it)
+    # model logits this split is scored on (labels index into it); an entry that is a list is a
+    # group of logits scored by their max (a one-to-many class_map, ObjectNet)
+    class_subset: list | None = None
 
     def __post_init__(self):
         if len(self.x) != len(self.y):
@@ -85,6 +87,34 @@ def _like(x_float: np.ndarray, template: np.ndarray) -> np.ndarray:
     return x_float
 
 
+def _groups(cfg) -> list[list[int]] | None:
+    """``class_map`` values that are lists (ObjectNet): each label's group of model logits,
+    scored by their max (``reduce: max``); None for a one-to-one map."""
+    cmap = cfg.class_map or {}
+    if not any(isinstance(v, list) for v in cmap.values()):
+        return None
+    where = f"dataset {cfg.type}:{cfg.path or cfg.root}"
+    if cfg.reduce != "max":
+        raise DataError(f"{where}: class_map maps a label to several classes; set reduce: max (the label's score "
+                        "is the max of their logits, as ObjectNet is scored)")
+    if cfg.class_subset is not None:
+        raise DataError(f"{where}: class_map with several classes per label and class_subset: give one of them")
+    groups = [[int(c) for c in (v if isinstance(v, list) else [v])] for v in cmap.values()]
+    if any(not g for g in groups):
+        raise DataError(f"{where}: class_map maps a label to an empty list of classes")
+    return groups
+
+
+def _group_index(cfg) -> dict[str, int]:
+    return {k: i for i, k in enumerate(cfg.class_map)}  # label -> its group, in class_map's order
+
+
+def scored_classes(cfg) -> list | None:
+    """What a split is scored on: ``class_subset`` (logits), the groups of a one-to-many
+    ``class_map`` (lists of logits, max-reduced), or None (every logit)."""
+    return _groups(cfg) or cfg.class_subset
+
+
 def load_dataset(cfg, transform=None) -> tuple[np.ndarray, np.ndarray, str]:
     """Arrays of one configured dataset (:class:`soupsearch.config.DatasetConfig`); ``transform``:
     the model's per-image preprocessing (PIL in, uint8 ``HxWx3`` out), applied once here."""
@@ -100,7 +130,7 @@ def load_dataset(cfg, transform=None) -> tuple[np.ndarray, np.ndarray, str]:
     elif cfg.type in ("torchvision", "imagefolder", "parquet"):
         from soupsearch.data.sources import load_source
 
-        cmap = cfg.class_map
+        cmap = _group_index(cfg) if _groups(cfg) else cfg.class_map
         label2id = getattr(transform, "label2id", None)
         if cmap is None and label2id and cfg.type == "imagefolder" and cfg.root and Path(cfg.root).is_dir():
             folders = [e.name for e in Path(cfg.root).iterdir() if e.is_dir()]
@@ -154,10 +184,10 @@ def build_suite(data_cfg, preprocess=None) -> EvalSuite:
     suite.normalize = own if own is not None else data_cfg.normalize
     for kind, dcfg in ((VAL, data_cfg.val), (TEST, data_cfg.test)):
         x, y, src = load_dataset(dcfg, preprocess)
-        suite.splits[kind] = TensorSplit(kind, x, y, kind, src, dcfg.class_subset)
+        suite.splits[kind] = TensorSplit(kind, x, y, kind, src, scored_classes(dcfg))
     if data_cfg.fisher is not None:
         x, y, src = load_dataset(data_cfg.fisher, preprocess)
-        suite.splits["fisher"] = TensorSplit("fisher", x, y, "fisher", src, data_cfg.fisher.class_subset)
+        suite.splits["fisher"] = TensorSplit("fisher", x, y, "fisher", src, scored_classes(data_cfg.fisher))
     text = suite.splits[VAL].x.dtype == np.int64 and suite.splits[VAL].x.ndim == 3
     if text and data_cfg.corruptions is not None and "corruptions" in data_cfg.model_fields_set:
         raise DataError("data.corruptions: the corruptions are image transforms and the splits are text; remove it "
@@ -176,7 +206,7 @@ def build_suite(data_cfg, preprocess=None) -> EvalSuite:
         x, y, src = load_dataset(s, preprocess)
         if s.name in suite.splits:
             raise DataError(f"shifted set {s.name!r}: name already used by another split")
-        suite.splits[s.name] = TensorSplit(s.name, x, y, "shift", src, s.class_subset)
+        suite.splits[s.name] = TensorSplit(s.name, x, y, "shift", src, scored_classes(s))
     if text:  # one token length for every split: padded as the tokenizer pads
         kinds = {n: sp.x.dtype == np.int64 and sp.x.ndim == 3 for n, sp in suite.splits.items()}
         if not all(kinds.values()):

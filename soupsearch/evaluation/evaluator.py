@@ -127,7 +127,7 @@ class Evaluator:
         if normalize:
             self.mean = torch.tensor(normalize["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
             self.std = torch.tensor(normalize["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.subsets = {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in (subsets or {}).items()}
+        self.subsets = {k: _subset(v, self.device) for k, v in (subsets or {}).items()}
         if reset_bn is not None and reset_bn not in self.splits:
             raise ValueError(f"reset_bn: split {reset_bn!r} is not one of the evaluator's splits "
                              f"({', '.join(self.splits)})")
@@ -215,7 +215,7 @@ class Evaluator:
                 logits = self.model(xb)
             logits = logits.float()
             if split in self.subsets:
-                logits = logits[:, self.subsets[split]]
+                logits = scored_logits(logits, self.subsets[split])
             out.append(logits.cpu())
         return torch.cat(out), y[start:stop]
 
@@ -265,6 +265,22 @@ class Evaluator:
                                       shard=self.shard, group=self.group,
                                       **options)
 
+
+
+def _subset(v, device):
+    """A split's scored classes: a tensor of logit indices, or (groups) a list of such tensors."""
+    if any(isinstance(c, (list, tuple)) for c in v):
+        return [torch.tensor(list(g) if isinstance(g, (list, tuple)) else [g], dtype=torch.long, device=device)
+                for g in v]
+    return torch.tensor(v, dtype=torch.long, device=device)
+
+
+def scored_logits(logits: torch.Tensor, subset) -> torch.Tensor:
+    """The logits a split is scored on: a subset of columns, or per group the max over its
+    columns (ObjectNet: an ObjectNet class is the max of its ImageNet classes' logits)."""
+    if isinstance(subset, list):
+        return torch.stack([logits.index_select(1, g).amax(1) for g in subset], 1)
+    return logits[:, subset]
 
 
 def tensor_stats(W: torch.Tensor, shard, theta_k: torch.Tensor) -> dict:

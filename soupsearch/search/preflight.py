@@ -144,7 +144,8 @@ def check_data_against_model(model, suite, cfg) -> int:
                           f"(kwargs {cfg.model.kwargs}) has {c} outputs")
     for name, split in suite.splits.items():
         if split.class_subset is not None:
-            bad = [k for k in split.class_subset if not 0 <= int(k) < c]
+            flat = [k for e in split.class_subset for k in (e if isinstance(e, (list, tuple)) else [e])]
+            bad = [k for k in flat if not 0 <= int(k) < c]
             if bad:
                 raise DataError(f"split {name} ({split.source}): class_subset index {bad[0]} is out of range for "
                                 f"a model with {c} outputs (expected 0..{c - 1})")
