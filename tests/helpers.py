@@ -775,3 +775,37 @@ def assert_sd_close(a, b, atol=1e-6, rtol=1e-5):
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
         else:
             assert torch.equal(a[k], b[k]), k
+
+
+def soupsearch_cli(args: Sequence[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m soupsearch.cli ...`` in a clean environment (offline Hugging Face, Ray's
+    single-node switch): what a user's shell runs."""
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(root), "PATH": os.environ["PATH"], "HOME": str(Path.home()),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "soupsearch.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def tiny_clip_arch(name: str):
+    """A tiny CLIP architecture registered with open_clip under ``name`` (real open_clip modules:
+    a 2-layer ViT on 32x32 images, a 1-layer text transformer with CLIP's vocabulary)."""
+    from open_clip.factory import _MODEL_CONFIGS
+
+    _MODEL_CONFIGS[name] = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
+                            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    try:
+        yield name
+    finally:
+        _MODEL_CONFIGS.pop(name, None)
+
+
+def assert_one_line_exit_2(r: subprocess.CompletedProcess, expect: str, run_dir: Path) -> None:
+    """A user error: exit 2, the last stderr line names it, no traceback, no results written."""
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert expect in lines[-1], lines[-1]
+    assert "Traceback" not in r.stderr
+    assert not (run_dir / "results.parquet").exists()
+

@@ -18,17 +18,13 @@ NUM_CLASSES = 3
 
 @pytest.fixture(scope="module")
 def clip():
-    from open_clip.factory import _MODEL_CONFIGS
+    from tests.helpers import tiny_clip_arch
 
-    _MODEL_CONFIGS[ARCH] = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64,
-                                                            "patch_size": 16},
-                            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                                         "layers": 1}}
-    torch.manual_seed(0)
-    model = open_clip.create_model(ARCH, pretrained=None).eval()
-    head = nn.Linear(32, NUM_CLASSES)
-    yield model, head
-    _MODEL_CONFIGS.pop(ARCH, None)
+    with tiny_clip_arch(ARCH):
+        torch.manual_seed(0)
+        model = open_clip.create_model(ARCH, pretrained=None).eval()
+        head = nn.Linear(32, NUM_CLASSES)
+        yield model, head
 
 
 # WiSE-FT's classes (src/models/modeling.py), as its checkpoints pickle them

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,10 @@ import yaml
 
 pytest.importorskip("transformers")
 
-from tests.models.hf_sweep import CLASSES, make_sweep  # noqa: E402
+from soupsearch.util.overrides import set_dotted  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import assert_one_line_exit_2, soupsearch_cli  # noqa: E402
+from tests.models.hf_sweep import CLASSES, make_sweep  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +37,7 @@ def _raw(sweep, tmp: Path, **extra) -> dict:
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "hf"},
     }
     for k, v in extra.items():
-        cur = raw
-        *head, last = k.split(".")
-        for h in head:
-            cur = cur.setdefault(h, {})
-        cur[last] = v
+        set_dotted(raw, k, v)
     return raw
 
 
@@ -195,13 +190,6 @@ def test_best_soup_is_a_folder_from_pretrained_loads_and_it_scores_the_same(sear
 # ----------------------------------------------------------------------------- bad input
 
 
-def _cli(args, cwd):
-    env = {"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"], "HOME": str(Path.home()),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "soupsearch.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 class _RunsCode:
     def __init__(self, marker):
         self.marker = marker
@@ -231,13 +219,9 @@ def test_bad_hf_inputs_are_one_line_and_exit_2(sweep, tmp_path, case):
                                    "search.strategies": ["uniform"]})
     raw["model"]["factory"] = f"hf:{victim}" if case == "auto_map" else "hf:"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    r = _cli(["run", str(tmp_path / "c.yaml")], tmp_path)
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert expect in lines[-1], lines[-1]
-    assert "Traceback" not in r.stderr
+    r = soupsearch_cli(["run", str(tmp_path / "c.yaml")], tmp_path)
+    assert_one_line_exit_2(r, expect, tmp_path / "run")
     assert not marker.exists()  # nothing from the pickle ran
-    assert not (tmp_path / "run" / "results.parquet").exists()
 
 
 def test_a_text_classifier_called_with_one_tensor_returns_its_logits(tmp_path):

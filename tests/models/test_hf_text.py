@@ -5,10 +5,7 @@ docstrings)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +16,9 @@ import yaml
 pytest.importorskip("transformers")
 
 from soupsearch.sweeps.text import LABELS, make_text_sweep  # noqa: E402
+from soupsearch.util.overrides import set_dotted  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import assert_one_line_exit_2, soupsearch_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +39,7 @@ def _raw(sweep, tmp: Path, fmt: str = "jsonl", **extra) -> dict:
            "data": {"val": split("val"), "test": split("test")},
            "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "text"}}
     for k, v in extra.items():
-        cur = raw
-        *head, last = k.split(".")
-        for h in head:
-            cur = cur.setdefault(h, {})
-        cur[last] = v
+        set_dotted(raw, k, v)
     return raw
 
 
@@ -129,13 +123,6 @@ def test_a_search_on_text_scores_the_uniform_soup_as_transformers_does(ray_sessi
     AutoModelForSequenceClassification.from_pretrained(folder)  # loads as its owners load it
 
 
-def _cli(args, cwd):
-    env = {"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"], "HOME": str(Path.home()),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "soupsearch.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.parametrize("case", ["missing_vocabulary", "unknown_label", "text_without_hf"])
 def test_bad_text_inputs_are_one_line_and_exit_2(sweep, tmp_path, case):
     base = tmp_path / "base"
@@ -154,12 +141,8 @@ def test_bad_text_inputs_are_one_line_and_exit_2(sweep, tmp_path, case):
         raw["model"] = {"factory": "builtin:digits_cnn"}
         expect = "text_column 'sentence' makes it a text split, which needs the model's tokenizer"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    r = _cli(["run", str(tmp_path / "c.yaml")], tmp_path)
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert expect in lines[-1], lines[-1]
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "run" / "results.parquet").exists()
+    r = soupsearch_cli(["run", str(tmp_path / "c.yaml")], tmp_path)
+    assert_one_line_exit_2(r, expect, tmp_path / "run")
 
 
 def test_sharded_and_pickled_weights_read_like_safetensors(tmp_path):

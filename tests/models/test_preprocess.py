@@ -62,8 +62,7 @@ def test_torchvision_weights_transforms():
 def test_explicit_resize_crop_normalize():
     from torchvision import transforms as T
 
-    from soupsearch.models.preprocess import PreprocessSpec
-    from soupsearch.models.preprocess import preprocess_for
+    from soupsearch.models.preprocess import PreprocessSpec, preprocess_for
 
     spec = PreprocessSpec(resize=64, crop=56, interpolation="bicubic", mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
     ref = T.Compose([T.Resize(64, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(56), T.ToTensor(),

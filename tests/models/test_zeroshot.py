@@ -16,20 +16,16 @@ TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}.", "art of a {}"]
 
 @pytest.fixture(scope="module")
 def clip_file(tmp_path_factory):
-    from open_clip.factory import _MODEL_CONFIGS
+    from tests.helpers import tiny_clip_arch
 
-    _MODEL_CONFIGS[ARCH] = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64,
-                                                            "patch_size": 16},
-                            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                                         "layers": 1}}
-    torch.manual_seed(0)
-    clip = open_clip.create_model(ARCH, pretrained=None).eval()
-    with torch.no_grad():
-        clip.logit_scale.fill_(4.0)
-    path = tmp_path_factory.mktemp("clip") / "open_clip_pytorch_model.bin"
-    torch.save(clip.state_dict(), path)  # what open_clip's pretrained checkpoints hold: the whole model
-    yield clip, path
-    _MODEL_CONFIGS.pop(ARCH, None)
+    with tiny_clip_arch(ARCH):
+        torch.manual_seed(0)
+        clip = open_clip.create_model(ARCH, pretrained=None).eval()
+        with torch.no_grad():
+            clip.logit_scale.fill_(4.0)
+        path = tmp_path_factory.mktemp("clip") / "open_clip_pytorch_model.bin"
+        torch.save(clip.state_dict(), path)  # what open_clip's pretrained checkpoints hold: the whole model
+        yield clip, path
 
 
 def _definition(clip):
