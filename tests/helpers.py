@@ -809,3 +809,23 @@ def assert_one_line_exit_2(r: subprocess.CompletedProcess, expect: str, run_dir:
     assert "Traceback" not in r.stderr
     assert not (run_dir / "results.parquet").exists()
 
+
+_MLFLOW_TEMPLATE: dict[str, Path] = {}
+
+
+def fresh_mlflow_uri(tmp_path: Path) -> str:
+    """A ``sqlite:///`` tracking URI of a new MLflow store in ``tmp_path``: a copy of one store
+    created once per test process (creating MLflow's tables takes seconds; copying, none)."""
+    import shutil
+    import tempfile
+
+    if "db" not in _MLFLOW_TEMPLATE:
+        from soupsearch.tracking import Tracker
+
+        path = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+        Tracker(f"sqlite:///{path}", "template").connect()
+        _MLFLOW_TEMPLATE["db"] = path
+    dest = tmp_path / "mlflow.db"
+    shutil.copyfile(_MLFLOW_TEMPLATE["db"], dest)
+    return f"sqlite:///{dest}"
+

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 from soupsearch.util.overrides import set_dotted  # noqa: E402
 
-from tests.helpers import assert_one_line_exit_2, soupsearch_cli  # noqa: E402
+from tests.helpers import assert_one_line_exit_2, fresh_mlflow_uri, soupsearch_cli  # noqa: E402
 from tests.models.hf_sweep import CLASSES, make_sweep  # noqa: E402
 
 
@@ -198,7 +198,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("case", ["auto_map", "training_args_runs_code", "no_weights"])
+@pytest.mark.parametrize("case", ["auto_map", "training_args_runs_code"])
 def test_bad_hf_inputs_are_one_line_and_exit_2(sweep, tmp_path, case):
     runs = tmp_path / "runs"
     shutil.copytree(sweep["runs"], runs)
@@ -209,19 +209,34 @@ def test_bad_hf_inputs_are_one_line_and_exit_2(sweep, tmp_path, case):
         c["auto_map"] = {"AutoModelForImageClassification": "modeling_evil.EvilModel"}
         (victim / "config.json").write_text(json.dumps(c))
         expect = f"{victim / 'config.json'}: key 'auto_map' asks for custom model code"
-    elif case == "training_args_runs_code":
+    else:
         torch.save({"args": _RunsCode(marker)}, victim / "training_args.bin")
         expect = f"{victim / 'training_args.bin'}: names posix.system, which unpickling would call"
-    else:
-        (victim / "model.safetensors").unlink()
-        expect = f"checkpoint {victim}: a Hugging Face model folder without weights"
     raw = _raw(sweep, tmp_path, **{"ingredients.path": str(runs), "eval.backend": "local",
-                                   "search.strategies": ["uniform"]})
+                                   "search.strategies": ["uniform"], "tracking.tracking_uri": fresh_mlflow_uri(tmp_path)})
     raw["model"]["factory"] = f"hf:{victim}" if case == "auto_map" else "hf:"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     r = soupsearch_cli(["run", str(tmp_path / "c.yaml")], tmp_path)
     assert_one_line_exit_2(r, expect, tmp_path / "run")
     assert not marker.exists()  # nothing from the pickle ran
+
+
+def test_a_run_checkpoint_without_weights_names_the_folder(sweep, tmp_path):
+    from soupsearch.config import config_from_dict
+    from soupsearch.errors import CheckpointError
+    from soupsearch.ingredients.columns import read_headers
+    from soupsearch.ingredients.discovery import ingredient_files
+    from soupsearch.models.factory import create_model
+
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep["runs"], runs)
+    victim = sorted(runs.iterdir())[0] / "checkpoint-8"
+    (victim / "model.safetensors").unlink()  # the run's last checkpoint is kept, not silently skipped
+    cfg = config_from_dict(_raw(sweep, tmp_path, **{"ingredients.path": str(runs)}))
+    files = ingredient_files(cfg.ingredients)
+    assert victim in files
+    with pytest.raises(CheckpointError, match=f"checkpoint {victim}: a Hugging Face model folder without weights"):
+        read_headers(files, create_model(cfg.model.factory).state_dict())
 
 
 def test_a_text_classifier_called_with_one_tensor_returns_its_logits(tmp_path):

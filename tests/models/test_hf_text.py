@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from soupsearch.sweeps.text import LABELS, make_text_sweep  # noqa: E402
 from soupsearch.util.overrides import set_dotted  # noqa: E402
 
-from tests.helpers import assert_one_line_exit_2, soupsearch_cli  # noqa: E402
+from tests.helpers import assert_one_line_exit_2, fresh_mlflow_uri, soupsearch_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -123,16 +123,23 @@ def test_a_search_on_text_scores_the_uniform_soup_as_transformers_does(ray_sessi
     AutoModelForSequenceClassification.from_pretrained(folder)  # loads as its owners load it
 
 
-@pytest.mark.parametrize("case", ["missing_vocabulary", "unknown_label", "text_without_hf"])
-def test_bad_text_inputs_are_one_line_and_exit_2(sweep, tmp_path, case):
+def test_a_tokenizer_folder_with_a_missing_vocabulary_is_one_line_and_exit_2(sweep, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(sweep["base"], base)
+    (base / "tokenizer.json").unlink()
     raw = _raw(sweep, tmp_path, **{"ingredients.base": str(base), "eval.backend": "local",
-                                   "search.strategies": ["uniform"]})
-    if case == "missing_vocabulary":
-        (base / "tokenizer.json").unlink()
-        expect = f"{base}: no tokenizer transformers can read"
-    elif case == "unknown_label":
+                                   "search.strategies": ["uniform"], "tracking.tracking_uri": fresh_mlflow_uri(tmp_path)})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    r = soupsearch_cli(["run", str(tmp_path / "c.yaml")], tmp_path)
+    assert_one_line_exit_2(r, f"{base}: no tokenizer transformers can read", tmp_path / "run")
+
+
+@pytest.mark.parametrize("case", ["unknown_label", "text_without_hf"])
+def test_bad_text_splits_name_the_file_and_row(sweep, tmp_path, case):
+    from soupsearch.errors import DataError
+
+    raw = _raw(sweep, tmp_path)
+    if case == "unknown_label":
         bad = tmp_path / "val.jsonl"
         bad.write_text((sweep["root"] / "val.jsonl").read_text().replace('"label": "email"', '"label": "mail"', 1))
         raw["data"]["val"]["path"] = str(bad)
@@ -140,9 +147,9 @@ def test_bad_text_inputs_are_one_line_and_exit_2(sweep, tmp_path, case):
     else:
         raw["model"] = {"factory": "builtin:digits_cnn"}
         expect = "text_column 'sentence' makes it a text split, which needs the model's tokenizer"
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    r = soupsearch_cli(["run", str(tmp_path / "c.yaml")], tmp_path)
-    assert_one_line_exit_2(r, expect, tmp_path / "run")
+    with pytest.raises(DataError) as e:
+        _suite(raw)
+    assert expect in str(e.value) and "\n" not in str(e.value)
 
 
 def test_sharded_and_pickled_weights_read_like_safetensors(tmp_path):
