@@ -36,33 +36,12 @@ def two_node_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_job_on_two_node_cluster(two_node_cluster, tiny_sweep, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    raw = tiny_config(tiny_sweep, tmp_path, **{"eval.num_evaluators": "auto"})
-    cfg_path = tmp_path / "job.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(REPO)
-    job_id, status = submit(str(cfg_path), two_node_cluster["dashboard"], working_dir=REPO, timeout=400)
-    assert status == "SUCCEEDED", job_id
-
-    client = mlflow.MlflowClient(tracking_uri=raw["tracking"]["tracking_uri"])
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    parent = [r for r in runs if r.data.tags.get("soupsearch.role") == "search"]
-    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
-    assert children == {"best_individual", "uniform", "greedy"}
-    # evaluators ran on both nodes: node ids recorded per shard in the results store and on the run
-    nodes = parent[0].data.tags["soupsearch.evaluator_node_ids"].split(",")
-    assert len(nodes) == 2
-    db = sqlite3.connect(os.path.join(raw["run_dir"], "results.sqlite"))
-    stored = {r[0] for r in db.execute("SELECT DISTINCT node_id FROM shard_results")}
-    assert stored == set(nodes)
-
-
 def test_sharded_stack_on_two_node_cluster(two_node_cluster, tiny_sweep, tmp_path, monkeypatch):
-    """``eval.stack_shards: 2`` on two 1-CPU nodes: one replica group with a holder on each
-    node, each holding about half the stack; the results equal those of one holder per node
-    holding it all (``stack_shards: 1``, here in one in-process evaluator)."""
+    """A search submitted as a Ray job (JobSubmissionClient, token auth) to a two-node cluster,
+    with ``eval.stack_shards: 2`` on two 1-CPU nodes: one replica group with a holder on each
+    node, each holding about half the stack. The job succeeds, its MLflow runs are finished,
+    evaluators ran on both nodes (recorded on the run and per shard in the results store), and
+    the results equal those of the whole stack in one in-process evaluator."""
     import pyarrow.parquet as pq
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
@@ -92,10 +71,16 @@ def test_sharded_stack_on_two_node_cluster(two_node_cluster, tiny_sweep, tmp_pat
     rows = {s: pq.read_table(os.path.join(raw["run_dir"], "results.parquet")).to_pylist() for s, raw in runs.items()}
     assert rows[2] == rows[1]
     client = mlflow.MlflowClient(tracking_uri=runs[2]["tracking"]["tracking_uri"])
-    [parent] = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-                if r.data.tags.get("soupsearch.role") == "search"]
-    assert parent.data.tags["soupsearch.stack_shards"] == "2"
-    assert len(parent.data.tags["soupsearch.evaluator_node_ids"].split(",")) == 2  # one holder per node
+    found = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    [parent] = [r for r in found if r.data.tags.get("soupsearch.role") == "search"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["soupsearch.stack_shards"] == "2"
+    kids = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert {r.info.run_name for r in kids} >= {"best_individual", "uniform", "greedy", "fisher", "ties"}
+    assert all(r.info.status == "FINISHED" for r in kids)
+    nodes = parent.data.tags["soupsearch.evaluator_node_ids"].split(",")
+    assert len(nodes) == 2  # one holder per node
+    db = sqlite3.connect(os.path.join(runs[2]["run_dir"], "results.sqlite"))
+    assert {r[0] for r in db.execute("SELECT DISTINCT node_id FROM shard_results")} == set(nodes)
     stack, per_actor = parent.data.metrics["memory/stack_bytes"], parent.data.metrics["memory/stack_bytes_per_actor"]
     P = stack / 4 / 4  # 4 ingredients, float32
     # about half of the stack and of the base, and of the Fisher values and products (3 stacks)
