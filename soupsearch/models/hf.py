@@ -104,6 +104,22 @@ def __getattr__(name: str):  # Logits_<Arch> classes, created on first use (unpi
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _label2id(cfg: dict) -> dict[str, int]:
+    """The model's class names (``config.json``'s ``label2id``), as ``{name: index}``."""
+    l2i = cfg.get("label2id") or {}
+    return {str(k): int(v) for k, v in l2i.items()} if isinstance(l2i, dict) else {}
+
+
+def _load_processor(loader, folder: str, what: str, files: str):
+    """``loader.from_pretrained(folder)`` offline and without custom code; its failure is one
+    line naming the folder, ``what`` and the ``files`` it is read from."""
+    try:
+        return loader.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - a missing file is an OSError/ValueError/TypeError here
+        raise ModelFactoryError(f"{Path(folder)}: no {what} transformers can read ({files}; {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]})") from None
+
+
 def _auto_config(folder: str, overrides: dict):
     transformers = _transformers(f"hf:{folder}")
     config_json(folder)  # auto_map refused before transformers reads it
@@ -150,21 +166,20 @@ def checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _names_for(folder: str, stamp: tuple) -> dict[str, str]:
-    arch, _ = architecture(folder)
-    config = _auto_config(folder, {})
-    with torch.device("meta"):
-        model = logits_class(arch)(config)
-    return checkpoint_names(model)
+_NAMES: dict[str, dict[str, str]] = {}  # config.json's bytes -> checkpoint_names of its model
 
 
 def checkpoint_names_of_folder(folder: str | os.PathLike) -> dict[str, str]:
     """:func:`checkpoint_names` for the model of ``folder``'s config (built on the meta
-    device; cached per config file)."""
-    p = Path(folder) / "config.json"
-    st = p.stat()
-    return _names_for(str(Path(folder).resolve()), (st.st_mtime_ns, st.st_size))
+    device once per distinct config: a sweep's checkpoints share one)."""
+    key = (Path(folder) / "config.json").read_bytes().decode("utf-8", "replace")
+    if key not in _NAMES:
+        arch, _ = architecture(folder)
+        config = _auto_config(str(folder), {})
+        with torch.device("meta"):
+            model = logits_class(arch)(config)
+        _NAMES[key] = checkpoint_names(model)
+    return _NAMES[key]
 
 
 def weights_file(folder: str | os.PathLike) -> Path | None:
@@ -193,13 +208,8 @@ class ImagePreprocess:
     def __init__(self, folder: str | os.PathLike):
         transformers = _transformers()
         self.folder = str(folder)
-        try:
-            self.processor = transformers.AutoImageProcessor.from_pretrained(self.folder, trust_remote_code=False,
-                                                                             local_files_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ModelFactoryError(f"{Path(folder)}: no image processor transformers can read "
-                                    f"(preprocessor_config.json; {type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:200]})") from None
+        self.processor = _load_processor(transformers.AutoImageProcessor, self.folder, "image processor",
+                                         "preprocessor_config.json")
         p = self.processor
         scale = float(getattr(p, "rescale_factor", 1 / 255)) if getattr(p, "do_rescale", True) else 1.0
         k = 1.0 / (255.0 * scale)  # (x * scale - m) / s == (x / 255 - m k) / (s k)
@@ -211,8 +221,7 @@ class ImagePreprocess:
             {"mean": [float(m) * k for m in mean], "std": [float(s) * k for s in std]}
         self.name = f"{type(p).__name__} of {self.folder}"
         # the model's class names: ImageFolder class folders named after them are mapped by them
-        l2i = config_json(folder).get("label2id") or {}
-        self.label2id = {str(k): int(v) for k, v in l2i.items()} if isinstance(l2i, dict) else {}
+        self.label2id = _label2id(config_json(folder))
 
     def __call__(self, img):
         import numpy as np
@@ -237,21 +246,15 @@ class TextPreprocess:
     def __init__(self, folder: str | os.PathLike):
         transformers = _transformers()
         self.folder = str(folder)
-        try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder, trust_remote_code=False,
-                                                                        local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - a missing vocabulary is an OSError/ValueError/TypeError here
-            raise ModelFactoryError(f"{Path(folder)}: no tokenizer transformers can read (tokenizer.json, "
-                                    f"vocab.txt, ... with tokenizer_config.json; {type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:200]})") from None
+        self.tokenizer = _load_processor(transformers.AutoTokenizer, self.folder, "tokenizer",
+                                         "tokenizer.json, vocab.txt, ... with tokenizer_config.json")
         cfg = config_json(folder)
         limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
         mpe = cfg.get("max_position_embeddings")
         if isinstance(mpe, int) and mpe > 0 and (limit <= 0 or limit > mpe):
             limit = mpe
         self.max_length = limit if 0 < limit < 10**6 else 512
-        l2i = cfg.get("label2id") or {}
-        self.label2id = {str(k): int(v) for k, v in l2i.items()} if isinstance(l2i, dict) else {}
+        self.label2id = _label2id(cfg)
         self.normalize = None
         self.name = f"{type(self.tokenizer).__name__} of {self.folder}"
 
