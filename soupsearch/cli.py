@@ -21,13 +21,6 @@ DEMO_CONFIG = "configs/demo.yaml"
 
 def _cmd_run(args) -> int:
     from soupsearch.config import load_config
-    from soupsearch.multitask.config import load_multitask_config
-
-    mt = load_multitask_config(args.config, args.set)  # a config with a top-level tasks: key
-    if mt is not None:
-        from soupsearch.multitask.driver import run_and_print as run_multitask_and_print
-
-        return run_multitask_and_print(mt)
     from soupsearch.search.driver import run_and_print
 
     return run_and_print(load_config(args.config, args.set))

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from soupsearch.config_data import CorruptionsConfig, DataConfig, DatasetConfig, TaskConfig, _Strict  # noqa: F401
 from soupsearch.errors import ConfigError
-from soupsearch.models.preprocess import PreprocessSpec, coerce_preprocess
 from soupsearch.models.zeroshot import ZeroShotSpec
 from soupsearch.util import timeouts as T
 from soupsearch.util.overrides import parse_overrides, set_dotted  # noqa: F401 (multitask/config)
@@ -20,8 +20,6 @@ from soupsearch.util.overrides import parse_overrides, set_dotted  # noqa: F401 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelConfig(_Strict):
@@ -30,7 +28,7 @@ class ModelConfig(_Strict):
 
 
 class IngredientsConfig(_Strict):
-    path: str  # directory, glob, or manifest.json
+    path: str | None = None  # directory, glob, or manifest.json (a multi-task search: each task's, under tasks:)
     glob: str | None = None  # pattern inside a directory
     base: str | None = None  # the pre-trained model the fine-tunes started from (optional)
     allow_cast: bool = False  # cast float dtypes that differ from the model skeleton
@@ -44,108 +42,6 @@ class IngredientsConfig(_Strict):
     # permute each one's hidden units onto the best individual on val (soupsearch.align)
     align: Literal["none", "weight", "activation"] = "none"
     zeroshot: ZeroShotSpec | None = None  # CLIP: the base becomes its zero-shot model (soupsearch.models.zeroshot)
-
-
-class DatasetConfig(_Strict):
-    """One evaluation set.
-
-    * ``digits``: a split of the bundled scikit-learn digits (``split`` in ``split_file``).
-    * ``npz``: a ``.npz`` with ``x`` ``[N, C, H, W]`` (float in [0, 1], or uint8) and ``y`` int labels.
-    * ``torchvision``: ``dataset`` (cifar10/100, mnist, fashion_mnist, svhn) from ``root``; never downloaded.
-    * ``imagefolder``: an ImageFolder tree at ``root`` (class = sorted folder, or ``class_map``).
-    * ``parquet``: a Parquet file / directory of shards at ``path`` with encoded image bytes
-      (``image_column``) and integer labels (``label_column``); with ``text_column``, a text split.
-    * ``jsonl`` / ``csv`` / ``arrow`` (a ``datasets`` ``save_to_disk`` folder): text splits
-      (``text_column``, optional ``text_pair_column``, ``label_column``).
-    """
-
-    type: Literal["digits", "npz", "torchvision", "imagefolder", "parquet", "jsonl", "csv", "arrow"]
-    name: str | None = None  # required for user-provided shifted sets
-    split: str | None = None
-    split_file: str | None = None
-    path: str | None = None
-    root: str | None = None
-    dataset: str | None = None  # torchvision dataset name
-    image_size: Union[int, tuple[int, int], None] = None
-    image_column: str = "image"
-    label_column: str = "label"
-    # folder name / label value -> model class index, or several with reduce: max (ObjectNet's max over logits)
-    class_map: dict[str, Union[int, list[int]]] | None = None
-    reduce: Literal["max"] | None = None
-    class_subset: list[int] | None = None  # evaluate on these logits only (ImageNet-R/A style)
-    limit: int | None = Field(default=None, gt=0)
-    text_column: str | None = None  # a text split (parquet, jsonl, csv, arrow): tokenized by the model's tokenizer
-    text_pair_column: str | None = None  # the second sentence of pairs (RTE, MRPC, ...)
-    label_map: dict[str, int] | None = None  # text labels (strings) -> class index; default: the model's label2id
-
-    @model_validator(mode="after")
-    def _check(self):
-        need = {"digits": ("split", "split_file"), "npz": ("path",), "torchvision": ("root", "dataset", "split"),
-                "imagefolder": ("root",), "parquet": ("path",), "jsonl": ("path", "text_column"),
-                "csv": ("path", "text_column"), "arrow": ("path", "text_column")}[self.type]
-        missing = [k for k in need if not getattr(self, k)]
-        if missing:
-            raise ValueError(f"type {self.type!r} needs {', '.join(repr(k) for k in need)} (missing {missing[0]!r})")
-        if self.class_subset is not None and len(set(self.class_subset)) != len(self.class_subset):
-            raise ValueError("class_subset has duplicate class indices")
-        return self
-
-
-class CorruptionsConfig(_Strict):
-    base: Literal["val", "test"] = "test"
-    names: list[str] = Field(default_factory=lambda: ["gaussian_noise", "blur", "rotation", "contrast", "pixelate"])
-    severities: list[int] = Field(default_factory=lambda: [3])
-    seed: int = 0
-
-    @field_validator("names")
-    @classmethod
-    def _names(cls, v):
-        from soupsearch.data.corruptions import list_corruptions
-
-        bad = [n for n in v if n not in list_corruptions()]
-        if bad:
-            raise ValueError(f"unknown corruption {bad[0]!r}; valid: {', '.join(list_corruptions())}")
-        return v
-
-    @field_validator("severities")
-    @classmethod
-    def _sev(cls, v):
-        if not v or any(s not in (1, 2, 3, 4, 5) for s in v):
-            raise ValueError(f"severities must be a non-empty list of integers in 1..5, got {v}")
-        return v
-
-
-class DataConfig(_Strict):
-    val: DatasetConfig  # held-out in-distribution split: the only one used for selection
-    test: DatasetConfig  # in-distribution test split
-    fisher: DatasetConfig | None = None  # disjoint split for Fisher estimation
-    corruptions: CorruptionsConfig | None = Field(default_factory=CorruptionsConfig)
-    shifts: list[DatasetConfig] = Field(default_factory=list)  # user-provided shifted sets
-    num_classes: int | None = None
-    normalize: dict[str, list[float]] | None = None  # {mean: [...], std: [...]} applied to [0,1] inputs
-    # model (the model's own eval transform), none (image_size/normalize) or {resize, crop, ...};
-    # default: model for hf:, else none (soupsearch.models.preprocess)
-    preprocess: Union[Literal["model", "none"], PreprocessSpec, None] = None
-
-    @field_validator("preprocess", mode="before")
-    @classmethod
-    def _preprocess(cls, v):
-        return coerce_preprocess(v)
-
-    def datasets(self) -> list[tuple[str, "DatasetConfig"]]:  # every dataset with its key path
-        out = [("val", self.val), ("test", self.test)] + ([("fisher", self.fisher)] if self.fisher else [])
-        return out + [(f"shifts[{i}]", d) for i, d in enumerate(self.shifts)]
-
-    @model_validator(mode="after")
-    def _names(self):
-        seen = set()
-        for i, s in enumerate(self.shifts):
-            if not s.name:
-                raise ValueError(f"shifts[{i}] needs a 'name'")
-            if s.name in seen:
-                raise ValueError(f"shifts[{i}]: duplicate name {s.name!r}")
-            seen.add(s.name)
-        return self
 
 
 class EvalConfig(_Strict):
@@ -318,13 +214,66 @@ class Config(_Strict):
     run_dir: str | None = None  # default: runs/<name>
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
-    ingredients: IngredientsConfig
-    data: DataConfig
+    ingredients: IngredientsConfig | None = None  # required, except with tasks: (then shared settings only)
+    data: DataConfig | None = None  # required, except with tasks: (each task has its own)
+    tasks: list[TaskConfig] | None = None  # a multi-task search: tasks as a dimension of the eval suite
+    head: list[str] | None = None  # tasks: tensor-name prefixes of the task heads; default: detected
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     fisher: FisherConfig = Field(default_factory=FisherConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_form(cls, raw):
+        """A multi-task config: ``base:`` at the top (the shared pre-trained model) is
+        ``ingredients.base``; default strategies are the multi-task ones."""
+        if isinstance(raw, dict) and raw.get("tasks") is not None:
+            raw = dict(raw)
+            if "base" in raw:
+                ing = dict(raw.get("ingredients") or {})
+                ing.setdefault("base", raw.pop("base"))
+                raw["ingredients"] = ing
+            raw.setdefault("ingredients", {})
+            raw.setdefault("search", {"strategies": ["task_own", "pretrained", "uniform", "task_arithmetic", "ties"]})
+        return raw
+
+    @model_validator(mode="after")
+    def _form(self):
+        from soupsearch.config_data import check_tasks
+
+        if self.tasks is None:
+            for key in ("ingredients", "data") if self.ingredients is None or self.data is None else ():
+                if getattr(self, key) is None:
+                    raise ValueError(f"{key}: required key is missing (or give tasks: for a multi-task search)")
+            if self.ingredients.path is None:
+                raise ValueError("ingredients.path: required key is missing")
+            if self.head is not None:
+                raise ValueError("head: names the task heads of a multi-task search; give tasks: or remove it")
+            return self
+        check_tasks(self.tasks)
+        if self.data is not None:
+            raise ValueError("data: a multi-task search reads each task's data (tasks[i].data); remove data")
+        if self.ingredients.path is not None or self.ingredients.glob is not None:
+            raise ValueError("ingredients.path: a multi-task search reads each task's fine-tunes "
+                             "(tasks[i].ingredients); remove ingredients.path")
+        if self.eval.reset_bn:
+            raise ValueError("eval.reset_bn: the BatchNorm statistics of a shared body are not reset per task in a "
+                             "multi-task search; set it to false")
+        if self.tracking.register_as:
+            raise ValueError("tracking.register_as: a multi-task search logs one model per task and registers none; "
+                             "remove it")
+        if self.head is not None and (not self.head or any(not isinstance(p, str) or not p for p in self.head)):
+            raise ValueError(f"head {self.head!r}: expected a non-empty list of tensor-name prefixes (or null to detect)")
+        return self
+
+    @property
+    def datas(self) -> list[tuple[str, DataConfig]]:
+        """``(key path, data config)`` of every eval suite: ``data``, or each task's."""
+        if self.tasks is None:
+            return [("data", self.data)]
+        return [(f"tasks[{i}].data", t.data) for i, t in enumerate(self.tasks)]
 
     @model_validator(mode="after")
     def _hf(self):
@@ -332,10 +281,11 @@ class Config(_Strict):
         from soupsearch.ingredients.discovery import resolve_hf_folder
         from soupsearch.models.factory import preprocess_problem
 
-        if self.model.factory == "hf:":
+        if self.model.factory == "hf:" and self.tasks is None:
             object.__setattr__(self.model, "factory", "hf:" + resolve_hf_folder(self.ingredients))
-        if problem := preprocess_problem(self.model.factory, self.data):
-            raise ValueError(problem)
+        for _, data in self.datas:
+            if problem := preprocess_problem(self.model.factory, data):
+                raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
@@ -347,8 +297,9 @@ class Config(_Strict):
             needs = cls.requirements(cls.validate_options(s.options))
             if "base" in needs and not self.ingredients.base:
                 raise ValueError(f"strategy {s.run_name} needs ingredients.base (the pre-trained model)")
-            if "fisher" in needs and self.fisher.split == "fisher" and self.data.fisher is None:
-                raise ValueError(f"strategy {s.run_name} needs data.fisher (a split disjoint from val/test)")
+            for key, data in self.datas if "fisher" in needs and self.fisher.split == "fisher" else ():
+                if data.fisher is None:
+                    raise ValueError(f"strategy {s.run_name} needs {key}.fisher (a split disjoint from val/test)")
             other = sorted(set(needs) - {"base", "fisher"})
             if other:  # e.g. RegMean's Gram matrices: computed per task by a multi-task search only
                 raise ValueError(f"strategy {s.run_name} needs per-layer {other[0]!r} statistics that only a "
@@ -397,8 +348,19 @@ def _resolve_paths(raw: dict) -> None:
             cur[keys[-1]] = fix(cur[keys[-1]])
     if "run_dir" not in raw:
         raw["run_dir"] = str(base / "runs" / str(raw.get("name", "soupsearch")))
-    data = raw.get("data")
-    if isinstance(data, dict):
+    if isinstance(raw.get("base"), str):  # a multi-task config's shared base
+        raw["base"] = fix(raw["base"])
+    datas = [raw.get("data")]
+    for t in raw.get("tasks") or [] if isinstance(raw.get("tasks"), list) else []:
+        ing = t.get("ingredients") if isinstance(t, dict) else None
+        if isinstance(ing, list):
+            t["ingredients"] = [fix(p) for p in ing]
+        elif isinstance(ing, dict) and "path" in ing:
+            ing["path"] = fix(ing["path"])
+        datas.append(t.get("data") if isinstance(t, dict) else None)
+    for data in datas:
+        if not isinstance(data, dict):
+            continue
         sets = [data.get(k) for k in ("val", "test", "fisher")] + list(data.get("shifts") or [])
         for d in sets:
             if isinstance(d, dict):

@@ -6,8 +6,7 @@ data by path from the nodes, and writes MLflow from the driver only.
 
 ``soupsearch submit CONFIG --address http://HOST:8265`` submits the same entry point
 through ``JobSubmissionClient`` and follows the logs until the job ends. A multi-task
-config (a top-level ``tasks:`` key) runs the multi-task driver (:mod:`soupsearch.multitask`),
-as ``soupsearch run`` does.
+config (a top-level ``tasks:`` key) runs on the same engine, as ``soupsearch run`` does.
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     """The job's entry point (``python -m soupsearch.jobs CONFIG [--set KEY=VALUE ...]``): run
     the search on the job's cluster and print the table; errors as in ``soupsearch run``."""
     from soupsearch.config import load_config
-    from soupsearch.multitask.config import load_multitask_config
-    from soupsearch.multitask.driver import run_and_print as run_multitask_and_print
     from soupsearch.search.driver import run_and_print
     from soupsearch.util.progress import quiet_logs
 
@@ -34,9 +31,6 @@ def main(argv: list[str] | None = None) -> int:
         config, overrides = parse_job_args(argv)
         config, overrides = leave_job_dir(config, overrides)
         quiet_logs("--verbose" in argv, search=True)
-        mt = load_multitask_config(config, overrides)  # a config with a top-level tasks: key
-        if mt is not None:
-            return run_multitask_and_print(mt)
         return run_and_print(load_config(config, overrides))
 
     return reporting_errors(run, debug)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from soupsearch.data.corruptions import corrupt, list_corruptions
-from soupsearch.errors import DataError
+from soupsearch.errors import DataError, SoupSearchError
 
 __all__ = ["TensorSplit", "EvalSuite", "build_suite", "load_dataset", "list_corruptions"]
 
@@ -53,6 +53,10 @@ class EvalSuite:
     splits: dict[str, TensorSplit] = field(default_factory=dict)
     num_classes: int = 0
     normalize: dict | None = None  # mean/std on [0, 1] inputs the evaluators apply (config's or the model's)
+    # a multi-task suite (build_task_suite): splits are "<task>/<split>"
+    tasks: list[str] = field(default_factory=list)
+    split_task: dict[str, int] = field(default_factory=dict)
+    split_normalize: dict[str, dict | None] = field(default_factory=dict)
 
     @property
     def eval_names(self) -> list[str]:
@@ -230,4 +234,27 @@ def build_suite(data_cfg, preprocess=None) -> EvalSuite:
                 raise DataError(f"split {sp.name} ({sp.source}): label {int(bad[0])} is out of range, expected "
                                 f"0..{suite.num_classes - 1} (labels of all splits range over [{ys.min()}, {ys.max()}])")
         raise DataError(f"labels range over [{ys.min()}, {ys.max()}], expected 0..{suite.num_classes - 1}")
+    return suite
+
+
+def build_task_suite(tasks, preprocess_of=lambda task: None, check=None) -> EvalSuite:
+    """One suite of every task's splits, named ``<task>/<split>`` (``digits/val``,
+    ``shapes/gaussian_noise@3``), each task's built as :func:`build_suite` builds a
+    single-task suite (its own normalization and scored classes); ``check(t, task, suite)``
+    runs on each task's suite (errors are prefixed with the task)."""
+    suite = EvalSuite(tasks=[t.name for t in tasks])
+    for t, task in enumerate(tasks):
+        try:
+            sub = build_suite(task.data.model_copy(update={"num_classes": task.num_classes}), preprocess_of(task))
+            if check is not None:  # e.g. the task's labels against its model
+                check(t, task, sub)
+        except SoupSearchError as e:
+            raise type(e)(f"tasks[{t}] ({task.name}): {e}") from None
+        for name, sp in sub.splits.items():
+            key = f"{task.name}/{name}"
+            sp.name = key
+            suite.splits[key] = sp
+            suite.split_task[key] = t
+            suite.split_normalize[key] = sub.normalize
+        suite.num_classes = max(suite.num_classes, sub.num_classes)
     return suite

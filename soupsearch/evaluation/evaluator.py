@@ -84,6 +84,7 @@ class Evaluator:
         group=None,
         precision: str = "float32",
         reset_bn: str | None = None,
+        tasks=None,
     ):
         """``W`` is the stack ``[n, P]`` (a tensor or array, e.g. from the object store) or a
         :class:`~soupsearch.ingredients.columns.StackSpec`: then this evaluator loads its columns straight
@@ -92,6 +93,9 @@ class Evaluator:
         a column shard, mixes that shard and all-gathers the model from the group.
         ``precision``: ``float32``, or ``bfloat16`` / ``float16`` to run the forward passes under
         autocast (the soup is mixed and held in float32; logits are returned as float32).
+        ``tasks`` (a :class:`~soupsearch.ingredients.tasks.TaskBinding`): a multi-task search; one
+        model per task, every one's body a view of the same ``theta``, each split scored by its
+        task's model with the head :meth:`TaskBinding.head_row` picks.
         ``reset_bn``: the name of a split in ``splits`` whose inputs recompute the BatchNorm
         statistics of every recipe right after it is mixed (:mod:`soupsearch.evaluation.bnreset`)."""
         from soupsearch.ingredients.columns import StackSpec, load_columns
@@ -132,13 +136,23 @@ class Evaluator:
             raise ValueError(f"reset_bn: split {reset_bn!r} is not one of the evaluator's splits "
                              f"({', '.join(self.splits)})")
         self.reset_bn = reset_bn
+        self.tasks = tasks
+        if tasks is not None:
+            self.heads = tasks.load_heads()  # per row (small); read-only, shared with siblings
+            self.task_norms = {k: _norm(v, self.device) for k, v in tasks.normalize.items()}
         self._build_model()
 
     def _build_model(self, theta: torch.Tensor | None = None) -> None:
         """The per-evaluator state: a model whose mixed tensors are views of ``theta`` (its own,
         or one shared with siblings)."""
         factory, kwargs = self._factory
-        self.model = create_model(factory, **kwargs).to(self.device).eval()
+        if self.tasks is not None:  # one model per task (its own head shape), built before theta is bound
+            self.models = [create_model(factory, **{**kwargs, "num_classes": c}).to(self.device).eval()
+                           for c in self.tasks.num_classes]
+            self._head_of = [None] * len(self.models)
+            self.model = self.models[0]
+        else:
+            self.model = create_model(factory, **kwargs).to(self.device).eval()
         bind = self.layout
         if self.group is not None:  # one padded theta per member: its own columns are a slot of it
             if theta is None:
@@ -147,8 +161,26 @@ class Evaluator:
         self.theta = theta if theta is not None else torch.empty(self.layout.num_params, dtype=torch.float32,
                                                                   device=self.device)
         self.param_names = frozenset(n for n, _ in self.model.named_parameters())
-        bind_flat(self.model, bind, self.theta, {k: v.to(self.device) for k, v in self.fixed.items()})
+        for m in getattr(self, "models", None) or [self.model]:
+            bind_flat(m, bind, self.theta, {k: v.to(self.device) for k, v in self.fixed.items()})
         self.mix_count = 0
+
+    def model_for(self, recipe: Recipe, split: str) -> nn.Module:
+        """The model that scores ``split`` (its task's, with the head the recipe calls for; the
+        split's normalization made current). Single-task: the model."""
+        if self.tasks is None:
+            return self.model
+        t = self.tasks.split_task[split]
+        row = self.tasks.head_row(recipe, t)
+        model = self.models[t]
+        if self._head_of[t] != row:
+            with torch.no_grad():
+                sd = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+                for name, v in self.heads[row].items():
+                    sd[name].copy_(v.to(self.device))
+            self._head_of[t] = row
+        self.mean, self.std = self.task_norms.get(split) or (None, None)
+        return model
 
     @property
     def _mixed_key(self) -> str | None:
@@ -164,7 +196,8 @@ class Evaluator:
         this one's (a replica-group member mixes once per candidate; its slots only read).
         Siblings may run concurrently in threads of one process, one shard at a time each."""
         ev = object.__new__(Evaluator)
-        ev.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("model", "theta", "mix_count")})
+        ev.__dict__.update({k: v for k, v in self.__dict__.items()
+                            if k not in ("model", "models", "_head_of", "theta", "mix_count")})
         if not share_theta:
             ev._state = {"key": None}
         ev._build_model(self.theta if share_theta else None)
@@ -181,12 +214,14 @@ class Evaluator:
         group this is collective: every member must load the same recipes in the same order."""
         if recipe.key != self._mixed_key:
             self._mixed_key = None  # a failure half-way leaves no stale key behind
-            stats = self.stats.for_recipe(self.W, recipe)
+            # a recipe over the first rows: a multi-task search's task models (fine-tune rows follow)
+            W = self.W if recipe.n == self.W.shape[0] else self.W[:recipe.n]
+            stats = self.stats.for_recipe(W, recipe)
             if self.group is None:
-                mix(self.W, recipe, self.shard, out=self.theta, base=self.base, stats=stats,
+                mix(W, recipe, self.shard, out=self.theta, base=self.base, stats=stats,
                     param_names=self.param_names)
             else:
-                mix(self.W, recipe, self.shard, out=self.theta_k, base=self.base, stats=stats,
+                mix(W, recipe, self.shard, out=self.theta_k, base=self.base, stats=stats,
                     param_names=self.param_names)
                 self.group.gather_padded(self.theta)
             if self.reset_bn is not None:  # the soup's own BatchNorm statistics, written into theta
@@ -205,6 +240,7 @@ class Evaluator:
     @torch.inference_mode()
     def logits(self, recipe: Recipe, split: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.load_recipe(recipe)
+        model = self.model_for(recipe, split)
         x, y = self.splits[split]
         out = []
         dtype = AUTOCAST[self.precision]
@@ -212,7 +248,7 @@ class Evaluator:
             b = min(stop, a + self.batch_size)
             xb = self.prepare(x[a:b])
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                logits = self.model(xb)
+                logits = model(xb)
             logits = logits.float()
             if split in self.subsets:
                 logits = scored_logits(logits, self.subsets[split])
@@ -243,11 +279,15 @@ class Evaluator:
         (the whole row; divided by its mean with ``normalize``)."""
         from soupsearch.evaluation.fisher import fisher_diag_sum
 
-        self.load_recipe(Recipe.one_hot(i, self.W.shape[0]))
+        recipe = Recipe.one_hot(i, self.W.shape[0])
+        self.load_recipe(recipe)
+        if self.tasks is not None and split not in self.splits:  # the row's task's split of that name
+            split = f"{self.tasks.names[self.tasks.row_task[i]]}/{split}"
+        model = self.model_for(recipe, split)
         x, y = self.splits[split]
         m = min(num_examples, len(y))
         with torch.enable_grad():
-            total = fisher_diag_sum(self.model, self.layout, x[:m], y[:m], mode=mode, batch_size=batch_size,
+            total = fisher_diag_sum(model, self.layout, x[:m], y[:m], mode=mode, batch_size=batch_size,
                                     seed=seed + i, prepare=self.prepare)
         row = total / m
         if normalize:
@@ -258,6 +298,10 @@ class Evaluator:
         """Gradient-learned soup coefficients on ``split`` (see :mod:`soupsearch.evaluation.gradsoup`)."""
         from soupsearch.evaluation.gradsoup import learn_coefficients
 
+        if self.tasks is not None:
+            from soupsearch.errors import SoupSearchError
+
+            raise SoupSearchError("the gradient soup does not run in a multi-task search yet")
         x, y = self.splits[split]
         self._mixed_key = None  # the model's parameters are used functionally; theta stays valid
         with torch.enable_grad():
@@ -265,6 +309,13 @@ class Evaluator:
                                       shard=self.shard, group=self.group,
                                       **options)
 
+
+
+def _norm(v, device):
+    if not v:
+        return None
+    return (torch.tensor(v["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(v["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
 
 def _subset(v, device):

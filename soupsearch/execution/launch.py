@@ -173,12 +173,12 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
                        cfg.eval.batch_size,
                        device="cuda" if cfg.eval.device == "cuda" or (cfg.eval.device == "auto" and torch.cuda.is_available()) else "cpu",
                        normalize=suite.normalize, subsets=suite.subsets(), precision=cfg.eval.precision,
-                       **bnreset.evaluator_kwargs(cfg))
+                       tasks=stack.tasks, **bnreset.evaluator_kwargs(cfg))
         return LocalEvalPool(ev, sizes, **common)
     n, use_gpu, actor_plan = resolve_evaluators(cfg)
     nodes, gpu_mem = node_resources()
     slots = max(k for k, _ in actor_plan)
-    plan = plan_stack(cfg, stack, input_shape=tuple(suite.splits["val"].x.shape[1:]), data_bytes=suite.nbytes(),
+    plan = plan_stack(cfg, stack, input_shape=tuple(suite.splits[suite.eval_names[0]].x.shape[1:]), data_bytes=suite.nbytes(),
                       use_gpu=use_gpu, nodes=nodes, gpu_memory=gpu_mem, slots=slots)
     if not plan.fits:
         b = plan.need(plan.s)
@@ -192,7 +192,7 @@ def make_pool(cfg: Config, stack: StackInfo, suite: EvalSuite, store: ResultStor
     args = dict(model_factory=cfg.model.factory, model_kwargs=cfg.model.kwargs, W=spec, layout=stack.layout,
                 fixed=stack.fixed, splits=shared.share(suite.arrays()), batch_size=cfg.eval.batch_size,
                 normalize=suite.normalize, subsets=suite.subsets(), precision=cfg.eval.precision,
-                **bnreset.evaluator_kwargs(cfg))
+                tasks=stack.tasks, **bnreset.evaluator_kwargs(cfg))
     if plan.s == 1:
         say(f"starting {n} evaluator(s) on {'GPU' if use_gpu else 'CPU'} in {len(actor_plan)} actor process(es) "
             f"({', '.join(str(k) for k, _ in actor_plan)} per actor), each holding the stack")

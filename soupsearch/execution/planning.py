@@ -16,7 +16,7 @@ from soupsearch.util.units import format_bytes, parse_bytes
 
 
 def stack_spec(cfg: Config, stack: StackInfo) -> StackSpec:
-    return StackSpec(tuple(stack.paths), tuple(stack.layout.names), cfg.ingredients.stack_dtype,
+    return StackSpec(stack.rows, tuple(stack.layout.names), cfg.ingredients.stack_dtype,
                      cfg.ingredients.allow_cast, cfg.ingredients.base)
 
 

@@ -18,7 +18,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -43,6 +43,13 @@ class StackInfo:
     paths: list[str]
     fixed: dict[str, torch.Tensor] = field(default_factory=dict)
     dtype: str = "float32"
+    tasks: Any = None  # a multi-task search's TaskBinding (soupsearch.ingredients.tasks); rows = its row_files
+    row_files: list | None = None  # per row, the files whose mean it is (default: each path alone)
+
+    @property
+    def rows(self) -> tuple:
+        """What the holders load: per row, a path, or a tuple of paths averaged at load."""
+        return tuple(self.row_files) if self.row_files is not None else tuple(self.paths)
 
     @property
     def n(self) -> int:
@@ -114,7 +121,7 @@ class StackSpec:
     ``files`` (and of ``base``), stored as ``dtype``. A constructor argument of the holder
     actor, so a restarted holder loads the same columns again."""
 
-    files: tuple[str, ...]
+    files: tuple  # per row: a path, or a tuple of paths whose mean the row is (a multi-task model)
     names: tuple[str, ...]
     dtype: str = "float32"
     allow_cast: bool = False
@@ -148,7 +155,17 @@ def load_columns(spec: StackSpec, layout: ParamLayout) -> LoadedColumns:
     n = len(spec.files)
     W = torch.empty((n, sub.num_params), dtype=dtype)
     for i, f in enumerate(spec.files):
-        _fill(W[i], f, sub, spec.allow_cast, what=str(f))
+        if isinstance(f, (tuple, list)) and len(f) == 1:
+            f = f[0]
+        if isinstance(f, (tuple, list)):  # the mean of several files, accumulated in float32
+            acc = torch.zeros(sub.num_params, dtype=torch.float32)
+            tmp = torch.empty(sub.num_params, dtype=dtype)
+            for g in f:
+                _fill(tmp, g, sub, spec.allow_cast, what=str(g))
+                acc += tmp.to(torch.float32)
+            W[i].copy_(acc.div_(len(f)))
+        else:
+            _fill(W[i], f, sub, spec.allow_cast, what=str(f))
     base = None
     if spec.base:
         base = torch.empty(sub.num_params, dtype=torch.float32)

@@ -63,6 +63,20 @@ class Context:
         return [with_ood_mean({s: ms[k * len(splits) + j] for j, s in enumerate(splits)}, self.suite.shift_names)
                 for k in range(len(recipes))]
 
+    tasks: list[str] = []  # a multi-task search's tasks (TaskContext)
+
+    @property
+    def paired_splits(self) -> list[str]:
+        """The splits soups are compared on example by example (val, test)."""
+        return [s for s in ("val", "test") if s in self.suite.splits]
+
+    def complete(self, metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        """An output ensemble's metrics per split, completed as every soup's are (``ood_mean``)."""
+        return with_ood_mean(metrics, self.suite.shift_names)
+
+    def complete_correct(self, correct: dict) -> dict:
+        return correct
+
     @property
     def eval_splits(self) -> list[str]:
         return self.suite.eval_names

@@ -23,7 +23,7 @@ from soupsearch.ingredients.discovery import ingredient_files, manifest_for
 from soupsearch.merging.mixing import Recipe
 from soupsearch.models.factory import create_model
 from soupsearch.reporting.tables import open_hint, search_table
-from soupsearch.search.context import Context, with_ood_mean
+from soupsearch.search.context import Context
 from soupsearch.search.results import CandidateRow, SearchOutcome
 from soupsearch.strategies import create_strategy, needs_of
 from soupsearch.tracking import Tracker
@@ -67,6 +67,11 @@ def read_inputs(cfg: Config, tracker: Tracker, lock) -> Inputs:
     mark_stale_parent(tracker, lock.previous, say)
     say(f"MLflow: {redact(tracker.uri)} (experiment {tracker.experiment_name!r})")
 
+    if cfg.tasks:  # a multi-task search: tasks are a dimension of the suite and of the stack
+        from soupsearch.search.task_context import read_task_inputs
+
+        stack, suite = read_task_inputs(cfg, say)
+        return Inputs(stack, {}, None, None, suite)
     # ---- the model and the data first: labels are checked against the model's classes
     # before any checkpoint is read
     model = create_model(cfg.model.factory, **cfg.model.kwargs)
@@ -149,7 +154,8 @@ def _run_search(cfg: Config, tracker: Tracker | None, lock) -> SearchOutcome:
                         "num_params": stack.num_params, "num_evaluators": pool.num_evaluators,
                         "stack_dtype": cfg.ingredients.stack_dtype},
                 tags={"soupsearch.config_name": cfg.name, "soupsearch.stack_shards": str(s_used),
-                      "soupsearch.sweep": str((manifest or {}).get("name", Path(cfg.ingredients.path).stem))},
+                      "soupsearch.sweep": str((manifest or {}).get("name", Path(cfg.ingredients.path or cfg.name).stem)),
+                      **({"soupsearch.kind": "multitask"} if cfg.tasks else {})},
             )
             lock.record(parent_run_id=parent, tracking_fp=uri_fingerprint(tracker.uri))
             tracker.log_metrics(parent, {"memory/stack_bytes": stack.nbytes, "memory/stack_bytes_per_actor": held})
@@ -186,7 +192,9 @@ def _run_search(cfg: Config, tracker: Tracker | None, lock) -> SearchOutcome:
 def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome:
     eval_splits = suite.eval_names
     shifts = suite.shift_names
-    ctx = Context(pool, stack, suite, cfg.eval.selection_metric, run_dir=run_dir,
+    from soupsearch.search.task_context import TaskContext
+
+    ctx = (TaskContext if stack.tasks is not None else Context)(pool, stack, suite, cfg.eval.selection_metric, run_dir=run_dir,
                   fingerprint=pool.store.stack_fp if pool.store is not None else "", seed=cfg.seed,
                   group_depth=cfg.ingredients.group_depth, fisher_config=cfg.fisher,
                   has_base=bool(cfg.ingredients.base), hparams=[hparams.get(nm, {}) for nm in stack.names])
@@ -195,25 +203,26 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
     # with an ensemble strategy, the per-example predictions are kept (Parquet) for it
     t = time.time()
     want_preds = any(needs_of(s.name, s.options).predictions for s in cfg.search.strategies)
-    one_hots = [Recipe.one_hot(i, stack.n, label=stack.names[i]) for i in range(stack.n)]
-    shards = stack.n * sum(len(pool.shard_bounds(s)) for s in eval_splits)
-    with progress.phase(f"scoring {stack.n} ingredients", total=shards):
+    one_hots = [Recipe.one_hot(i, ctx.n, label=ctx.names[i]) for i in range(ctx.n)]
+    shards = ctx.n * sum(len(pool.shard_bounds(s)) for s in eval_splits)
+    with progress.phase(f"scoring {ctx.n} ingredients", total=shards):
         if want_preds:
             ctx.load_predictions(one_hots, run_dir)
         ind = ctx.evaluate_all(one_hots)
     from soupsearch.evaluation.chance import near_chance_warning
 
-    warning = near_chance_warning([m["val"]["accuracy"] for m in ind], suite.splits["val"].y, stack.names)
+    warning = None if stack.tasks is not None else \
+        near_chance_warning([m["val"]["accuracy"] for m in ind], suite.splits["val"].y, stack.names)
     if warning:
         say(f"WARNING: {warning}")
         tracker.set_tag(tracker.parent_id, "soupsearch.warning", warning)
-    ingredient_rows = [CandidateRow(stack.names[i], "ingredient", 1, ind[i], {"hparams": hparams.get(stack.names[i], {})})
-                       for i in range(stack.n)]
-    say(f"scored {stack.n} ingredients on {len(eval_splits)} splits in {time.time() - t:.1f}s")
+    ingredient_rows = [CandidateRow(ctx.names[i], "ingredient", 1, ind[i], {"hparams": hparams.get(ctx.names[i], {})})
+                       for i in range(ctx.n)]
+    say(f"scored {ctx.n} ingredients on {len(eval_splits)} splits in {time.time() - t:.1f}s")
     # the best individual by val: every soup's accuracy difference to it, paired per example
     metric = cfg.eval.selection_metric
     best_i = selection.best_of([m["val"][metric] for m in ind], metric)
-    paired = [s for s in significance.SPLITS if s in suite.splits]
+    paired = ctx.paired_splits
     best_correct = {s: ctx.correct(one_hots[best_i], s) for s in paired}
     table = []
     for i, r in enumerate(ingredient_rows):
@@ -239,14 +248,14 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
             if res.recipe is not None:
                 metrics = ctx.evaluate_all([res.recipe])[0]
             else:
-                metrics = with_ood_mean(res.info["metrics"], shifts)
+                metrics = ctx.complete(res.info["metrics"])
             row = CandidateRow(res.name, "baseline" if strategy.is_baseline or res.recipe is None else "soup",
                                res.num_ingredients, metrics, {"params": res.params},
                                forward_passes=int(res.info.get("forward_passes", 1)))
             correct = ({s: ctx.correct(res.recipe, s) for s in paired} if res.recipe is not None
-                       else dict(res.info.get("correct") or {}))
+                       else ctx.complete_correct(dict(res.info.get("correct") or {})))
             row.info["significance"] = significance.versus_best(correct, best_correct, seed=cfg.seed)
-            row.info["versus"] = stack.names[best_i]
+            row.info["versus"] = ctx.names[best_i]
             soups.append(row)
             soups_log.log_soup(cfg, tracker, stack, suite, res, row, run_dir, ctx, started=t,
                                reference=strategy.is_baseline and res.recipe is not None)
@@ -290,7 +299,12 @@ def run_and_print(cfg) -> int:
     """Run a search (``soupsearch run``, a Ray job's entry point) and print its table, where its
     results are and how to open them."""
     outcome = run_search(cfg)
-    print(search_table(outcome))
+    if outcome.stack is not None and outcome.stack.tasks is not None:
+        from soupsearch.reporting.tables import task_table
+
+        print(task_table(outcome))
+    else:
+        print(search_table(outcome))
     print(f"run dir: {outcome.run_dir}   MLflow parent run: {outcome.parent_run_id}")
     exp_id = None
     try:

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 def mlflow_metrics(row: CandidateRow, suite: EvalSuite) -> dict[str, float]:
     out = {}
     for split, ms in row.metrics.items():
-        kind = suite.splits[split].kind if split in suite.splits else split
+        kind = suite.splits[split].kind if split in suite.splits else \
+            next((sp.kind for name, sp in suite.splits.items() if name.endswith("/" + split)), split)
         prefix = metric_prefix(split, kind)
         for m, v in ms.items():
             out[f"{prefix}/{m}"] = v
@@ -130,6 +131,8 @@ def log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: C
         return None
     best = cands[selection.best_of([r.metrics["val"][metric] for r in cands], metric)]  # first of equals wins
     res = ctx.results[best.name]
+    if stack.tasks is not None:
+        return _log_task_models(cfg, tracker, stack, best, ctx, run_dir)
     model = create_model(cfg.model.factory, **cfg.model.kwargs)
     model.load_state_dict(ctx.soup_state_dict(res.recipe))
     model.eval()
@@ -168,6 +171,38 @@ def log_best_model(cfg, tracker, stack, suite, soups: list[CandidateRow], ctx: C
     tracker.set_tag(rid, "soupsearch.best", "true")
     say(f"best soup by val/{metric}: {best.name}, logged as an MLflow model ({info.model_uri})")
     return info.model_uri, best, rid
+
+
+def _log_task_models(cfg, tracker, stack, best, ctx, run_dir: Path) -> None:
+    """A multi-task search's best soup: per task, the merged body with the task's head, as
+    ``soups/<best>/<task>.safetensors`` and an MLflow PyTorch model ``model_<task>``."""
+    import mlflow
+
+    from soupsearch.tracking import use_tracking_uri
+
+    binding, rid = stack.tasks, tracker.child_ids[best.name]
+    body = ctx.soup_state_dict(ctx.results[best.name].recipe)
+    heads = binding.load_heads()
+    ended = tracker.client.get_run(rid).info.end_time
+    try:
+        for t, task in enumerate(binding.names):
+            model = create_model(cfg.model.factory, **{**cfg.model.kwargs, "num_classes": binding.num_classes[t]})
+            model.load_state_dict({**body, **heads[t]})
+            path = inside(run_dir, "soups", best.name, f"{task}.safetensors")
+            save_safetensors_atomic({k: v.contiguous() for k, v in model.state_dict().items()}, path,
+                                    metadata={"soupsearch.task": task, "soupsearch.method": best.name})
+            tracker.log_artifact(rid, path, "models")
+            with use_tracking_uri(tracker.uri), mlflow.start_run(run_id=rid), _quiet_pickle_caution():
+                mlflow.pytorch.log_model(model.eval(), name=f"model_{task}",
+                                         serialization_format=cfg.tracking.model_format)
+    finally:
+        tracker.client.set_terminated(rid, "FINISHED", end_time=ended)
+    tracker.set_tag(tracker.parent_id, "soupsearch.best_soup", best.name)
+    tracker.set_tag(tracker.parent_id, "soupsearch.best", best.name)
+    tracker.set_tag(rid, "soupsearch.best", "true")
+    say(f"best merge by mean val/{cfg.eval.selection_metric}: {best.name}; its model of each task in "
+        f"{run_dir / 'soups' / best.name} and as MLflow models model_<task>")
+    return None
 
 
 def register(cfg, tracker, model_uri: str, best: "CandidateRow", rid: str) -> None:
