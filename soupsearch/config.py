@@ -301,9 +301,9 @@ class Config(_Strict):
                 if data.fisher is None:
                     raise ValueError(f"strategy {s.run_name} needs {key}.fisher (a split disjoint from val/test)")
             other = sorted(set(needs) - {"base", "fisher"})
-            if other:  # e.g. RegMean's Gram matrices: computed per task by a multi-task search only
-                raise ValueError(f"strategy {s.run_name} needs per-layer {other[0]!r} statistics that only a "
-                                 "multi-task search computes (a config with a top-level tasks: key)")
+            if other:  # RegMean's Gram matrices: not computed on the evaluators yet
+                raise ValueError(f"strategy {s.run_name} needs per-layer {other[0]!r} statistics (RegMean's Gram "
+                                 "matrices), which a search does not compute yet; use fisher or ties")
         return self
 
     def resolved_run_dir(self) -> Path:

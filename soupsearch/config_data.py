@@ -141,8 +141,6 @@ class TaskConfig(_Strict):
         from soupsearch.util.safety import file_name_problem
 
         problem = file_name_problem(v) or ("it is a column of the results table" if v in RESERVED_TASK_NAMES else None)
-        if not problem and "/" in v:
-            problem = "it contains '/'"
         if problem:  # the name is part of split names, metric keys and file names
             raise ValueError(f"task name {v!r} cannot be used: {problem}")
         return v

@@ -74,14 +74,8 @@ def test_root_makes_relative_paths_absolute(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml"))))
 def test_shipped_configs_validate(path):
-    from soupsearch.multitask.config import load_multitask_config
-
-    mt = load_multitask_config(path)  # a multi-task config (top-level tasks:), what `soupsearch run` does
-    if mt is not None:
-        assert mt.search.strategies and all(t.data.val and t.data.test for t in mt.tasks)
-        return
     cfg = load_config(path)
-    assert cfg.search.strategies and cfg.data.val and cfg.data.test
+    assert cfg.search.strategies and all(d.val and d.test for _, d in cfg.datas)
 
 
 def test_a_search_does_not_leak_its_tracking_uri(monkeypatch):

@@ -28,7 +28,7 @@ LAYERS = {
     "config": 4,                                 # validation reads the strategies' metadata
     "execution": 5,                              # Ray: pools, holders, planning, store, cluster
     "search": 6, "tracking": 6, "reporting": 6,  # the driver and what it writes and shows
-    "sweeps": 6, "multitask": 6,
+    "sweeps": 6, "config_data": 4,
     "cli": 7, "jobs": 7, "__init__": 7,          # entry points and the public API
 }
 

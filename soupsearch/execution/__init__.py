@@ -6,4 +6,4 @@ actors (:mod:`.ray_pool`, :mod:`.actors`), replica groups of stack-shard holders
 (:mod:`.shared_refs`), the memory plan (:mod:`.memory`, :mod:`.planning`), the results store
 (:mod:`.results_store`), starting Ray and building the pool (:mod:`.launch`), the local Ray
 session (:mod:`.local_ray`), a loopback cluster (:mod:`.cluster`), Ray job submission
-(:mod:`.submit`) and the multi-task evaluators (:mod:`.task_pool`)."""
+(:mod:`.submit`)."""

@@ -110,8 +110,8 @@ def merge(
         raise RecipeError(f"Fishers are only used with method fisher, not {cls.name}")
     other = [s for s in cls.stats if s != "fisher"]
     if other:
-        raise RecipeError(f"method {cls.name} needs per-layer {other[0]!r} statistics that only a multi-task search "
-                          "computes (soupsearch run with a tasks: config)")
+        raise RecipeError(f"method {cls.name} needs per-layer {other[0]!r} statistics (RegMean's Gram "
+                          "matrices of each layer's inputs), which are not computed here")
     cls.params(params)  # fail on parameters before any reading
     out_dtype = resolve_dtype(dtype)
     n = count_inputs(inputs)

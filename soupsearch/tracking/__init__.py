@@ -4,7 +4,7 @@ One parent run per search (resolved config, sweep manifest, results table), one
 child run per strategy/soup with the same metric keys (``<split>/<metric>``), so
 MLflow's compare view lines them up; a multi-task search's children log
 ``tasks/<task>/<split>/<metric>`` and ``tasks_mean/<split>/<metric>`` instead
-(:mod:`soupsearch.multitask.scores`). Split names map to metric prefixes:
+(:mod:`soupsearch.search.task_context`). Split names map to metric prefixes:
 ``val``, ``test``, ``shift/<name>`` and ``ood_mean``. MLflow does not allow ``@`` in
 metric keys, so a corruption set ``gaussian_noise@3`` is logged as
 ``shift/gaussian_noise:3/...``.

@@ -21,9 +21,9 @@ Statistics (per tensor, not ``[n, m]`` rows: they come through ``mix(tensor_stat
 * for a weight ``[out, ...]``: ``bias`` ``[n, out]`` when the layer has one;
 * for a bias ``[out]``: ``weight`` ``[n, out * fan_in]`` (the layer's weights).
 
-The Gram matrices are computed by the multi-task search on each task's own model
-(:mod:`soupsearch.evaluation.multitask`); no other code path has them, so the streaming
-``soupsearch merge`` and the single-task search refuse this method.
+No search computes the Gram matrices yet (a config naming regmean is refused with one
+line), and the streaming ``soupsearch merge`` refuses this method; the kernel is exact
+given them (tests/merging).
 """
 
 from __future__ import annotations
