@@ -342,3 +342,65 @@ def test_cli_errors_exit_2_with_one_line(sweep, tmp_path):
     p.write_text(yaml.safe_dump(bad))
     r = _cli(["run", str(p)])
     assert r.returncode == 2 and "tasks.0.weight" in r.stderr and str(p) in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- end to end on Ray
+
+MT_STRATEGIES = ["task_own", "pretrained", "ensemble", "uniform", {"name": "task_arithmetic", "grid": {"scale": [0.3, 1.0]}},
+                 {"name": "ties", "grid": {"density": [0.5]}}, "dare_ties", "model_stock", "fisher", "greedy",
+                 {"name": "learned", "n_trials": 4}, {"name": "learned", "label": "learned_layer",
+                                                      "parameterization": "per_layer", "n_trials": 3}]
+
+
+def _metrics(outcome):
+    return {r.name: r.metrics for r in outcome.ingredients + outcome.soups}
+
+
+@pytest.mark.slow
+def test_multitask_search_on_ray_sharded_resumed_and_logged(tmp_path, ray_session):
+    """The acceptance of one engine for tasks: two column shards give exactly one shard's
+    metrics for every strategy; a second run on a run dir scores nothing again; MLflow holds
+    the per-task keys, the task-weighted means and each task's model of the best merge."""
+    from mlflow.tracking import MlflowClient
+
+    from soupsearch.reporting.compare import compare_task_rows
+    from soupsearch.search.driver import run_search
+
+    raw = build_sweep(tmp_path, fine_tunes={"beta": 2}, seed=3)
+    raw["search"] = {"strategies": MT_STRATEGIES}
+
+    def cfg(run, shards):
+        return config_from_dict({**raw, "run_dir": str(tmp_path / run),
+                                 "eval": {"backend": "ray", "num_evaluators": 2, "batch_size": 32,
+                                          "stack_shards": shards, "shard_size": 16}})
+
+    one = run_search(cfg("one", 1))
+    two = run_search(cfg("two", 2))
+    assert _metrics(two) == _metrics(one)  # every metric of every task model, soup and baseline, exactly
+    assert {r.name for r in one.soups} >= {"task_own", "pretrained", "ensemble", "uniform", "task_arithmetic", "ties",
+                                           "dare_ties", "model_stock", "fisher", "greedy", "learned", "learned_layer"}
+    again = run_search(cfg("one", 1))
+    assert again.pool_stats.get("shards_evaluated", 0) == 0 and again.pool_stats["store_hits"] > 0 and _metrics(again) == _metrics(one)
+
+    uri = raw["tracking"]["tracking_uri"]
+    client = MlflowClient(uri)
+    parent = client.get_run(two.parent_run_id)
+    assert parent.data.tags["soupsearch.kind"] == "multitask" and parent.data.tags["soupsearch.stack_shards"] == "2"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    for c in children:
+        m = c.data.metrics
+        for task in TASKS:
+            for split in ("val", "test", "shift/gaussian_noise:3", "ood_mean"):
+                assert f"tasks/{task}/{split}/accuracy" in m, (c.info.run_name, task, split)
+        mean = sum(m[f"tasks/{t}/test/accuracy"] for t in TASKS) / len(TASKS)
+        assert m["tasks_mean/test/accuracy"] == pytest.approx(mean, abs=1e-9)
+    best = parent.data.tags["soupsearch.best_soup"]
+    by_name = {c.info.run_name: c.info.run_id for c in children}
+    models = {a.path for a in client.list_artifacts(by_name[best], "models")}
+    assert models == {f"models/{t}.safetensors" for t in TASKS}
+    saved = load_file(str(tmp_path / "two" / "soups" / best / "alpha.safetensors"))
+    assert torch.equal(saved["out.weight"], _own_state(tmp_path, "alpha")[0]["out.weight"])  # alpha's head, bit for bit
+    rows, meta = compare_task_rows(uri, "mt-test", two.parent_run_id)
+    assert {r["name"] for r in rows} >= {"uniform", "task_own"} and meta["tasks"] == list(TASKS)
+    row = next(r for r in rows if r["name"] == "uniform")
+    assert row["alpha"] == pytest.approx(next(s for s in two.soups if s.name == "uniform").metrics["tasks/alpha/test"]["accuracy"])
