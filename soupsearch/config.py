@@ -300,10 +300,6 @@ class Config(_Strict):
             for key, data in self.datas if "fisher" in needs and self.fisher.split == "fisher" else ():
                 if data.fisher is None:
                     raise ValueError(f"strategy {s.run_name} needs {key}.fisher (a split disjoint from val/test)")
-            other = sorted(set(needs) - {"base", "fisher"})
-            if other:  # RegMean's Gram matrices: not computed on the evaluators yet
-                raise ValueError(f"strategy {s.run_name} needs per-layer {other[0]!r} statistics (RegMean's Gram "
-                                 "matrices), which a search does not compute yet; use fisher or ties")
         return self
 
     def resolved_run_dir(self) -> Path:

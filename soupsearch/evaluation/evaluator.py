@@ -119,6 +119,7 @@ class Evaluator:
         self.W = W.to(self.device) if self.device.type != "cpu" else W
         self.group = group
         self.stats = StatsCache()  # per-ingredient statistics (Fisher) and what methods prepare from them
+        self.gram_stats: dict = {}  # RegMean's per-tensor statistics (set_stats("gram", ...))
         if fisher is not None:
             self.set_stats("fisher", fisher)
         self.base = None
@@ -204,7 +205,16 @@ class Evaluator:
         return ev
 
     def set_stats(self, name: str, values, tag: str = "") -> None:
-        """Per-ingredient statistics ``[n, P]`` (e.g. ``"fisher"``), shared with the siblings."""
+        """Per-ingredient statistics ``[n, P]`` (e.g. ``"fisher"``), shared with the siblings;
+        ``"gram"``: one dict of Gram matrices per ingredient (RegMean, :mod:`.grams`)."""
+        if name == "gram":
+            from soupsearch.evaluation.grams import tensor_stats_of
+
+            self.gram_stats.clear()  # a dict shared with the siblings
+            self.gram_stats.update(tensor_stats_of(list(values), set(self.shard.names)))
+            self.stats.tags[name] = tag
+            self._mixed_key = None
+            return
         v = as_tensor(values)
         self.stats.set(name, v.to(self.device) if self.device.type != "cpu" else v, tag)
         self._mixed_key = None
@@ -217,12 +227,13 @@ class Evaluator:
             # a recipe over the first rows: a multi-task search's task models (fine-tune rows follow)
             W = self.W if recipe.n == self.W.shape[0] else self.W[:recipe.n]
             stats = self.stats.for_recipe(W, recipe)
+            ts = self.gram_stats if "gram" in recipe.stats else None
             if self.group is None:
                 mix(W, recipe, self.shard, out=self.theta, base=self.base, stats=stats,
-                    param_names=self.param_names)
+                    param_names=self.param_names, tensor_stats=ts)
             else:
                 mix(W, recipe, self.shard, out=self.theta_k, base=self.base, stats=stats,
-                    param_names=self.param_names)
+                    param_names=self.param_names, tensor_stats=ts)
                 self.group.gather_padded(self.theta)
             if self.reset_bn is not None:  # the soup's own BatchNorm statistics, written into theta
                 from soupsearch.evaluation.bnreset import batches_of, reset_bn_stats
@@ -293,6 +304,21 @@ class Evaluator:
         if normalize:
             row = row / row.mean().clamp_min(1e-30)
         return row.numpy()
+
+    def grams(self, i: int, split: str, num_examples: int, batch_size: int = 32) -> dict:
+        """Ingredient ``i``'s Gram matrices of its RegMean layers' inputs on the first
+        ``num_examples`` of ``split`` (a multi-task row: its task's split of that name)."""
+        from soupsearch.evaluation.grams import input_grams, layer_rows, regmean_layers
+
+        recipe = Recipe.one_hot(i, self.W.shape[0])
+        self.load_recipe(recipe)
+        if self.tasks is not None and split not in self.splits:
+            split = f"{self.tasks.names[self.tasks.row_task[i]]}/{split}"
+        model = self.model_for(recipe, split)
+        x = self.splits[split][0][:num_examples]
+        layers = regmean_layers(model, set(self.layout.names), self.param_names)
+        grams = input_grams(model, layers, (self.prepare(x[a:a + batch_size]) for a in range(0, len(x), batch_size)))
+        return layer_rows(model, layers, grams)
 
     def learn_coefficients(self, split: str, **options) -> dict:
         """Gradient-learned soup coefficients on ``split`` (see :mod:`soupsearch.evaluation.gradsoup`)."""

@@ -22,7 +22,10 @@ def fetch_rows(refs: list, start: int = 0, m: int | None = None) -> torch.Tensor
 
     rows = None
     for i, ref in enumerate(refs):
-        row = as_tensor(ray.get(ref))
+        row = ray.get(ref)
+        if isinstance(row, dict):  # per-tensor statistics (Gram matrices): whole, not columns
+            return [row] + [ray.get(r) for r in refs[i + 1:]]
+        row = as_tensor(row)
         if rows is None:
             m = row.numel() - start if m is None else m
             rows = torch.empty((len(refs), m), dtype=torch.float32)
@@ -124,6 +127,9 @@ class EvaluatorActor:
 
     def fisher(self, *args, **kwargs) -> np.ndarray:
         return self._run(lambda ev: ev.fisher(*args, **kwargs))
+
+    def grams(self, *args, **kwargs) -> dict:
+        return self._run(lambda ev: ev.grams(*args, **kwargs))
 
     def materialize(self, recipe: Recipe, stats: dict | None = None) -> np.ndarray:
         """The soup's flat float32 vector (for logging it: the driver holds no stack)."""

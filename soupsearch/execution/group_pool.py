@@ -325,6 +325,14 @@ class GroupEvalPool(EvalPool):
                 per_rank=lambda k, r=r: (k == r, split, num_examples, mode, seed, batch_size), normalize=normalize))
         return rows
 
+    def gram_rows(self, n, split, num_examples, batch_size):
+        rows = []
+        for i in range(n):
+            r = i % self.s
+            rows.append(self._collective("gram_row", i, g=self._usable()[i % len(self._usable())], rank=r, fetch=False,
+                                         per_rank=lambda k, r=r: (k == r, split, num_examples, batch_size)))
+        return rows
+
     def materialize(self, recipe):
         import torch
 

@@ -40,10 +40,16 @@ class LocalEvalPool(EvalPool):
     def set_stats(self, name: str, rows: list) -> None:
         import numpy as np
 
+        if rows and isinstance(rows[0], dict):  # per-tensor statistics (Gram matrices)
+            self.evaluator.set_stats(name, rows)
+            return
         self.evaluator.set_stats(name, np.stack([np.asarray(r) for r in rows]))
 
     def fisher_rows(self, n, split, num_examples, mode, seed, batch_size, normalize):
         return [self.evaluator.fisher(i, split, num_examples, mode, seed, batch_size, normalize) for i in range(n)]
+
+    def gram_rows(self, n, split, num_examples, batch_size):
+        return [self.evaluator.grams(i, split, num_examples, batch_size) for i in range(n)]
 
     def materialize(self, recipe):
         self.evaluator.load_recipe(recipe)

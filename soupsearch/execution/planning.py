@@ -100,6 +100,14 @@ def plan_command(config: str | None, overrides: list[str] | None, *, gpus: int |
         stack = StackInfo(layout, [f"ingredient_{i}" for i in range(n)], [], {}, cfg.ingredients.stack_dtype)
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"factory": factory})})
         source = f"{factory} x {n} (model skeleton)"
+    elif cfg.tasks:  # a multi-task config: the shared body's stack (task models + fine-tunes of larger tasks)
+        from soupsearch.ingredients.tasks import read_task_stack
+
+        ing = cfg.ingredients
+        stack, _ = read_task_stack(cfg.tasks, cfg.model.factory, dict(cfg.model.kwargs), ing.base, cfg.head,
+                                   ing.group_depth, ing.allow_cast, ing.stack_dtype)
+        source = (f"{len(cfg.tasks)} tasks' checkpoint headers ({stack.n} rows of the shared body: "
+                  f"{len(cfg.tasks)} task models + {stack.n - len(cfg.tasks)} fine-tunes)")
     else:
         skeleton = create_model(cfg.model.factory, **cfg.model.kwargs).state_dict()
         files = ingredient_files(cfg.ingredients)
@@ -108,7 +116,15 @@ def plan_command(config: str | None, overrides: list[str] | None, *, gpus: int |
         source = f"{len(files)} checkpoint headers from {cfg.ingredients.path}"
     from soupsearch.models.preprocess import preprocess_for
 
-    suite = build_suite(cfg.data, preprocess_for(cfg.model.factory, cfg.data.preprocess, cfg.model.kwargs)) if with_data else None
+    if not with_data:
+        suite = None
+    elif cfg.tasks:
+        from soupsearch.data import build_task_suite
+
+        suite = build_task_suite(cfg.tasks, lambda t: preprocess_for(cfg.model.factory, t.data.preprocess, {
+            **cfg.model.kwargs, "num_classes": t.num_classes}))
+    else:
+        suite = build_suite(cfg.data, preprocess_for(cfg.model.factory, cfg.data.preprocess, cfg.model.kwargs))
     use_gpu = bool(gpus)
     if use_gpu:
         if gpu_memory is None:
@@ -123,7 +139,7 @@ def plan_command(config: str | None, overrides: list[str] | None, *, gpus: int |
         node_list = [{"memory": mem, "gpus": 0, "cpus": os.cpu_count() or 1} for _ in range(nodes or 1)]
         gmem = None
     if suite is not None:
-        input_shape = tuple(suite.splits["val"].x.shape[1:])
+        input_shape = tuple(suite.splits[suite.eval_names[0]].x.shape[1:])
     plan = plan_stack(cfg, stack, input_shape=input_shape, data_bytes=suite.nbytes() if suite is not None else 0,
                       use_gpu=use_gpu, nodes=node_list, gpu_memory=gmem)
     lines = [f"from {source}"] + plan.lines()

@@ -371,6 +371,12 @@ class EvalPool(abc.ABC):
         raise NotImplementedError
 
     @abc.abstractmethod
+    def gram_rows(self, n: int, split: str, num_examples: int, batch_size: int) -> list:
+        """RegMean's Gram matrices of every ingredient (one dict per ingredient, see
+        :mod:`soupsearch.evaluation.grams`), computed on the evaluators (see :meth:`set_stats`)."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
     def materialize(self, recipe: Recipe) -> "torch.Tensor":
         """The soup of ``recipe`` as a flat float32 vector ``[P]`` (mixed where the stack is)."""
         raise NotImplementedError

@@ -310,6 +310,9 @@ class RayEvalPool(EvalPool):
                  for i in range(n)]
         return self.map_evaluators("fisher", calls, fetch=False)
 
+    def gram_rows(self, n, split, num_examples, batch_size):
+        return self.map_evaluators("grams", [((i, split, num_examples, batch_size), {}) for i in range(n)], fetch=False)
+
     def materialize(self, recipe):
         import ray
         import torch

@@ -245,6 +245,15 @@ class HolderActor:
 
         return self._ordered(seq, go)
 
+    def gram_row(self, seq: int, i: int, compute: bool, *args, **kwargs):
+        """Ingredient ``i``'s Gram matrices (on the member that computes them)."""
+        def go():
+            ev = self.slots[0]
+            ev.load_recipe(Recipe.one_hot(i, ev.W.shape[0]))
+            return ev.grams(i, *args, **kwargs) if compute else None
+
+        return self._ordered(seq, go)
+
     def learn_coefficients(self, seq: int, *args, **kwargs):
         def go():
             res = self.slots[0].learn_coefficients(*args, **kwargs)

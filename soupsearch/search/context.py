@@ -118,7 +118,26 @@ class Context:
         once per search); returns its tag (part of the keys of recipes that use it)."""
         if name == "fisher":
             return self.ensure_fisher()
-        raise SoupSearchError(f"per-ingredient statistic {name!r} is not available in a search (known: fisher)")
+        if name == "gram":
+            return self.ensure_grams()
+        raise SoupSearchError(f"per-ingredient statistic {name!r} is not available in a search (known: fisher, gram)")
+
+    def ensure_grams(self) -> str:
+        """RegMean's Gram matrices of every ingredient on the Fisher split (``fisher.split``
+        when configured, else val), estimated once on the evaluators."""
+        if "gram" not in self._stats_tags:
+            fc = self.fisher_config
+            split = fc.split if self._has_split(fc.split) else "val"
+            t = time.time()
+            rows = self.pool.gram_rows(self.n, split, fc.num_examples, fc.batch_size)
+            self.pool.set_stats("gram", rows)
+            self._stats_tags["gram"] = "gram-" + hashlib.sha1(
+                f"{split}:{fc.num_examples}".encode()).hexdigest()[:10]
+            say(f"RegMean Gram matrices of {self.n} ingredients on {split} in {time.time() - t:.1f}s")
+        return self._stats_tags["gram"]
+
+    def _has_split(self, split: str) -> bool:
+        return split in self.suite.splits
 
     def ensure_fisher(self) -> str:
         """Estimate the diagonal Fisher of every ingredient once (on the evaluators, in

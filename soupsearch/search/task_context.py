@@ -139,6 +139,9 @@ class TaskContext(Context):
         return {logical: np.concatenate([correct[s] for _, s in self.task_splits(logical) if s in correct])
                 for logical in self.paired_splits}
 
+    def _has_split(self, split: str) -> bool:
+        return all(f"{t}/{split}" in self.suite.splits for t in self.tasks)
+
     def ensure_fisher(self) -> str:
         fc = self.fisher_config
         missing = [t for t in self.tasks if f"{t}/{fc.split}" not in self.suite.splits]

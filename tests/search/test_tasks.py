@@ -168,6 +168,63 @@ def test_body_shape_mismatch_names_tensor_tasks_and_shapes():
 
 
 
+# ----------------------------------------------------------------------------- RegMean
+
+
+def _acts(sd, x):
+    """Inputs of fc1 and fc2 of a task's own model (its own activations)."""
+    x1 = torch.from_numpy(x).double().flatten(1)
+    h1 = torch.relu(x1 @ sd["fc1.weight"].double().T + sd["fc1.bias"].double())
+    return x1, h1
+
+
+def test_regmean_equals_joint_least_squares(sweep):
+    out, raw = sweep
+    cfg, stack, pool, ctx = _ctx(raw)
+    recipe = ctx.prepare(Recipe((1.0, 1.0, 1.0), method="regmean", params={"alpha": 1.0}))
+    merged = ctx.soup_state_dict(recipe)
+    for layer, idx in (("fc1", 0), ("fc2", 1)):
+        A, Y = [], []
+        for task in TASKS:
+            sd = _mean_sd(_own_state(out, task))
+            x = np.load(out / task / "fisher.npz")["x"]  # statistics come from the fisher split
+            inp = _acts(sd, x)[idx]
+            A.append(torch.cat([inp, torch.ones(len(inp), 1, dtype=inp.dtype)], 1))
+            Y.append(inp @ sd[f"{layer}.weight"].double().T + sd[f"{layer}.bias"].double())
+        M = torch.linalg.lstsq(torch.cat(A), torch.cat(Y), driver="gelsd").solution  # [d+1, out]
+        torch.testing.assert_close(merged[f"{layer}.weight"].double(), M[:-1].T, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(merged[f"{layer}.bias"].double(), M[-1], rtol=1e-4, atol=1e-5)
+    # alpha < 1 shrinks the off-diagonal: another solution
+    other = ctx.soup_state_dict(ctx.prepare(Recipe((1.0, 1.0, 1.0), method="regmean")))
+    assert not torch.allclose(other["fc1.weight"], merged["fc1.weight"])
+
+
+def test_regmean_over_the_fine_tunes_of_one_task(sweep, tmp_path):
+    """RegMean's statistics are per ingredient: a single-task search merges beta's two
+    fine-tunes by it, and the result is the joint least-squares solution over their inputs."""
+    from soupsearch.search.driver import run_search
+
+    out, raw = sweep
+    beta = raw["tasks"][1]
+    cfg = config_from_dict({"name": "one-task", "run_dir": str(tmp_path / "run"), "model": {"factory": FACTORY,
+                            "kwargs": {"num_classes": 4}}, "ingredients": {"path": beta["ingredients"]["path"],
+                            "glob": "ft_*.safetensors"}, "data": {**beta["data"], "corruptions": None},
+                            "eval": {"backend": "local"}, "fisher": {"num_examples": 24},
+                            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db", "log_best_model": False},
+                            "search": {"strategies": [{"name": "regmean", "grid": {"alpha": [1.0]}}]}})
+    res = run_search(cfg)
+    sd = load_file(str(tmp_path / "run" / "soups" / "regmean" / "soup.safetensors"))
+    x = np.load(out / "beta" / "fisher.npz")["x"]
+    A, Y = [], []
+    for own in _own_state(out, "beta"):
+        inp = _acts(own, x)[0]
+        A.append(torch.cat([inp, torch.ones(len(inp), 1, dtype=inp.dtype)], 1))
+        Y.append(inp @ own["fc1.weight"].double().T + own["fc1.bias"].double())
+    M = torch.linalg.lstsq(torch.cat(A), torch.cat(Y), driver="gelsd").solution
+    torch.testing.assert_close(sd["fc1.weight"].double(), M[:-1].T, rtol=1e-4, atol=1e-5)
+    assert res.soups[0].name == "regmean"
+
+
 # ----------------------------------------------------------------------------- per-task scores
 
 
@@ -283,7 +340,6 @@ def _cli(args, cwd=ROOT, timeout=600):
     (lambda r: r.update(data=r["tasks"][0]["data"]), "data: a multi-task search reads each task's data"),
     (lambda r: r.update(tracking={"register_as": "m"}), "tracking.register_as: a multi-task search"),
     (lambda r: r.update(eval={"reset_bn": True}), "eval.reset_bn"),
-    (lambda r: r.update(search={"strategies": ["regmean"]}), "strategy regmean needs per-layer 'gram'"),
     # a label names the soup's directory under run_dir/soups
     (lambda r: r.update(search={"strategies": [{"name": "uniform", "label": "../x"}]}),
      "label '../x' cannot be used as a file name"),
@@ -347,7 +403,7 @@ def test_cli_errors_exit_2_with_one_line(sweep, tmp_path):
 # ----------------------------------------------------------------------------- end to end on Ray
 
 MT_STRATEGIES = ["task_own", "pretrained", "ensemble", "uniform", {"name": "task_arithmetic", "grid": {"scale": [0.3, 1.0]}},
-                 {"name": "ties", "grid": {"density": [0.5]}}, "dare_ties", "model_stock", "fisher", "greedy",
+                 {"name": "ties", "grid": {"density": [0.5]}}, "dare_ties", "model_stock", "fisher", "regmean", "greedy",
                  {"name": "learned", "n_trials": 4}, {"name": "learned", "label": "learned_layer",
                                                       "parameterization": "per_layer", "n_trials": 3}]
 
@@ -378,7 +434,7 @@ def test_multitask_search_on_ray_sharded_resumed_and_logged(tmp_path, ray_sessio
     two = run_search(cfg("two", 2))
     assert _metrics(two) == _metrics(one)  # every metric of every task model, soup and baseline, exactly
     assert {r.name for r in one.soups} >= {"task_own", "pretrained", "ensemble", "uniform", "task_arithmetic", "ties",
-                                           "dare_ties", "model_stock", "fisher", "greedy", "learned", "learned_layer"}
+                                           "dare_ties", "model_stock", "fisher", "regmean", "greedy", "learned", "learned_layer"}
     again = run_search(cfg("one", 1))
     assert again.pool_stats.get("shards_evaluated", 0) == 0 and again.pool_stats["store_hits"] > 0 and _metrics(again) == _metrics(one)
 
