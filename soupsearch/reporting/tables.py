@@ -92,34 +92,6 @@ def search_table(outcome, metric: str = "accuracy") -> str:
 
 
 
-def task_table(outcome, metric: str = "accuracy", fmt: str = "table") -> str:
-    """A multi-task search: test ``metric`` per task, its task-weighted mean, the mean val and
-    the mean over shifted sets, for every ingredient (task model), soup and baseline."""
-    from soupsearch.tracking import metric_prefix
-
-    tasks = list(outcome.stack.tasks.names)
-    rows = []
-    for r in list(outcome.ingredients) + list(outcome.soups):
-        row = {"method": r.name if r.kind != "ingredient" else f"model {r.name}"}
-        for t in tasks:
-            row[t] = r.metrics.get(f"tasks/{metric_prefix(t, 'task')}/test", {}).get(metric)
-        row["mean"] = r.metrics.get("test", {}).get(metric)
-        row["val_mean"] = r.metrics.get("val", {}).get(metric)
-        row["ood_mean"] = r.metrics.get("ood_mean", {}).get(metric)
-        row["test_vs_best"] = significance.describe((r.info or {}).get("significance") or {}, "test") or None
-        rows.append(row)
-    cols = ["method", *tasks, "mean", "val_mean", "ood_mean"] + (["test_vs_best"] if any(r["test_vs_best"] for r in rows)
-                                                                 else [])
-    shown = [{k: (f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))) for k, v in r.items()}
-             for r in rows]
-    title = (f"test {metric} per task, its task-weighted mean, the mean val {metric} (selection: mean val "
-             f"{outcome.config.eval.selection_metric}) and the mean over shifted sets -- {outcome.config.name}")
-    if "test_vs_best" in cols:
-        title += ("\ntest_vs_best: mean test accuracy minus the best task model's (on val) [95% paired bootstrap CI]"
-                  " and McNemar's p")
-    return format_table(shown, cols, fmt=fmt, title=title)
-
-
 def open_hint(uri: str, experiment: str, experiment_id: str | None = None) -> list[str]:
     """How to look at the results: the command that opens the MLflow UI on this store (or
     its address) and the experiment's runs page, and `soupsearch compare`. The page's URL

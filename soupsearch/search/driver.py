@@ -263,6 +263,14 @@ def _search(cfg, tracker, stack, suite, pool, hparams, run_dir) -> SearchOutcome
                 f"{metrics['test']['accuracy']:.4f}" + (f", ood_mean {metrics['ood_mean']['accuracy']:.4f}" if shifts else "")
                 + f", {row.num_ingredients} ingredients ({time.time() - t:.1f}s)")
 
+    if stack.tasks is not None:  # each method against simple averaging, paired within each task
+        from soupsearch.search.task_context import versus_uniform
+
+        for name, metrics in versus_uniform(ctx, soups, ctx.results, cfg.seed).items():
+            row = next(r for r in soups if r.name == name)
+            row.info["vs_uniform"] = metrics
+            if name in tracker.child_ids:
+                tracker.log_metrics(tracker.child_ids[name], metrics)
     model_error = logged = None
     if cfg.tracking.log_best_model:
         for attempt in (1, 2):  # one retry: a transient store or file-system error
@@ -300,7 +308,7 @@ def run_and_print(cfg) -> int:
     results are and how to open them."""
     outcome = run_search(cfg)
     if outcome.stack is not None and outcome.stack.tasks is not None:
-        from soupsearch.reporting.tables import task_table
+        from soupsearch.reporting.tasks import task_table
 
         print(task_table(outcome))
     else:

@@ -116,8 +116,8 @@ class TaskContext(Context):
         for (r, s), m in zip(reqs, self.pool.evaluate(reqs)):
             phys[s] = m
         for logical in self.paired_splits:
-            correct[logical] = np.concatenate([super(TaskContext, self).correct(
-                Recipe.one_hot(rows[self.tasks.index(t)], total), s) for t, s in self.task_splits(logical)])
+            for t, s in self.task_splits(logical):
+                correct[s] = super(TaskContext, self).correct(Recipe.one_hot(rows[self.tasks.index(t)], total), s)
         return self.combine(phys), correct
 
     def task_members(self, t: int) -> tuple[list[int], list[str]]:
@@ -234,3 +234,41 @@ def read_task_inputs(cfg, say):
     say(f"body: {stack.num_params:,} params in {len(stack.layout.specs)} tensors; {len(cfg.tasks)} task models"
         + (f" + {stack.n - len(cfg.tasks)} fine-tunes" if stack.n > len(cfg.tasks) else ""))
     return stack, suite
+
+
+def versus_uniform(ctx: TaskContext, rows: list, results: dict, seed: int = 0) -> dict[str, dict]:
+    """Is a method better than simple averaging? Per row, the task-weighted mean accuracy
+    difference to the ``uniform`` soup on val and test with a 95% paired bootstrap interval
+    (examples resampled in pairs within each task): ``{row: {metric key: value}}`` as
+    ``delta_vs_uniform/<split>/accuracy`` (``_ci_low``, ``_ci_high``)."""
+    from soupsearch.evaluation.significance import stratified_paired_bootstrap
+
+    ref = results.get("uniform")
+    if ref is None or ref.recipe is None:
+        return {}
+
+    def per_task(res, split):
+        out = {}
+        for t, s in ctx.task_splits(split):
+            if res.recipe is not None:
+                out[t] = Context.correct(ctx, res.recipe, s)
+            elif s in (res.info.get("correct") or {}):
+                out[t] = res.info["correct"][s]
+        return out
+
+    out = {}
+    for row in rows:
+        res = results.get(row.name)
+        if res is None or row.name == "uniform":
+            continue
+        metrics = {}
+        for split in ctx.paired_splits:
+            a, b = per_task(res, split), per_task(ref, split)
+            strata = [(a[t], b[t], ctx.weights[t]) for t in ctx.tasks if t in a and t in b]
+            if len(strata) == len(ctx.tasks):
+                r = stratified_paired_bootstrap(strata, seed=seed)
+                key = f"delta_vs_uniform/{split}/accuracy"
+                metrics.update({key: r["delta"], f"{key}_ci_low": r["ci_low"], f"{key}_ci_high": r["ci_high"]})
+        if metrics:
+            out[row.name] = metrics
+    return out

@@ -50,7 +50,7 @@ class Ensemble(Strategy):
                 lp = ensemble_logprobs([ctx.logprobs(i, split) for i in members], self.options.combine)
                 y = torch.from_numpy(ctx.labels(split))
                 metrics[split] = compute_metrics(counts_from_logits(torch.from_numpy(lp), y, lp.shape[1]))
-                if split in ("val", "test"):  # per-example correctness, for the paired comparison to the best
+                if split.rsplit("/", 1)[-1] in ("val", "test"):  # per-example correctness (paired comparisons)
                     correct[split] = lp.argmax(1) == ctx.labels(split)
             out.append(SoupResult(name, None, params={"combine": self.options.combine, "set": which,
                                                       "num_ingredients": len(members)},

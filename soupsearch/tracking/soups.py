@@ -238,7 +238,19 @@ def log_plots(tracker, parent, outcome, run_dir) -> None:
     spread) into ``<run_dir>/plots`` and the parent run's ``plots/``; never fails the search."""
     from soupsearch.reporting.plots import make_plots
 
-    for name, path in make_plots(outcome, run_dir / "plots").items():
+    plots = make_plots(outcome, run_dir / "plots")
+    if outcome.stack is not None and outcome.stack.tasks is not None:  # the task x method table and bars
+        from soupsearch.reporting.tasks import plot_task_accuracy, task_table
+
+        write_text_atomic(run_dir / "results.md", task_table(outcome, fmt="markdown"))
+        tracker.log_artifact(parent, run_dir / "results.md")
+        try:
+            png = plot_task_accuracy(outcome, run_dir / "plots" / "task_accuracy.png")
+            if png is not None:
+                plots["task_accuracy"] = png
+        except Exception as e:  # a figure must not fail the search
+            say(f"plots: task accuracy not drawn: {e}")
+    for name, path in plots.items():
         try:
             tracker.log_artifact(parent, path, "plots")
             if name.endswith("_trajectory") and name[: -len("_trajectory")] in outcome.child_run_ids:

@@ -450,6 +450,17 @@ def test_multitask_search_on_ray_sharded_resumed_and_logged(tmp_path, ray_sessio
                 assert f"tasks/{task}/{split}/accuracy" in m, (c.info.run_name, task, split)
         mean = sum(m[f"tasks/{t}/test/accuracy"] for t in TASKS) / len(TASKS)
         assert m["tasks_mean/test/accuracy"] == pytest.approx(mean, abs=1e-9)
+    uni = next(c.data.metrics for c in children if c.info.run_name == "uniform")
+    for c in children:  # the paired difference to simple averaging, on every other run
+        m = c.data.metrics
+        if c.info.run_name == "uniform" or c.info.run_name in TASKS:
+            assert not any(k.startswith("delta_vs_uniform") for k in m)
+            continue
+        d = m["tasks_mean/test/accuracy"] - uni["tasks_mean/test/accuracy"]
+        assert m["delta_vs_uniform/test/accuracy"] == pytest.approx(d, abs=1e-9), c.info.run_name
+        assert m["delta_vs_uniform/test/accuracy_ci_low"] <= d + 1e-12 <= m["delta_vs_uniform/test/accuracy_ci_high"] + 2e-12
+    assert "plots/task_accuracy.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "uniform" in (tmp_path / "two" / "results.md").read_text()
     best = parent.data.tags["soupsearch.best_soup"]
     by_name = {c.info.run_name: c.info.run_id for c in children}
     models = {a.path for a in client.list_artifacts(by_name[best], "models")}
