@@ -4,7 +4,7 @@
   head: the upper bound merging is measured against. One task: the best ingredient.
 * ``pretrained``: the shared pre-trained body (``ingredients.base``) with each task's head.
 * a merge method by name (``task_arithmetic``, ``ties``, ``dare_ties``, ``model_stock``,
-  ``slerp``, ``regmean``): the method over every ingredient (the task models in a
+  ``regmean``): the method over every ingredient (the task models in a
   multi-task search) with its default coefficients, its parameters picked on val from
   ``grid`` (default: the method's own small grid, ``MergeMethod.grid``; ``grid: {}`` keeps
   ``params``).
@@ -122,8 +122,9 @@ def _options_for(method: str):
 
 
 # a strategy per merge method that has no strategy of its own name (dare, fisher: their own modules)
+# (slerp merges exactly two: `merge` with its top2 set)
 for _m in list_methods():
-    if _m in ("dare", "fisher", "uniform", "weighted"):
+    if _m in ("dare", "fisher", "uniform", "weighted") or get_method(_m).max_ingredients:
         continue
     register_strategy(type(f"Method_{_m}", (MethodGrid,), {
         "name": _m, "method": _m, "Options": _options_for(_m), "__module__": __name__,

@@ -142,6 +142,8 @@ def test_every_strategy_gives_the_same_results_on_two_shards(ray_session, tiny_s
     from soupsearch.strategies import list_strategies
 
     used = {s if isinstance(s, str) else s["name"] for s in STRATEGIES}
+    # run with two shards on a multi-task search (tests/search/test_tasks.py)
+    used |= {"task_own", "pretrained", "task_arithmetic", "ties", "dare_ties", "model_stock", "regmean"}
     assert used == set(list_strategies()), f"not run sharded: {sorted(set(list_strategies()) - used)}"
     assert {r.name for r in two.soups} >= {"greedy", "learned", "fisher", "gradient", "dare", "ties", "slerp_top2",
                                            "tune_dare_ties", "ensemble", "interpolate"}
