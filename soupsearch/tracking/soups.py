@@ -183,6 +183,9 @@ def _log_task_models(cfg, tracker, stack, best, ctx, run_dir: Path) -> None:
     binding, rid = stack.tasks, tracker.child_ids[best.name]
     body = ctx.soup_state_dict(ctx.results[best.name].recipe)
     heads = binding.load_heads()
+    import torch
+
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"]  # (inferring them takes seconds)
     ended = tracker.client.get_run(rid).info.end_time
     try:
         for t, task in enumerate(binding.names):
@@ -194,7 +197,7 @@ def _log_task_models(cfg, tracker, stack, best, ctx, run_dir: Path) -> None:
             tracker.log_artifact(rid, path, "models")
             with use_tracking_uri(tracker.uri), mlflow.start_run(run_id=rid), _quiet_pickle_caution():
                 mlflow.pytorch.log_model(model.eval(), name=f"model_{task}",
-                                         serialization_format=cfg.tracking.model_format)
+                                         serialization_format=cfg.tracking.model_format, pip_requirements=reqs)
     finally:
         tracker.client.set_terminated(rid, "FINISHED", end_time=ended)
     tracker.set_tag(tracker.parent_id, "soupsearch.best_soup", best.name)
