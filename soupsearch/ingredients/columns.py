@@ -58,18 +58,23 @@ class StackInfo:
 
 
 def read_headers(files: Sequence[str | os.PathLike], skeleton, group_depth: int = 1, allow_cast: bool = False,
-                 base: str | None = None, dtype: str = "float32") -> StackInfo:
+                 base: str | None = None, dtype: str = "float32", rename=()) -> StackInfo:
     """Validate every checkpoint's names, shapes and dtypes against the model skeleton from
     headers alone (safetensors) and return the :class:`StackInfo`; integer tensors
-    (``num_batches_tracked``) are read from the first checkpoint."""
+    (``num_batches_tracked``) are read from the first checkpoint. ``rename``: the
+    ``ingredients.rename`` rules (:mod:`soupsearch.ingredients.names`), kept in the layout."""
     if not files:
         raise CheckpointError("no checkpoints given: expected at least one")
-    layout = ParamLayout.from_state_dict(skeleton, group_depth)
+    from dataclasses import replace
+
+    from soupsearch.ingredients.names import Naming, as_rules
+
+    layout = replace(ParamLayout.from_state_dict(skeleton, group_depth), naming=Naming(as_rules(rename)))
     if layout.num_params == 0:
         raise CheckpointError("the model has no floating-point tensors to mix")
     fixed: dict[str, torch.Tensor] = {}
     for i, f in enumerate(list(files) + ([base] if base else [])):
-        with open_reader(f, expected=skeleton.keys()) as r:
+        with open_reader(f, expected=skeleton.keys(), naming=layout.naming) as r:
             label = f"base {f}" if base and i == len(files) else str(f)
             check_compatible(meta_tensors(r.meta()), skeleton, label, "model skeleton", allow_cast=allow_cast)
             if i == 0:
@@ -158,7 +163,7 @@ def load_columns(spec: StackSpec, layout: ParamLayout) -> LoadedColumns:
 
 
 def _fill(row: torch.Tensor, path: str, sub: ParamLayout, allow_cast: bool, what: str) -> None:
-    with open_reader(path, expected=sub.order or [s.name for s in sub.specs]) as r:
+    with open_reader(path, expected=sub.order or [s.name for s in sub.specs], naming=sub.naming) as r:
         meta = r.meta()
         for s in sub.specs:
             m = meta.get(s.name)
@@ -191,7 +196,7 @@ def nonfinite_files(files: Sequence[str], layout: ParamLayout) -> list[int]:
     (one tensor in memory at a time): for ``ingredients.nonfinite: exclude``."""
     bad = []
     for i, f in enumerate(files):
-        with open_reader(f, expected=layout.order or layout.names) as r:
+        with open_reader(f, expected=layout.order or layout.names, naming=layout.naming) as r:
             for s in layout.specs:
                 t = r.get(s.name)
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -315,18 +315,29 @@ def _sharded_index(d: Path) -> Path | None:
     return idx[0] if idx else None
 
 
-def open_reader(x: Any, label: str | None = None, expected=None) -> TensorReader:
+def open_reader(x: Any, label: str | None = None, expected=None, naming=None) -> TensorReader:
     """A :class:`TensorReader` over a checkpoint path, a state dict or an ``nn.Module``.
 
-    ``expected``: the model's state-dict keys; when the checkpoint holds them all under a
+    ``naming`` (a :class:`~soupsearch.ingredients.names.Naming`): its ``rename`` rules are applied
+    to the stored names first (unless the stored names already match ``expected`` and the renamed
+    ones do not). ``expected``: the model's state-dict keys; when the checkpoint holds them all under a
     common prefix (Lightning's ``model.``), the reader strips it (see
     :func:`soupsearch.ingredients.checkpoints.align_prefix`), else each key is matched by a
     unique suffix (:func:`~soupsearch.ingredients.checkpoints.align_keys`: model soups' and
     WiSE-FT's wrappers); the reader's ``dropped`` lists the checkpoint tensors no key uses."""
     r = _open_reader(x, label)
-    if expected is not None:
-        from soupsearch.ingredients.checkpoints import align_keys, align_prefix
+    from soupsearch.ingredients.checkpoints import align_keys, align_prefix
 
+    def matches(names, keys) -> bool:
+        return align_prefix(names, keys) is not None or align_keys(names, keys) is not None
+
+    if naming is not None and naming.rename:
+        from soupsearch.ingredients.names import renamed
+
+        mapping = renamed(list(r.meta()), naming.rename, r.label)
+        if expected is None or matches(list(mapping), list(expected)) or not matches(list(r.meta()), list(expected)):
+            r = _Renamed(r, mapping)
+    if expected is not None:
         expected = list(expected)
         names = list(r.meta())
         prefix = align_prefix(names, expected)
