@@ -73,8 +73,15 @@ def read_headers(files: Sequence[str | os.PathLike], skeleton, group_depth: int 
     if layout.num_params == 0:
         raise CheckpointError("the model has no floating-point tensors to mix")
     fixed: dict[str, torch.Tensor] = {}
+    keys = list(skeleton)
     for i, f in enumerate(list(files) + ([base] if base else [])):
-        with open_reader(f, expected=skeleton.keys(), naming=layout.naming) as r:
+        r = open_reader(f, expected=keys, naming=layout.naming)
+        if not set(keys) <= set(r.meta()):  # an encoder whose head is a file beside it (task_vectors)
+            joined = _with_separate_head(layout, f, r, keys, len(files) if base and i == len(files) else 0)
+            if joined is not layout:
+                r.close()
+                layout, r = joined, open_reader(f, expected=keys, naming=joined.naming)
+        with r:
             label = f"base {f}" if base and i == len(files) else str(f)
             check_compatible(meta_tensors(r.meta()), skeleton, label, "model skeleton", allow_cast=allow_cast)
             if i == 0:
@@ -89,6 +96,28 @@ def read_headers(files: Sequence[str | os.PathLike], skeleton, group_depth: int 
     from soupsearch.ingredients.trainer import default_names
 
     return StackInfo(layout, default_names(files), [str(f) for f in files], fixed, dtype)
+
+
+def _with_separate_head(layout: ParamLayout, f, r, keys, n_ingredients: int) -> ParamLayout:
+    """``layout`` whose naming joins checkpoint ``f``'s separate head file, when ``f`` (read by
+    ``r``) lacks exactly the model's head module and has one (:mod:`soupsearch.ingredients.task_vectors`;
+    a base, ``n_ingredients > 0``, with none of its own takes the ingredients' head when they all
+    use one); else ``layout``."""
+    from dataclasses import replace
+
+    from soupsearch.ingredients.task_vectors import head_file, head_module
+
+    heads = layout.naming.heads
+    common = {h for _, h, _ in heads}
+    head = head_file(f) or (Path(next(iter(common))) if n_ingredients and len(heads) == n_ingredients
+                            and len(common) == 1 else None)
+    if head is None:
+        return layout
+    with open_reader(head) as h:
+        module = head_module(list(r.meta()), keys, list(h.meta()))
+    if module is None:
+        return layout
+    return replace(layout, naming=replace(layout.naming, heads=heads + ((str(f), str(head), module),)))
 
 
 # ----------------------------------------------------------------------------- column shards

@@ -64,6 +64,11 @@ def discover(
                     or (f.is_file() and f.suffix in CHECKPOINT_SUFFIXES and ".index." not in f.name)]
     if p.is_dir() and _sharded_index(p) is not None:
         return [p]  # one sharded checkpoint
+    if p.is_dir() and not pattern:
+        from soupsearch.ingredients.task_vectors import sweep_files
+
+        if (tv := sweep_files(p)) is not None:  # task_vectors: <Dataset>/finetuned.pt beside head_<Dataset>.pt
+            return tv
     if p.is_dir():
         if pattern:
             files = sorted(Path(f) for f in _glob.glob(str(p / pattern)))

@@ -8,8 +8,9 @@ whose names no wrapper rule resolves: a saved name that is not a suffix of the m
 wrappers holding the same key, a renamed module. A file whose stored names already match the
 model (a soup or a zero-shot base soupsearch wrote) is read as stored.
 
-A :class:`Naming` is what the readers apply; it travels with the stack's layout to the holders,
-which read the same names as the driver's header check.
+A :class:`Naming` is what the readers apply (these rules, and the separate head files of the
+task_vectors layout); it travels with the stack's layout to the holders, which read the same
+names as the driver's header check.
 """
 
 from __future__ import annotations
@@ -82,13 +83,23 @@ def renamed(names: Sequence[str], rules: Rules, label: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Naming:
-    """What a reader applies to a checkpoint's names before matching them to the model:
-    the ``rename`` rules."""
+    """What a reader applies to a checkpoint's names before matching them to the model: the
+    ``rename`` rules, then, per checkpoint, a separate head file whose tensors join it under the
+    model's head module (``heads``: ``(checkpoint, head file, module)``; the task_vectors layout,
+    :mod:`soupsearch.ingredients.task_vectors`)."""
 
     rename: Rules = ()
+    heads: tuple[tuple[str, str, str], ...] = ()
+
+    def head_for(self, path) -> tuple[str, str] | None:
+        """``(head file, module)`` joined to checkpoint ``path``, if any."""
+        for f, h, m in self.heads:
+            if f == str(path):
+                return h, m
+        return None
 
     def __bool__(self) -> bool:
-        return bool(self.rename)
+        return bool(self.rename or self.heads)
 
 
 NO_NAMING = Naming()
