@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/sharding.py
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/data.py
 
 # A real local cluster on loopback: a head and one worker node (`ray start` processes).
 cluster-up: $(STAMP)

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from soupsearch.config_data import CorruptionsConfig, DataConfig, DatasetConfig, TaskConfig, _Strict  # noqa: F401
 from soupsearch.errors import ConfigError
+from soupsearch.ingredients.names import RenameRule
 from soupsearch.models.zeroshot import ZeroShotSpec
 from soupsearch.util import timeouts as T
 from soupsearch.util.overrides import parse_overrides, set_dotted  # noqa: F401 (multitask/config)
@@ -35,13 +36,13 @@ class IngredientsConfig(_Strict):
     nonfinite: Literal["error", "exclude"] = "error"
     group_depth: int = 1  # module depth of layer groups for per-layer recipes
     stack_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # on the holders; mixing is float32
-    # Trainer runs (folders of checkpoint-<step>/): each run's last checkpoint, its best
-    # (trainer_state.json's best_model_checkpoint) or all of them
+    # Trainer runs (checkpoint-<step>/ folders): the last, the best (trainer_state.json) or all
     checkpoints: Literal["last", "best", "all"] = "last"
     # re-basin before the search, for ingredients trained from different initializations:
     # permute each one's hidden units onto the best individual on val (soupsearch.align)
     align: Literal["none", "weight", "activation"] = "none"
     zeroshot: ZeroShotSpec | None = None  # CLIP: the base becomes its zero-shot model (soupsearch.models.zeroshot)
+    rename: list[RenameRule] = Field(default_factory=list)  # [{pattern, replace}] on stored names (ingredients.names)
 
 
 class EvalConfig(_Strict):

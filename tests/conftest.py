@@ -11,6 +11,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # the tests' own local Ray (ray_session) listens on 127.0.0.1 only, like a search's: Ray's
 # single-node switch, read when ray is first imported (see soupsearch.execution.local_ray)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# decoded image folders are cached (soupsearch.data.cache): in a directory of this test run, not the user's
+if "SOUPSEARCH_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["SOUPSEARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="soupsearch-test-cache-")
 
 from tests.helpers import TINY_MODEL  # noqa: E402 (after the switch above)
 

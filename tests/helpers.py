@@ -782,7 +782,8 @@ def soupsearch_cli(args: Sequence[str], cwd: Path, timeout: int = 300) -> subpro
     single-node switch): what a user's shell runs."""
     root = Path(__file__).resolve().parents[1]
     env = {"PYTHONPATH": str(root), "PATH": os.environ["PATH"], "HOME": str(Path.home()),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1",
+           **{k: os.environ[k] for k in ("SOUPSEARCH_CACHE_DIR",) if k in os.environ}}
     return subprocess.run([sys.executable, "-m", "soupsearch.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -347,10 +347,15 @@ def _load_imagefolder(root, size, class_map, limit, transform=None):
     y = np.fromiter((t for _, t in samples), dtype=np.int64, count=len(samples))
     paths = [p for p, _ in samples]
     names = [os.path.relpath(p, root) for p in paths]
-    with _ImageStack(len(samples), size, where, transform) as stack:
-        stack.add(0, paths, names)
-        x = stack.finish()
-    return x, y, src
+
+    def decode():
+        with _ImageStack(len(samples), size, where, transform) as stack:
+            stack.add(0, paths, names)
+            return stack.finish()
+
+    from soupsearch.data.cache import cached, decode_spec
+
+    return cached(paths, decode_spec(size, transform), decode, where), y, src  # (decoded once: data.cache)
 
 
 # --------------------------------------------------------------------------- parquet

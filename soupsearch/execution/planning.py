@@ -105,14 +105,14 @@ def plan_command(config: str | None, overrides: list[str] | None, *, gpus: int |
 
         ing = cfg.ingredients
         stack, _ = read_task_stack(cfg.tasks, cfg.model.factory, dict(cfg.model.kwargs), ing.base, cfg.head,
-                                   ing.group_depth, ing.allow_cast, ing.stack_dtype)
+                                   ing.group_depth, ing.allow_cast, ing.stack_dtype, ing.rename)
         source = (f"{len(cfg.tasks)} tasks' checkpoint headers ({stack.n} rows of the shared body: "
                   f"{len(cfg.tasks)} task models + {stack.n - len(cfg.tasks)} fine-tunes)")
     else:
         skeleton = create_model(cfg.model.factory, **cfg.model.kwargs).state_dict()
         files = ingredient_files(cfg.ingredients)
         stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
-                             cfg.ingredients.base, cfg.ingredients.stack_dtype)
+                             cfg.ingredients.base, cfg.ingredients.stack_dtype, cfg.ingredients.rename)
         source = f"{len(files)} checkpoint headers from {cfg.ingredients.path}"
     from soupsearch.models.preprocess import preprocess_for
 

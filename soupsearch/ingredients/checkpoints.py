@@ -235,6 +235,7 @@ def load_pickle(path: str | os.PathLike, mmap: bool = False) -> Any:
     ``torch.load(weights_only=True)``; if that refuses a class, the restricted unpickler
     (unknown classes become :class:`Unloaded` placeholders)."""
     p = Path(path)
+    mmap = mmap and zipfile.is_zipfile(p)  # torch maps zip checkpoints only (a legacy one is read whole)
     try:
         return torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises many types for unreadable files
@@ -243,8 +244,9 @@ def load_pickle(path: str | os.PathLike, mmap: bool = False) -> Any:
             raise CheckpointError(f"checkpoint {p}: not a readable torch checkpoint ({first_line(e)})") from None
     if not zipfile.is_zipfile(p):
         raise CheckpointError(
-            f"checkpoint {p}: refused, a legacy (pre-1.6, non-zip) torch checkpoint holding Python objects "
-            "that torch.load(weights_only=True) does not allow; re-save its state dict with a current torch")
+            f"checkpoint {p}: refused, a legacy (pre-1.6, non-zip) pickle holding Python objects that "
+            "torch.load(weights_only=True) does not allow; re-save its tensors as safetensors where its code is "
+            f"installed and the file is trusted (loading it runs that code): {resave_command(p)}")
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=False, mmap=mmap,
                          pickle_module=_RestrictedPickleModule)
@@ -255,6 +257,14 @@ def load_pickle(path: str | os.PathLike, mmap: bool = False) -> Any:
         log.info("checkpoint %s: %d class(es) not loaded (kept as inert placeholders): %s",
                  p, len(unknown), ", ".join(unknown[:8]))
     return obj
+
+
+def resave_command(p: Path) -> str:
+    """The one line that re-saves a pickled checkpoint (a module or a dict of tensors) as safetensors."""
+    out = p.with_suffix(".safetensors")
+    return ("python -c \"import sys, torch; from safetensors.torch import save_file; m = torch.load(sys.argv[1], "
+            "weights_only=False); sd = m.state_dict() if hasattr(m, 'state_dict') else m; "
+            "save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])\" " f"{p} {out}")
 
 
 def _walk(obj, depth: int = 0):
@@ -432,5 +442,5 @@ def exclude_base(files: Sequence[Path], base: str | os.PathLike | None) -> tuple
     return keep, [f for f in files if same(f)]
 
 
-__all__ = ["Unloaded", "RestrictedUnpickler", "load_pickle", "find_state_dict", "load_checkpoint_state_dict",
+__all__ = ["Unloaded", "RestrictedUnpickler", "load_pickle", "resave_command", "find_state_dict", "load_checkpoint_state_dict",
            "align_prefix", "align_keys", "exclude_base", "WRAPPER_KEYS", "PICKLE_SUFFIXES"]

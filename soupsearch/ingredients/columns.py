@@ -65,18 +65,30 @@ class StackInfo:
 
 
 def read_headers(files: Sequence[str | os.PathLike], skeleton, group_depth: int = 1, allow_cast: bool = False,
-                 base: str | None = None, dtype: str = "float32") -> StackInfo:
+                 base: str | None = None, dtype: str = "float32", rename=()) -> StackInfo:
     """Validate every checkpoint's names, shapes and dtypes against the model skeleton from
     headers alone (safetensors) and return the :class:`StackInfo`; integer tensors
-    (``num_batches_tracked``) are read from the first checkpoint."""
+    (``num_batches_tracked``) are read from the first checkpoint. ``rename``: the
+    ``ingredients.rename`` rules (:mod:`soupsearch.ingredients.names`), kept in the layout."""
     if not files:
         raise CheckpointError("no checkpoints given: expected at least one")
-    layout = ParamLayout.from_state_dict(skeleton, group_depth)
+    from dataclasses import replace
+
+    from soupsearch.ingredients.names import Naming, as_rules
+
+    layout = replace(ParamLayout.from_state_dict(skeleton, group_depth), naming=Naming(as_rules(rename)))
     if layout.num_params == 0:
         raise CheckpointError("the model has no floating-point tensors to mix")
     fixed: dict[str, torch.Tensor] = {}
+    keys = list(skeleton)
     for i, f in enumerate(list(files) + ([base] if base else [])):
-        with open_reader(f, expected=skeleton.keys()) as r:
+        r = open_reader(f, expected=keys, naming=layout.naming)
+        if not set(keys) <= set(r.meta()):  # an encoder whose head is a file beside it (task_vectors)
+            joined = _with_separate_head(layout, f, r, keys, len(files) if base and i == len(files) else 0)
+            if joined is not layout:
+                r.close()
+                layout, r = joined, open_reader(f, expected=keys, naming=joined.naming)
+        with r:
             label = f"base {f}" if base and i == len(files) else str(f)
             check_compatible(meta_tensors(r.meta()), skeleton, label, "model skeleton", allow_cast=allow_cast)
             if i == 0:
@@ -91,6 +103,28 @@ def read_headers(files: Sequence[str | os.PathLike], skeleton, group_depth: int 
     from soupsearch.ingredients.trainer import default_names
 
     return StackInfo(layout, default_names(files), [str(f) for f in files], fixed, dtype)
+
+
+def _with_separate_head(layout: ParamLayout, f, r, keys, n_ingredients: int) -> ParamLayout:
+    """``layout`` whose naming joins checkpoint ``f``'s separate head file, when ``f`` (read by
+    ``r``) lacks exactly the model's head module and has one (:mod:`soupsearch.ingredients.task_vectors`;
+    a base, ``n_ingredients > 0``, with none of its own takes the ingredients' head when they all
+    use one); else ``layout``."""
+    from dataclasses import replace
+
+    from soupsearch.ingredients.task_vectors import head_file, head_module
+
+    heads = layout.naming.heads
+    common = {h for _, h, _ in heads}
+    head = head_file(f) or (Path(next(iter(common))) if n_ingredients and len(heads) == n_ingredients
+                            and len(common) == 1 else None)
+    if head is None:
+        return layout
+    with open_reader(head) as h:
+        module = head_module(list(r.meta()), keys, list(h.meta()))
+    if module is None:
+        return layout
+    return replace(layout, naming=replace(layout.naming, heads=heads + ((str(f), str(head), module),)))
 
 
 # ----------------------------------------------------------------------------- column shards
@@ -175,7 +209,7 @@ def load_columns(spec: StackSpec, layout: ParamLayout) -> LoadedColumns:
 
 
 def _fill(row: torch.Tensor, path: str, sub: ParamLayout, allow_cast: bool, what: str) -> None:
-    with open_reader(path, expected=sub.order or [s.name for s in sub.specs]) as r:
+    with open_reader(path, expected=sub.order or [s.name for s in sub.specs], naming=sub.naming) as r:
         meta = r.meta()
         for s in sub.specs:
             m = meta.get(s.name)
@@ -208,7 +242,7 @@ def nonfinite_files(files: Sequence[str], layout: ParamLayout) -> list[int]:
     (one tensor in memory at a time): for ``ingredients.nonfinite: exclude``."""
     bad = []
     for i, f in enumerate(files):
-        with open_reader(f, expected=layout.order or layout.names) as r:
+        with open_reader(f, expected=layout.order or layout.names, naming=layout.naming) as r:
             for s in layout.specs:
                 t = r.get(s.name)
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -64,6 +64,11 @@ def discover(
                     or (f.is_file() and f.suffix in CHECKPOINT_SUFFIXES and ".index." not in f.name)]
     if p.is_dir() and _sharded_index(p) is not None:
         return [p]  # one sharded checkpoint
+    if p.is_dir() and not pattern:
+        from soupsearch.ingredients.task_vectors import sweep_files
+
+        if (tv := sweep_files(p)) is not None:  # task_vectors: <Dataset>/finetuned.pt beside head_<Dataset>.pt
+            return tv
     if p.is_dir():
         if pattern:
             files = sorted(Path(f) for f in _glob.glob(str(p / pattern)))
@@ -202,12 +207,21 @@ def _load_sharded(p: Path) -> dict[str, torch.Tensor]:
     return {n: sd[n] for n in wm}
 
 
-def aligned_to(sd: dict[str, torch.Tensor], model_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+def aligned_to(sd: dict[str, torch.Tensor], model_keys: Iterable[str], rename=(),
+               label: str = "state dict") -> dict[str, torch.Tensor]:
     """``sd`` with the prefix stripped that makes the model's keys match (Lightning's
-    ``model.``; see :func:`soupsearch.ingredients.checkpoints.align_prefix`), else unchanged."""
+    ``model.``; see :func:`soupsearch.ingredients.checkpoints.align_prefix`), else unchanged;
+    ``rename`` (``ingredients.rename``) first, as :func:`~soupsearch.ingredients.tensors.open_reader` applies it."""
     from soupsearch.ingredients.checkpoints import align_keys, align_prefix
 
     keys = list(model_keys)
+    if rename:
+        from soupsearch.ingredients.names import as_rules, renamed
+
+        new = renamed(list(sd), as_rules(rename), label)
+        fits = [align_prefix(n, keys) is not None or align_keys(n, keys) is not None for n in (list(new), list(sd))]
+        if fits[0] or not fits[1]:
+            sd = {k: sd[v] for k, v in new.items()}
     prefix = align_prefix(list(sd), keys)
     if prefix is None:  # wrappers whose prefixes differ between keys: each key by its unique suffix
         mapping = align_keys(list(sd), keys)

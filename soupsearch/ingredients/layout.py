@@ -8,6 +8,8 @@ from typing import Mapping
 
 import torch
 
+from soupsearch.ingredients.names import NO_NAMING, Naming
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -29,6 +31,9 @@ class ParamLayout:
     # a column shard of a larger layout: every float tensor name of the full layout, in order
     # (layer groups are numbered over the full layout, so a shard reads the right coefficients)
     parent: tuple[str, ...] = ()
+    # how the checkpoints' stored names become these names (ingredients.rename): every reader of
+    # the stack's files applies it, on the driver and on the holders (soupsearch.ingredients.names)
+    naming: Naming = NO_NAMING
 
     @property
     def num_params(self) -> int:
@@ -88,7 +93,7 @@ class ParamLayout:
             if s.name in want:
                 specs.append(TensorSpec(s.name, s.shape, s.dtype, off, s.numel, s.group))
                 off += s.numel
-        return ParamLayout(tuple(specs), self.fixed, self.order, self.parent or tuple(self.names))
+        return ParamLayout(tuple(specs), self.fixed, self.order, self.parent or tuple(self.names), self.naming)
 
     def flatten(self, sd: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """Flatten the float tensors of ``sd`` into a 1-D float32 row (written into ``out``)."""

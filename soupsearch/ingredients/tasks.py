@@ -15,10 +15,11 @@ with task ``t``'s head: that of the row a one-hot recipe picks when the row is o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -43,6 +44,7 @@ class TaskBinding:
     member_names: tuple[tuple[str, ...], ...]
     split_task: dict[str, int] = field(default_factory=dict)  # "<task>/<split>" -> task index
     normalize: dict[str, dict | None] = field(default_factory=dict)  # split -> mean/std of its task
+    naming: Any = None  # the readers' Naming (ingredients.rename, joined head files)
 
     @property
     def T(self) -> int:
@@ -62,7 +64,7 @@ class TaskBinding:
             keys = self.keys[self.row_task[r]]
             acc: dict[str, torch.Tensor] = {}
             for f in files:
-                with open_reader(f, expected=keys) as rd:
+                with open_reader(f, expected=keys, naming=self.naming) as rd:
                     meta = rd.meta()
                     for name in self.head:
                         if name not in meta:
@@ -93,7 +95,7 @@ def task_files(task) -> list[str]:
 
 
 def read_task_stack(tasks: Sequence, factory: str, kwargs: dict, base: str | None, head: Sequence[str] | None,
-                    group_depth: int = 1, allow_cast: bool = False, dtype: str = "float32"):
+                    group_depth: int = 1, allow_cast: bool = False, dtype: str = "float32", rename=()):
     """Every task's fine-tunes checked against its model (headers only), the head/body split,
     and the :class:`~soupsearch.ingredients.columns.StackInfo` of the shared body with its
     :class:`TaskBinding` (``split_task``/``normalize`` are the driver's, from the suite)."""
@@ -102,7 +104,7 @@ def read_task_stack(tasks: Sequence, factory: str, kwargs: dict, base: str | Non
     from soupsearch.ingredients.trainer import default_names
     from soupsearch.models.factory import create_model
 
-    skeletons, files_per_task = {}, []
+    skeletons, files_per_task, joined_heads, naming = {}, [], [], None
     for i, task in enumerate(tasks):
         try:
             model = create_model(factory, **{**kwargs, "num_classes": task.num_classes})
@@ -114,8 +116,9 @@ def read_task_stack(tasks: Sequence, factory: str, kwargs: dict, base: str | Non
             files = [f for f in files if Path(f).resolve() != Path(base).resolve()]
         if not files:
             raise CheckpointError(f"tasks[{i}] ({task.name}): no fine-tunes besides the base {base}")
-        try:
-            read_headers(files, sk, group_depth, allow_cast, None, dtype)  # names, shapes, dtypes vs its model
+        try:  # names, shapes, dtypes vs its model (with ingredients.rename and joined head files)
+            naming = read_headers(files, sk, group_depth, allow_cast, None, dtype, rename).layout.naming
+            joined_heads.extend(naming.heads)
         except CheckpointError as e:
             raise CheckpointError(f"tasks[{i}] ({task.name}): {e}") from None
         skeletons[task.name] = sk
@@ -126,8 +129,10 @@ def read_task_stack(tasks: Sequence, factory: str, kwargs: dict, base: str | Non
     first = skeletons[tasks[0].name]
     body = {k: first[k] for k in split.body}
     layout = ParamLayout.from_state_dict(body, group_depth)
+    naming = dataclasses.replace(naming, heads=tuple(joined_heads))
+    layout = dataclasses.replace(layout, naming=naming)
     if base:  # the base's body (its own head, if any, is not read)
-        with open_reader(base, expected=list(body)) as r:
+        with open_reader(base, expected=list(body), naming=naming) as r:
             meta = r.meta()
         for k, v in body.items():
             if k not in meta:
@@ -136,7 +141,7 @@ def read_task_stack(tasks: Sequence, factory: str, kwargs: dict, base: str | Non
                 raise CheckpointError(f"base {base}: body tensor {k!r} has shape {list(meta[k][0])}, the tasks' "
                                       f"have {list(v.shape)}")
     fixed = {}
-    with open_reader(files_per_task[0][0], expected=list(first)) as r:
+    with open_reader(files_per_task[0][0], expected=list(first), naming=naming) as r:
         fixed = {name: r.get(name).clone() for name, _, _ in layout.fixed}
     T = len(tasks)
     row_files = [tuple(fs) for fs in files_per_task]
@@ -159,7 +164,7 @@ def read_task_stack(tasks: Sequence, factory: str, kwargs: dict, base: str | Non
     binding = TaskBinding(tuple(t.name for t in tasks), tuple(t.num_classes for t in tasks),
                           tuple(float(t.weight) for t in tasks), split.head,
                           tuple(tuple(skeletons[t.name]) for t in tasks), tuple(row_files), tuple(row_task),
-                          tuple(members), tuple(member_names))
+                          tuple(members), tuple(member_names), naming=naming)
     info = StackInfo(layout, names, [os.pathsep.join(fs) for fs in row_files], fixed, dtype)
     info.tasks = binding
     info.row_files = list(row_files)

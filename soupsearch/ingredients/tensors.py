@@ -304,6 +304,36 @@ class _Prefixed(TensorReader):
         self.inner.close()
 
 
+class _Joined(TensorReader):
+    """A checkpoint and a separate head file read as one: the head's tensors under ``module.``
+    (task_vectors' ``head_<Dataset>.pt`` beside its image encoders)."""
+
+    def __init__(self, inner: TensorReader, head: TensorReader, module: str):
+        self.inner, self.head, self.label = inner, head, inner.label
+        self._pre = module + "."
+        self._meta = {**inner.meta(), **{self._pre + k: v for k, v in head.meta().items()}}
+
+    def meta(self):
+        return self._meta
+
+    def _of(self, name: str) -> tuple[TensorReader, str]:
+        if name.startswith(self._pre) and name[len(self._pre):] in self.head.meta() and name not in self.inner.meta():
+            return self.head, name[len(self._pre):]
+        return self.inner, name
+
+    def get(self, name):
+        r, n = self._of(name)
+        return r.get(n)
+
+    def read_into(self, name, out):
+        r, n = self._of(name)
+        r.read_into(n, out)
+
+    def close(self):
+        self.inner.close()
+        self.head.close()
+
+
 def meta_tensors(meta: Mapping[str, Meta]) -> dict[str, torch.Tensor]:
     """Shape/dtype-only tensors (meta device) of a reader's ``meta()``, for
     ``ingredients.check_compatible``."""
@@ -315,18 +345,32 @@ def _sharded_index(d: Path) -> Path | None:
     return idx[0] if idx else None
 
 
-def open_reader(x: Any, label: str | None = None, expected=None) -> TensorReader:
+def open_reader(x: Any, label: str | None = None, expected=None, naming=None) -> TensorReader:
     """A :class:`TensorReader` over a checkpoint path, a state dict or an ``nn.Module``.
 
-    ``expected``: the model's state-dict keys; when the checkpoint holds them all under a
+    ``naming`` (a :class:`~soupsearch.ingredients.names.Naming`): its ``rename`` rules are applied
+    to the stored names first (unless the stored names already match ``expected`` and the renamed
+    ones do not), then a separate head file it names for ``x`` joins it. ``expected``: the model's state-dict keys; when the checkpoint holds them all under a
     common prefix (Lightning's ``model.``), the reader strips it (see
     :func:`soupsearch.ingredients.checkpoints.align_prefix`), else each key is matched by a
     unique suffix (:func:`~soupsearch.ingredients.checkpoints.align_keys`: model soups' and
     WiSE-FT's wrappers); the reader's ``dropped`` lists the checkpoint tensors no key uses."""
     r = _open_reader(x, label)
-    if expected is not None:
-        from soupsearch.ingredients.checkpoints import align_keys, align_prefix
+    from soupsearch.ingredients.checkpoints import align_keys, align_prefix
 
+    def matches(names, keys) -> bool:
+        return align_prefix(names, keys) is not None or align_keys(names, keys) is not None
+
+    if naming is not None and naming.rename:
+        from soupsearch.ingredients.names import renamed
+
+        mapping = renamed(list(r.meta()), naming.rename, r.label)
+        if expected is None or matches(list(mapping), list(expected)) or not matches(list(r.meta()), list(expected)):
+            r = _Renamed(r, mapping)
+    head = naming.head_for(x) if naming is not None and isinstance(x, (str, os.PathLike)) else None
+    if head is not None:
+        r = _Joined(r, _open_reader(head[0]), head[1])
+    if expected is not None:
         expected = list(expected)
         names = list(r.meta())
         prefix = align_prefix(names, expected)

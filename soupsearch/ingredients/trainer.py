@@ -100,19 +100,22 @@ def hf_entries(p: Path, mode: str) -> list[tuple[Path, bool]] | None:
 
 def default_names(paths: Sequence[str | Path]) -> list[str]:
     """Ingredient names: a run's checkpoint is named after its run (``<run>-step<N>`` when one
-    run gives several); any other file or folder by its stem."""
+    run gives several), task_vectors' ``<Dataset>/finetuned.pt`` after its folder; any other file
+    or folder by its stem."""
     paths = [Path(p) for p in paths]
     per_run: dict[Path, int] = {}
     for p in paths:
         if CHECKPOINT_RE.match(p.name) and p.is_dir():
             per_run[p.parent] = per_run.get(p.parent, 0) + 1
+    from soupsearch.ingredients.task_vectors import encoder_name
+
     names = []
     for p in paths:
         m = CHECKPOINT_RE.match(p.name)
         if m and p.is_dir():
             names.append(p.parent.name if per_run[p.parent] == 1 else f"{p.parent.name}-step{m.group(1)}")
-        else:
-            names.append(p.stem if p.is_file() else p.name)
+        else:  # (task_vectors' <Dataset>/finetuned.pt: by its folder)
+            names.append(encoder_name(p) or (p.stem if p.is_file() else p.name))
     return names
 
 

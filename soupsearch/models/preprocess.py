@@ -67,9 +67,18 @@ class ComposePreprocess:
     """A torchvision ``Compose`` of PIL ops, a to-tensor step and ``Normalize``: the PIL ops at
     decode (:meth:`__call__`: PIL in, uint8 ``HxWx3`` out), the normalization at evaluation."""
 
-    def __init__(self, ops: list, mean, std, name: str):
-        self.ops, self.name = list(ops), name
+    def __init__(self, ops: list, mean, std, name: str, key: str | None = None):
+        self.ops, self.name, self._key = list(ops), name, key
         self.normalize = None if mean is None else {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+    @property
+    def cache_key(self) -> str | None:
+        """What the decoded pixels depend on (the PIL steps, by their reprs), for the decoded-data
+        cache (:mod:`soupsearch.data.cache`); None when a step has no stable description."""
+        if self._key:
+            return self._key
+        steps = [repr(op) for op in self.ops]
+        return None if any(" at 0x" in r for r in steps) else " | ".join(steps)
 
     @classmethod
     def from_compose(cls, compose, name: str) -> "ComposePreprocess":
@@ -151,7 +160,8 @@ def _torchvision(name: str) -> ComposePreprocess:
     def crop(img):
         return F.center_crop(img, t.crop_size)
 
-    return ComposePreprocess([resize, crop], t.mean, t.std, f"torchvision's {weights} transforms()")
+    key = f"resize {t.resize_size} {t.interpolation} antialias={t.antialias} | center crop {t.crop_size}"
+    return ComposePreprocess([resize, crop], t.mean, t.std, f"torchvision's {weights} transforms()", key)
 
 
 def preprocess_for(factory: str, mode, kwargs: dict | None = None):

@@ -41,9 +41,9 @@ def _lines(v, what: str) -> list[str]:
     return items
 
 
-def zeroshot_head(arch: str, base: str | Path, classnames: list[str], templates: list[str]) -> dict:
+def zeroshot_head(arch: str, base: str | Path, classnames: list[str], templates: list[str], rename=()) -> dict:
     """``{"classification_head.weight" [C, d], "classification_head.bias" [C]}`` from the text
-    tower of the CLIP checkpoint ``base``."""
+    tower of the CLIP checkpoint ``base`` (its names through ``ingredients.rename``'s rules)."""
     import open_clip
     import torch
 
@@ -55,7 +55,7 @@ def zeroshot_head(arch: str, base: str | Path, classnames: list[str], templates:
                               "(where the class name goes)")
     clip = open_clip.create_model(arch, pretrained=None).eval()
     want = clip.state_dict()
-    sd = aligned_to(load_state_dict(base), want.keys())
+    sd = aligned_to(load_state_dict(base), want.keys(), rename, f"base {base}")
     missing = [k for k in want if k not in sd]
     if missing:
         raise CheckpointError(f"base {base}: tensor {missing[0]!r} of the CLIP model is missing ({len(missing)} in "
@@ -89,9 +89,11 @@ def prepare(cfg, run_dir: Path, say=print):
     if kwargs.get("num_classes") not in (None, len(classnames)):
         raise ConfigError(f"ingredients.zeroshot.classnames: {len(classnames)} names, but model.kwargs.num_classes is "
                           f"{kwargs['num_classes']}")
-    head = zeroshot_head(cfg.model.factory.split(":", 1)[1], source, classnames, templates)
+    rename = cfg.ingredients.rename
+    head = zeroshot_head(cfg.model.factory.split(":", 1)[1], source, classnames, templates, rename)
     skeleton = create_model(cfg.model.factory, **{**kwargs, "num_classes": len(classnames)}).state_dict()
-    sd = aligned_to(load_state_dict(source), [k for k in skeleton if not k.startswith("classification_head.")])
+    sd = aligned_to(load_state_dict(source), [k for k in skeleton if not k.startswith("classification_head.")],
+                    rename, f"base {source}")
     out = {k: (head[k] if k in head else sd[k]).detach().to(torch.float32 if v.is_floating_point() else v.dtype)
            .contiguous() for k, v in skeleton.items()}
     path = Path(run_dir) / "zeroshot" / "base.safetensors"

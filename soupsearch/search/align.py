@@ -54,7 +54,7 @@ def align_sweep(cfg, stack, suite, run_dir: Path, say: Callable[[str], None]) ->
     keys = list(model.state_dict())
     sds = []
     for p in stack.paths:
-        with open_reader(p, expected=keys) as r:
+        with open_reader(p, expected=keys, naming=stack.layout.naming) as r:
             sds.append({k: r.get(k).clone() for k in keys})
     val = suite.splits["val"]
     x, y = _inputs(val.x, suite.normalize), torch.from_numpy(val.y)

@@ -87,7 +87,7 @@ def read_inputs(cfg: Config, tracker: Tracker, lock) -> Inputs:
     files = ingredient_files(cfg.ingredients)
     say(f"reading the headers of {len(files)} checkpoints from {cfg.ingredients.path}")
     stack = read_headers(files, skeleton, cfg.ingredients.group_depth, cfg.ingredients.allow_cast,
-                         cfg.ingredients.base, cfg.ingredients.stack_dtype)
+                         cfg.ingredients.base, cfg.ingredients.stack_dtype, cfg.ingredients.rename)
     if cfg.ingredients.nonfinite == "exclude":
         from soupsearch.ingredients.columns import nonfinite_files
 

@@ -227,7 +227,7 @@ def read_task_inputs(cfg, say):
                                                                      task_cfg(task).model.kwargs), check)
     ing = cfg.ingredients
     stack, split = read_task_stack(cfg.tasks, cfg.model.factory, dict(cfg.model.kwargs), ing.base, cfg.head,
-                                   ing.group_depth, ing.allow_cast, ing.stack_dtype)
+                                   ing.group_depth, ing.allow_cast, ing.stack_dtype, ing.rename)
     stack.tasks = dataclasses.replace(stack.tasks, split_task=dict(suite.split_task),
                                       normalize=dict(suite.split_normalize))
     say(f"head (kept per task): {', '.join(split.head)}" + (" (detected)" if split.detected else ""))
