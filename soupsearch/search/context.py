@@ -139,12 +139,15 @@ class Context:
     def _has_split(self, split: str) -> bool:
         return split in self.suite.splits
 
+    def _split_size(self, split: str) -> int:
+        return len(self.suite.splits[split])
+
     def ensure_fisher(self) -> str:
         """Estimate the diagonal Fisher of every ingredient once (on the evaluators, in
         parallel) and hand it to the pool; returns its tag."""
         if "fisher" not in self._stats_tags:
             fc = self.fisher_config
-            if fc.split not in self.suite.splits:
+            if not self._has_split(fc.split):
                 raise SoupSearchError(f"Fisher split {fc.split!r} is not configured (set data.fisher)")
             t = time.time()
             # one row per ingredient, held in the object store and by the evaluators, never here
@@ -153,7 +156,7 @@ class Context:
             self.pool.set_stats("fisher", rows)
             self._stats_tags["fisher"] = hashlib.sha1(json.dumps(fc.model_dump(mode="json"), sort_keys=True).encode()
                                                       + str(self.seed).encode()).hexdigest()[:10]
-            say(f"Fisher of {self.n} ingredients on {min(fc.num_examples, len(self.suite.splits[fc.split]))} "
+            say(f"Fisher of {self.n} ingredients on {min(fc.num_examples, self._split_size(fc.split))} "
                 f"examples ({fc.mode}) in {time.time() - t:.1f}s")
         return self._stats_tags["fisher"]
 

@@ -143,18 +143,14 @@ class TaskContext(Context):
         return all(f"{t}/{split}" in self.suite.splits for t in self.tasks)
 
     def ensure_fisher(self) -> str:
-        fc = self.fisher_config
-        missing = [t for t in self.tasks if f"{t}/{fc.split}" not in self.suite.splits]
+        missing = [t for t in self.tasks if f"{t}/{self.fisher_config.split}" not in self.suite.splits]
         if missing:
-            raise SoupSearchError(f"Fisher split {fc.split!r} is not configured for task {missing[0]} "
+            raise SoupSearchError(f"Fisher split {self.fisher_config.split!r} is not configured for task {missing[0]} "
                                   f"(set tasks[{self.tasks.index(missing[0])}].data.fisher)")
-        saved = self.suite.splits.get(fc.split)
-        self.suite.splits[fc.split] = self.suite.splits[f"{self.tasks[0]}/{fc.split}"]  # for the size in the log
-        try:
-            return super().ensure_fisher()  # each row's Fisher on its own task's split (the evaluator maps it)
-        finally:
-            if saved is None:
-                del self.suite.splits[fc.split]
+        return super().ensure_fisher()  # each row's Fisher on its own task's split (the evaluator maps it)
+
+    def _split_size(self, split: str) -> int:
+        return min(len(self.suite.splits[s]) for _, s in self.task_splits(split))
 
     # ------------------------------------------------------------------ asynchronous
     def submit(self, recipe: Recipe, split: str = "val", must_reach=None, reference=None) -> int:
